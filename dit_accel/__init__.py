@@ -1,0 +1,29 @@
+"""dit-accel: make diffusers diffusion-transformer pipelines faster without retraining.
+
+    handle = dit_accel.apply(pipe, dit_accel.RASConfig(sample_ratio=0.5))
+    image = pipe(prompt).images[0]
+    print(handle.report()["flops_ratio"])
+    handle.remove()
+"""
+
+from .api import AccelerationHandle, apply
+from .config import AccelerationConfig, ConfigError
+from .methods import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
+from .models import UnsupportedModelError, adapter_for, supported_families
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccelerationConfig",
+    "AccelerationHandle",
+    "ConfigError",
+    "DyDiTConfig",
+    "FlexDiTConfig",
+    "ProxyAttentionConfig",
+    "RASConfig",
+    "SVG2Config",
+    "UnsupportedModelError",
+    "adapter_for",
+    "apply",
+    "supported_families",
+]

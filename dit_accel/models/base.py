@@ -1,0 +1,266 @@
+"""The adapter contract: everything a technique may need to know about one transformer family.
+
+Techniques never look at class names. They ask the adapter of the transformer they are applied to:
+which blocks run in which order, where the image tokens are in each block call and in each
+attention call, the token grid of the current call, how positions reach the blocks, how to gather a
+subset of image tokens (rotary rows and masks included) and how to put them back, and how the
+model output maps to tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+TextPlacement = Literal["image_first", "text_first", "cross_attention"]
+PositionKind = Literal["absolute", "rotary"]
+AttentionLayout = Literal["image_text", "text_image", "image", "cross"]
+TokenStream = Literal["image", "text", "joint", "pooled"]
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Image/video tokens of one transformer call after patching: frames x rows x cols."""
+
+    frames: int
+    rows: int
+    cols: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What an adapter reads from one transformer call's arguments."""
+
+    grid: TokenGrid
+    batch_size: int
+    text_tokens: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BlockSignature:
+    """Where a block finds its inputs and puts its outputs.
+
+    `hidden_arg` names the image-token argument, `text_arg` the text-token argument (None when the
+    block has none), `rotary_arg` the rotary table argument (None for absolute positions), `mask_arg`
+    an attention-mask argument whose last dimension spans image tokens. `output_hidden_index` is the
+    position of the image tokens in the output tuple, None when the block returns a single tensor.
+    """
+
+    hidden_arg: str = "hidden_states"
+    text_arg: str | None = "encoder_hidden_states"
+    rotary_arg: str | None = None
+    mask_arg: str | None = None
+    output_hidden_index: int | None = None
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a transformer no adapter knows."""
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Select `index` along the token dimension `dim`: (n,) shared by the batch or (B, n) per sample.
+
+    A per-sample index on a batch-shared table (batch 1, e.g. rotary rows) gives a per-sample table.
+    """
+    if index.ndim == 1:
+        return tokens.index_select(dim, index)
+    batch = index.shape[0]
+    if tokens.shape[0] != batch:
+        tokens = tokens.expand(batch, *tokens.shape[1:])
+    view = [1] * tokens.ndim
+    view[0], view[dim] = batch, index.shape[1]
+    target = list(tokens.shape)
+    target[dim] = index.shape[1]
+    return tokens.gather(dim, index.reshape(view).expand(target))
+
+
+def scatter_tokens(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Return a copy of `full` whose rows `index` along `dim` are replaced by `part`."""
+    if index.ndim == 1:
+        return full.index_copy(dim, index, part.to(full.dtype))
+    view = [1] * full.ndim
+    view[0], view[dim] = index.shape[0], index.shape[1]
+    return full.scatter(dim, index.reshape(view).expand_as(part), part.to(full.dtype))
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses describe one transformer family; see `dit_accel/models/*.py`."""
+
+    family: ClassVar[str]
+    transformer_class: ClassVar[type[nn.Module]]
+    text_placement: ClassVar[TextPlacement]
+    positions: ClassVar[PositionKind]
+    #: True when gathered rotary tables may differ per sample (the processor broadcasts over batch).
+    per_sample_positions: ClassVar[bool] = True
+    #: Layout of the model output: "BCHW", "BCFHW", "BFCHW" (channels/frames order) or "BNC" (tokens).
+    output_layout: ClassVar[str]
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self._signatures: dict[int, inspect.Signature] = {}
+
+    # -- structure ---------------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks that process image tokens, in execution order."""
+        raise NotImplementedError
+
+    def block_signature(self, block: nn.Module) -> BlockSignature:
+        raise NotImplementedError
+
+    def self_attentions(self, block: nn.Module) -> list[nn.Module]:
+        """The attention modules of `block` whose queries include the image tokens."""
+        raise NotImplementedError
+
+    def attention_layout(self, block: nn.Module, attention: nn.Module) -> AttentionLayout:
+        """Order of image and text tokens in the sequence that `attention` hands to SDPA."""
+        raise NotImplementedError
+
+    def linear_streams(self, block: nn.Module) -> dict[str, TokenStream]:
+        """Token stream each nn.Linear of `block` (by qualified name) applies to, for FLOPs."""
+        raise NotImplementedError
+
+    def attention_streams(self, block: nn.Module) -> list[tuple[nn.Module, TokenStream, TokenStream]]:
+        """(attention, query stream, key stream) for every attention module of `block`, for FLOPs."""
+        raise NotImplementedError
+
+    def patch_size(self) -> tuple[int, int, int]:
+        """(frames, rows, cols) patch size."""
+        raise NotImplementedError
+
+    # -- one call ----------------------------------------------------------------------------
+    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Name every argument of a call of `module` (blocks are called positionally in some families)."""
+        key = id(module)
+        if key not in self._signatures:
+            self._signatures[key] = inspect.signature(module.forward)
+        bound = self._signatures[key].bind(*args, **kwargs)
+        return dict(bound.arguments)
+
+    def call_info(self, args: tuple, kwargs: dict) -> CallInfo:
+        raise NotImplementedError
+
+    # -- gathering image tokens ----------------------------------------------------------------
+    def gather_rotary(self, rotary: Any, index: torch.Tensor, text_tokens: int) -> Any:
+        """Rows of the rotary table for the kept image tokens (text rows kept as they are)."""
+        raise NotImplementedError
+
+    def gather_mask(self, mask: torch.Tensor, index: torch.Tensor, text_tokens: int) -> torch.Tensor:
+        raise NotImplementedError(f"{self.family} blocks take no attention mask over image tokens")
+
+    def gather_block_inputs(self, block: nn.Module, bound: dict[str, Any], index: torch.Tensor,
+                            text_tokens: int, gather_hidden: bool) -> dict[str, Any]:
+        """Replace the block's inputs by those of the kept image tokens."""
+        sig = self.block_signature(block)
+        bound = dict(bound)
+        if gather_hidden:
+            bound[sig.hidden_arg] = gather_tokens(bound[sig.hidden_arg], index)
+        if sig.rotary_arg is not None and bound.get(sig.rotary_arg) is not None:
+            bound[sig.rotary_arg] = self.gather_rotary(bound[sig.rotary_arg], index, text_tokens)
+        if sig.mask_arg is not None and bound.get(sig.mask_arg) is not None:
+            bound[sig.mask_arg] = self.gather_mask(bound[sig.mask_arg], index, text_tokens)
+        return bound
+
+    def block_hidden_output(self, block: nn.Module, output: Any) -> torch.Tensor:
+        index = self.block_signature(block).output_hidden_index
+        return output if index is None else output[index]
+
+    def replace_block_hidden_output(self, block: nn.Module, output: Any, hidden: torch.Tensor) -> Any:
+        index = self.block_signature(block).output_hidden_index
+        if index is None:
+            return hidden
+        output = list(output)
+        output[index] = hidden
+        return tuple(output)
+
+    # -- model output <-> tokens -----------------------------------------------------------------
+    def output_to_tokens(self, output: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """(B, N, C') per-token view of the transformer output, tokens in block order."""
+        pt, ph, pw = self.patch_size()
+        f, h, w = grid.frames, grid.rows, grid.cols
+        layout = self.output_layout
+        if layout == "BNC":
+            return output
+        if layout == "BCHW":
+            b, c = output.shape[:2]
+            x = output.reshape(b, c, h, ph, w, pw).permute(0, 2, 4, 3, 5, 1)
+            return x.reshape(b, h * w, ph * pw * c)
+        if layout in ("BCFHW", "BFCHW"):
+            if layout == "BFCHW":
+                output = output.transpose(1, 2)
+            b, c = output.shape[:2]
+            x = output.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+            return x.reshape(b, f * h * w, pt * ph * pw * c)
+        raise ValueError(f"unknown output layout {layout!r}")
+
+    def tokens_to_output(self, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """Inverse of `output_to_tokens`."""
+        pt, ph, pw = self.patch_size()
+        f, h, w = grid.frames, grid.rows, grid.cols
+        layout = self.output_layout
+        b = tokens.shape[0]
+        if layout == "BNC":
+            return tokens
+        if layout == "BCHW":
+            c = tokens.shape[-1] // (ph * pw)
+            x = tokens.reshape(b, h, w, ph, pw, c).permute(0, 5, 1, 3, 2, 4)
+            return x.reshape(b, c, h * ph, w * pw)
+        c = tokens.shape[-1] // (pt * ph * pw)
+        x = tokens.reshape(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        x = x.reshape(b, c, f * pt, h * ph, w * pw)
+        return x.transpose(1, 2) if layout == "BFCHW" else x
+
+
+_REGISTRY: dict[type[nn.Module], type[ModelAdapter]] = {}
+
+
+def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make `adapter_cls` the adapter of its `transformer_class`."""
+    _REGISTRY[adapter_cls.transformer_class] = adapter_cls
+    return adapter_cls
+
+
+def supported_families() -> list[str]:
+    return sorted({cls.family for cls in _REGISTRY.values()})
+
+
+def adapter_for(transformer: nn.Module) -> ModelAdapter:
+    """The adapter of `transformer`, found by its class (subclasses included)."""
+    for klass in type(transformer).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass](transformer)
+    names = ", ".join(f"{cls.transformer_class.__name__} ({cls.family})" for cls in _REGISTRY.values())
+    raise UnsupportedModelError(
+        f"dit-accel has no adapter for {type(transformer).__name__}. Supported transformers: {names}."
+    )
+
+
+def classify_linears(block: nn.Module, text: tuple[str, ...] = (), joint: tuple[str, ...] = ()) -> dict[str, TokenStream]:
+    """Stream of every nn.Linear in `block` by name prefix.
+
+    Modulation layers (inside a module whose name starts with "norm") see one vector per sample;
+    names starting with a `text` prefix see text tokens, `joint` prefixes see text and image tokens,
+    everything else sees image tokens.
+    """
+    streams: dict[str, TokenStream] = {}
+    for name, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.split(".")[0].startswith("norm"):
+            streams[name] = "pooled"
+        elif name.startswith(text):
+            streams[name] = "text"
+        elif name.startswith(joint):
+            streams[name] = "joint"
+        else:
+            streams[name] = "image"
+    return streams

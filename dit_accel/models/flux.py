@@ -1,0 +1,71 @@
+"""Flux.1: text tokens first; double-stream blocks then single-stream blocks; rotary tables.
+
+Both block kinds take image and text tokens as separate arguments and return (text, image). The
+rotary table covers text rows then image rows and is shared by the batch, so a gathered subset of
+image tokens must be shared by the batch too (`per_sample_positions = False`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+
+
+@register_adapter
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    transformer_class = FluxTransformer2DModel
+    text_placement = "text_first"
+    positions = "rotary"
+    per_sample_positions = False
+    output_layout = "BNC"
+
+    def blocks(self):
+        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+
+    def _is_single(self, block):
+        return any(block is b for b in self.transformer.single_transformer_blocks)
+
+    def block_signature(self, block):
+        return BlockSignature(rotary_arg="image_rotary_emb", output_hidden_index=1)
+
+    def self_attentions(self, block):
+        return [block.attn]
+
+    def attention_layout(self, block, attention):
+        return "text_image"
+
+    def linear_streams(self, block):
+        if self._is_single(block):
+            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
+        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
+        return classify_linears(block, text=text)
+
+    def attention_streams(self, block):
+        return [(block.attn, "joint", "joint")]
+
+    def patch_size(self):
+        return (1, 1, 1)
+
+    def call_info(self, args, kwargs):
+        bound = self.bind(self.transformer, args, kwargs)
+        latents = bound["hidden_states"]
+        img_ids = bound["img_ids"]
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        rows, cols = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+        if rows * cols != latents.shape[1]:
+            raise ValueError(
+                f"Flux call with {latents.shape[1]} image tokens is not one {rows}x{cols} grid "
+                "(reference-image conditioning is not supported)"
+            )
+        return CallInfo(TokenGrid(1, rows, cols), latents.shape[0], bound["encoder_hidden_states"].shape[1],
+                        bound["timestep"], latents)
+
+    def gather_rotary(self, rotary, index, text_tokens):
+        if index.ndim != 1:
+            raise ValueError("Flux rotary tables are shared by the batch: gather with one index for all samples")
+        rows = torch.cat([torch.arange(text_tokens, device=index.device), index + text_tokens])
+        return tuple(table.index_select(0, rows) for table in rotary)

@@ -1,0 +1,51 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT): image tokens first in one joint attention; absolute positions.
+
+SD3.5's dual attention adds an image-only `attn2` in the first blocks; SD3.5's qk-norm lives inside
+the attention processors and needs nothing here.
+"""
+
+from __future__ import annotations
+
+from diffusers import SD3Transformer2DModel
+
+from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+
+
+@register_adapter
+class SD3Adapter(ModelAdapter):
+    family = "sd3"
+    transformer_class = SD3Transformer2DModel
+    text_placement = "image_first"
+    positions = "absolute"
+    output_layout = "BCHW"
+
+    def blocks(self):
+        return list(self.transformer.transformer_blocks)
+
+    def block_signature(self, block):
+        return BlockSignature(output_hidden_index=1)
+
+    def self_attentions(self, block):
+        return [block.attn] + ([block.attn2] if getattr(block, "attn2", None) is not None else [])
+
+    def attention_layout(self, block, attention):
+        return "image_text" if attention is block.attn else "image"
+
+    def linear_streams(self, block):
+        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
+        return classify_linears(block, text=text)
+
+    def attention_streams(self, block):
+        return [(attn, "joint" if attn is block.attn else "image", "joint" if attn is block.attn else "image")
+                for attn in self.self_attentions(block)]
+
+    def patch_size(self):
+        p = self.transformer.config.patch_size
+        return (1, p, p)
+
+    def call_info(self, args, kwargs):
+        bound = self.bind(self.transformer, args, kwargs)
+        latents = bound["hidden_states"]
+        p = self.transformer.config.patch_size
+        grid = TokenGrid(1, latents.shape[-2] // p, latents.shape[-1] // p)
+        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1], bound["timestep"], latents)
