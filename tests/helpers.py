@@ -53,3 +53,28 @@ class RecordingConfig(AccelerationConfig):
 
     def build(self, session):
         return RecordingTechnique(self, session)
+
+
+class AttentionRecorderTechnique(Technique):
+    """An attention core that records the sequence lengths it sees, then runs the rest of the chain."""
+
+    def attention_core(self):
+        def record(call, query, key, value, next_sdpa, **kwargs):
+            ctx = self.session.context
+            image = call.image_slice(query.shape[2])
+            self.config.seen.append({"step": ctx.step_index, "branch": ctx.branch, "block": call.block_index,
+                                     "queries": query.shape[2], "keys": key.shape[2],
+                                     "image_queries": image.stop - image.start, "batch": query.shape[0]})
+            return next_sdpa(query, key, value, **kwargs)
+
+        return record
+
+
+@dataclass
+class AttentionRecorderConfig(RecordingConfig):
+    """Records q/k lengths of every self-attention; put it after the technique under test."""
+
+    name = "attention-recorder"
+
+    def build(self, session):
+        return AttentionRecorderTechnique(self, session)

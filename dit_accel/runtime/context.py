@@ -61,7 +61,7 @@ class StepTracker:
         self._pending = (num_steps, sigmas)
 
     def on_call(self, call: CallInfo, branch_name: str | None) -> StepContext:
-        timestep = float(call.timestep.flatten()[0])
+        timestep = float(torch.as_tensor(call.timestep).flatten()[0])
         noisier = self._last_timestep is not None and timestep > self._last_timestep
         if self._pending is not None or self._last_timestep is None or noisier:
             self.run_index += 1

@@ -35,10 +35,12 @@ class HookSet:
         for module in self._created_registries:
             if not module._diffusers_hook.hooks:
                 del module._diffusers_hook
-                _drop_instance_forward(module)
         touched = {id(m): m for m, _ in self._added}
         for module in touched.values():
-            if hasattr(module, "_diffusers_hook"):
-                module._diffusers_hook.invalidate_child_registries_cache()
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None or not registry.hooks:
+                _drop_instance_forward(module)
+            if registry is not None:
+                registry.invalidate_child_registries_cache()
         self._added.clear()
         self._created_registries.clear()

@@ -1,0 +1,164 @@
+"""Region-adaptive sampling: dense equivalence, real token reduction, caches, schedules, batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import AttentionRecorderConfig, run
+
+import dit_accel
+from dit_accel.methods.ras import RAS
+from dit_accel.models.base import CallInfo, TokenGrid
+from dit_accel.runtime.context import StepContext
+from dit_accel.testing import FAMILIES, tiny_pipeline
+
+STEPS = 4
+RAS_HALF = dict(sample_ratio=0.5, warmup_steps=1, error_reset_steps=())
+
+
+def _ras(handle) -> RAS:
+    return handle.sessions[0].techniques[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_reproduces_baseline(family):
+    pipe = tiny_pipeline(family)
+    baseline = run(pipe, family)
+    for config in (dit_accel.RASConfig.keep_all(), dit_accel.RASConfig(sample_ratio=1.0, warmup_steps=0)):
+        with dit_accel.apply(pipe, config):
+            assert torch.equal(run(pipe, family), baseline)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_ratio_computes_half_the_tokens(family):
+    pipe = tiny_pipeline(family)
+    baseline = run(pipe, family, num_inference_steps=STEPS)
+    recorder = AttentionRecorderConfig()
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF), recorder) as handle:
+        out = run(pipe, family, num_inference_steps=STEPS)
+        report = handle.report()
+    assert torch.isfinite(out).all()
+    assert (out - baseline).abs().mean() < 0.25 * baseline.abs().mean() + 0.05
+    total = report["steps"][0]["calls"][0]["total_image_tokens"]
+    kept = math.ceil(total / 2)
+    for seen in recorder.seen:
+        ras_step = seen["step"] >= 1
+        assert seen["image_queries"] == (kept if ras_step else total)
+        # keys/values of skipped tokens still take part, from the cache
+        assert seen["keys"] - (seen["queries"] - seen["image_queries"]) == total
+    for step in report["steps"]:
+        expected = kept if step["step"] >= 1 else total
+        assert all(call["image_tokens"] == expected for call in step["calls"])
+        assert step["flops_ratio"] < 0.75 if step["step"] >= 1 else step["flops_ratio"] == 1.0
+    assert 0.3 < report["flops_ratio"] < 0.9
+
+
+def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed():
+    pipe = tiny_pipeline("sd3")
+    outputs = []
+    pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
+    with dit_accel.apply(pipe, dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=2, error_reset_steps=())) as handle:
+        ras = _ras(handle)
+        kv_snapshots = []
+        original_end = ras.on_call_end
+
+        def end_and_snapshot(ctx, output):
+            result = original_end(ctx, output)
+            kv_snapshots.append({k: (v[0].clone(), v[1].clone()) for k, v in ras.state.kv.items()})
+            return result
+
+        ras.on_call_end = end_and_snapshot
+        run(pipe, "sd3", num_inference_steps=STEPS)
+        computed = dict(ras.state.computed)
+    adapter = handle.sessions[0].adapter
+    patch = pipe.transformer.config.patch_size
+    grid = TokenGrid(1, outputs[0].shape[-2] // patch, outputs[0].shape[-1] // patch)
+    assert sorted(computed) == [2, 3]
+    for step in (2, 3):
+        mask = computed[step]  # (samples, N)
+        now = adapter.output_to_tokens(outputs[step], grid)
+        before = adapter.output_to_tokens(outputs[step - 1], grid)
+        both = torch.cat([mask, mask])  # batched CFG: both halves share the selection
+        assert torch.equal(now[~both], before[~both])
+        assert not torch.equal(now[both], before[both])
+        for key, (k_now, v_now) in kv_snapshots[step].items():
+            k_before = kv_snapshots[step - 1][key][0]
+            skipped = ~both[:, None, :, None].expand_as(k_now)
+            assert torch.equal(k_now[skipped], k_before[skipped])
+            assert not torch.equal(k_now[~skipped], k_before[~skipped])
+
+
+def test_batch_two_with_cfg_selects_per_sample():
+    pipe = tiny_pipeline("sd3")
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF)) as handle:
+        out = run(pipe, "sd3", prompt=["a red circle", "a blue square"], num_inference_steps=STEPS)
+        computed = _ras(handle).state.computed
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert computed[1].shape[0] == 2
+    assert not torch.equal(computed[1][0], computed[1][1])
+    assert (computed[1].sum(-1) == computed[1].shape[-1] // 2).all()
+
+
+def test_shared_selection_when_rotary_tables_are_shared():
+    pipe = tiny_pipeline("flux")
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF)) as handle:
+        out = run(pipe, "flux", prompt=["a red circle", "a blue square"], num_inference_steps=STEPS)
+        computed = _ras(handle).state.computed
+    assert torch.isfinite(out).all() and torch.equal(computed[1][0], computed[1][1])
+
+
+def test_non_square_image():
+    pipe = tiny_pipeline("sd3")
+    baseline = run(pipe, "sd3", height=64, width=96)
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF)) as handle:
+        out = run(pipe, "sd3", height=64, width=96)
+        report = handle.report()
+    assert out.shape == baseline.shape and torch.isfinite(out).all()
+    total = report["steps"][1]["calls"][0]["total_image_tokens"]
+    assert report["steps"][1]["calls"][0]["image_tokens"] == total // 2
+
+
+def test_dense_schedule_warmup_and_resets():
+    pipe = tiny_pipeline("sd3")
+    config = dit_accel.RASConfig(sample_ratio=0.25, warmup_steps=2, error_reset_steps=(4,))
+    with dit_accel.apply(pipe, config) as handle:
+        run(pipe, "sd3", num_inference_steps=6)
+        report = handle.report()
+    total = report["steps"][0]["calls"][0]["total_image_tokens"]
+    tokens = [s["calls"][0]["image_tokens"] for s in report["steps"]]
+    assert tokens == [total, total, total // 4, total // 4, total, total // 4]
+
+
+def test_dynamic_ratio_moves_linearly():
+    config = dit_accel.RASConfig(sample_ratio=0.25, final_sample_ratio=0.75, warmup_steps=2)
+    assert config.ratio_at(2, 12) == pytest.approx(0.25)
+    assert config.ratio_at(11, 12) == pytest.approx(0.75)
+    assert config.ratio_at(6, 12) == pytest.approx(0.25 + 0.5 * 4 / 9)
+
+
+def test_for_steps_scales_the_paper_schedule():
+    config = dit_accel.RASConfig.for_steps(30)
+    assert (config.warmup_steps, config.error_reset_steps) == (4, (12, 22))
+
+
+def _ctx(step: int, samples: int, tokens: int) -> StepContext:
+    call = CallInfo(TokenGrid(1, 1, tokens), samples, 0, torch.tensor([1.0]), torch.zeros(samples, tokens))
+    return StepContext(0, step, 10, 1.0, None, "single", 0, False, call)
+
+
+def test_starvation_makes_long_skipped_tokens_more_likely_to_be_recomputed():
+    pipe = tiny_pipeline("sd3")
+    config = dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=0, error_reset_steps=(), starvation_scale=1.0)
+    with dit_accel.apply(pipe, config) as handle:
+        ras = _ras(handle)
+        # four tokens whose outputs [-a, a] have focus scores proportional to a = 1, 1, 2, 3
+        outputs = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0], [-2.0, 2.0], [-3.0, 3.0]]])
+        ras.state.outputs = {"single": outputs}
+        assert ras._plan(_ctx(1, 1, 4)).index.tolist() == [[2, 3]]
+        assert ras.state.skipped.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+        # token 0 now skipped three steps in a row: e^3 * 1 beats 2 and it is recomputed
+        ras.state.skipped = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+        assert ras._plan(_ctx(2, 1, 4)).index.tolist() == [[0, 3]]
+        assert ras.state.skipped.tolist() == [[0.0, 1.0, 1.0, 0.0]]
