@@ -1,0 +1,5 @@
+"""`python -m dit_accel generate ...`: the same command as `dit-accel`."""
+
+from .cli import main
+
+raise SystemExit(main())

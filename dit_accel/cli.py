@@ -1,0 +1,342 @@
+"""`dit-accel generate`: the dense pipeline and each acceleration plan on one seed, side by side.
+
+    dit-accel generate --model tiny:sd3 --steps 20 --accel ras:sample_ratio=0.5 --accel ras:sample_ratio=0.25
+
+Writes `grid.png` (images) or `grid.gif` (videos) with every run labelled, one file per run, and
+`summary.json` / `summary.md` (time, speedup, FLOPs ratio, PSNR and SSIM vs dense); prints the table.
+Speedups are measured side by side in one process after an untimed warm-up of every run, so they
+compare like with like; absolute times only mean something on the machine they were taken on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .api import apply
+from .config import AccelerationConfig, ConfigError
+from .models import UnsupportedModelError
+from .plans import parse_plan
+
+DEFAULT_PLAN = "ras:sample_ratio=0.5"
+#: Used only when the model has no prompt of its own (hub models and local folders).
+FALLBACK_PROMPT = "a red fox sitting in fresh snow, photograph"
+#: CLI option -> pipeline call argument.
+CALL_OPTIONS = {"prompt": "prompt", "steps": "num_inference_steps", "height": "height", "width": "width",
+                "frames": "num_frames", "guidance": "guidance_scale"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIN_TILE = 256  # pixels: small outputs are enlarged to at least this for the grid
+GIF_FRAME_MS = 120  # GIF stores centiseconds: about 8 frames a second
+
+
+class UsageError(ValueError):
+    """A model or option the command cannot use; reported without a traceback."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One generation: the dense baseline (no configs) or a plan."""
+
+    label: str
+    configs: list[AccelerationConfig]
+    output: torch.Tensor | None = None  # (B, 3, H, W) or (B, T, 3, H, W) in [0, 1], on the CPU
+    seconds: float = 0.0
+    report: dict[str, Any] | None = None
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def _plan_spec(spec: str) -> str:
+    """argparse type: reject a bad plan before any model is loaded."""
+    try:
+        parse_plan(spec)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dit-accel", description="Accelerate diffusers diffusion-transformer pipelines and compare with dense.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser(
+        "generate", help="run the dense pipeline and each plan on one seed; write a grid and a summary",
+        description="Run the dense pipeline and each acceleration plan on the same seed and compare them.")
+    gen.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family> "
+                     "or reference:image|video (default: reference:image if its weights are installed, "
+                     "else tiny:sd3)")
+    gen.add_argument("--prompt", help="text prompt (DiT: a class name); default: the model's own")
+    gen.add_argument("--seed", type=int, default=0, help="one seed for every run (default: 0)")
+    gen.add_argument("--steps", type=int, help="inference steps (default: the model's own)")
+    gen.add_argument("--height", type=int, help="pixels (default: the model's own)")
+    gen.add_argument("--width", type=int, help="pixels (default: the model's own)")
+    gen.add_argument("--frames", type=int, help="video frames")
+    gen.add_argument("--guidance", type=float, help="guidance scale")
+    gen.add_argument("--accel", action="append", type=_plan_spec, metavar="SPEC",
+                     help="an acceleration plan, repeatable: technique:field=value,...[+technique:...], e.g. "
+                     "ras:sample_ratio=0.5,warmup_steps=2 or ras:sample_ratio=0.5+svg2:top_p=0.9; step "
+                     f"schedules left out are scaled to --steps (default: {DEFAULT_PLAN})")
+    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device (default: %(default)s)")
+    gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                     help="auto: bfloat16 on a GPU, float32 on a CPU")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        generate(args)
+    except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
+        parser.exit(2, f"dit-accel: error: {error}\n")
+    return 0
+
+
+# -- model and call arguments ----------------------------------------------------------------------
+
+def default_model() -> str:
+    """The trained reference model when its weights are installed: quality numbers then mean something."""
+    try:
+        from .testing.reference import REFERENCE_DIRS
+    except ImportError:
+        return "tiny:sd3"
+    return "reference:image" if (REFERENCE_DIRS["image"] / "model_index.json").exists() else "tiny:sd3"
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype):
+    """The pipeline for `spec` and the call arguments it is meant to run with."""
+    kind, _, name = spec.partition(":")
+    if kind == "tiny":
+        from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+        if name not in FAMILIES:
+            raise UsageError(f"unknown tiny family {name!r}; valid: {', '.join(FAMILIES)}")
+        pipe = tiny_pipeline(name).to(device)
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), tiny_call_kwargs(name)
+    if kind == "reference":
+        from .testing.reference import reference_call_kwargs, reference_pipeline
+
+        if name not in ("image", "video"):
+            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
+        return reference_pipeline(name, device, dtype), reference_call_kwargs(name)
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype).to(device), {}
+    except OSError as error:
+        raise UsageError(f"cannot load {spec!r} as a diffusers pipeline: {error}") from error
+
+
+def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The model's defaults, overridden by the options given; an option the pipeline lacks is an error."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {k: v for k, v in defaults.items() if k not in ("generator", "output_type")}
+    if "prompt" in accepted and "prompt" not in kwargs:
+        kwargs["prompt"] = FALLBACK_PROMPT
+    for option, parameter in CALL_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option == "prompt" and "prompt" not in accepted and hasattr(pipe, "get_label_ids"):
+            try:
+                kwargs["class_labels"] = pipe.get_label_ids([value])
+            except ValueError as error:
+                raise UsageError(f"{type(pipe).__name__} takes a class name as --prompt: {error}") from error
+        elif parameter in accepted:
+            kwargs[parameter] = value
+        else:
+            raise UsageError(f"--{option} does not apply to {type(pipe).__name__}")
+    kwargs.setdefault("num_inference_steps", accepted["num_inference_steps"].default)
+    kwargs["output_type"] = "pt"
+    return kwargs
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(pipe, run: Run, kwargs: dict[str, Any], seed: int, device: str) -> None:
+    """One generation of `run` on `seed`, timed from the call to the last kernel."""
+    handle = apply(pipe, *run.configs) if run.configs else None
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        output = pipe(**kwargs, generator=torch.Generator().manual_seed(seed))[0]
+        _synchronize(device)
+        run.seconds = time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.remove()
+    run.output = output.float().cpu().clamp(0, 1)
+    run.report = None if handle is None else handle.report()
+
+
+def generate(args: argparse.Namespace) -> list[Run]:
+    status = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    device = args.device
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    model = args.model or default_model()
+    status(f"loading {model}")
+    pipe, defaults = load_model(model, device, dtype)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    kwargs = call_kwargs(pipe, defaults, args)
+    steps = kwargs["num_inference_steps"]
+    runs = [Run("dense", [])] + [Run(spec, parse_plan(spec, steps)) for spec in args.accel or [DEFAULT_PLAN]]
+
+    warmup_steps = min(steps, 2)
+    status(f"warm-up: every run once with {warmup_steps} steps, untimed")
+    for run in runs:
+        run_once(pipe, run, {**kwargs, "num_inference_steps": warmup_steps}, args.seed, device)
+    for i, run in enumerate(runs, 1):
+        status(f"[{i}/{len(runs)}] {run.label}")
+        run_once(pipe, run, kwargs, args.seed, device)
+        status(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs, kwargs, model=model, pipeline=type(pipe).__name__, seed=args.seed,
+                        device=device, dtype=str(dtype).removeprefix("torch."))
+    summary["files"] = write_outputs(runs, summary["runs"], args.out)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    (args.out / "summary.md").write_text(table)
+    print(table, end="")
+    status(f"wrote {args.out}/")
+    return runs
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+def _as_video(x: torch.Tensor) -> torch.Tensor:
+    """Pipelines give videos as (B, T, C, H, W); the metrics take (B, C, T, H, W)."""
+    return x.transpose(1, 2) if x.ndim == 5 else x
+
+
+def summarize(runs: list[Run], kwargs: dict[str, Any], **info: Any) -> dict[str, Any]:
+    """`info` and the call, then per run: time, speedup and FLOPs ratio vs dense, and PSNR/SSIM vs
+    dense (null for dense itself, and PSNR null when identical)."""
+    from .metrics.quality import psnr, ssim
+
+    dense = runs[0]
+    rows = []
+    for run in runs:
+        row = {"label": run.label,
+               "configs": [{"technique": c.name, **dataclasses.asdict(c)} for c in run.configs],
+               "seconds": run.seconds, "speedup": dense.seconds / run.seconds,
+               "flops_ratio": 1.0, "dense_flops": None, "flops": None, "psnr_db": None, "ssim": None}
+        if run.configs:
+            reference, output = _as_video(dense.output), _as_video(run.output)
+            value = psnr(output, reference)
+            row.update(flops_ratio=run.report["flops_ratio"], dense_flops=run.report["dense_flops"],
+                       flops=run.report["flops"], psnr_db=value if math.isfinite(value) else None,
+                       ssim=ssim(output, reference))
+        rows.append(row)
+    call = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, list)) and k != "output_type"}
+    return {**info, "call": call, "shape": list(dense.output.shape[1:]), "runs": rows}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table under one line of context."""
+    call = summary["call"]
+    what = call.get("prompt", call.get("class_labels"))
+    lines = [f"# dit-accel generate: {summary['model']} ({summary['pipeline']})", "",
+             f"{what!r}, seed {summary['seed']}, {call['num_inference_steps']} steps, output "
+             f"{'x'.join(map(str, summary['shape']))}, {summary['device']} {summary['dtype']}", "",
+             "| plan | time (s) | speedup | FLOPs ratio | PSNR vs dense (dB) | SSIM vs dense |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in summary["runs"]:
+        psnr_text = "-" if not row["configs"] else "inf" if row["psnr_db"] is None else f"{row['psnr_db']:.2f}"
+        ssim_text = "-" if row["ssim"] is None else f"{row['ssim']:.4f}"
+        lines.append(f"| {row['label']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | "
+                     f"{row['flops_ratio']:.3f} | {psnr_text} | {ssim_text} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- pictures --------------------------------------------------------------------------------------
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an RGB image, enlarged by a whole factor so small outputs stay legible."""
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array)
+    scale = max(1, math.ceil(MIN_TILE / max(picture.size)))
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Break a plan spec after its commas and pluses so it fits `width` pixels."""
+    pieces = text.replace(",", ", ").replace("+", " +").split(" ")
+    lines = [""]
+    for piece in pieces:
+        candidate = f"{lines[-1]} {piece}".strip()
+        if lines[-1] and draw.textlength(candidate, font=font) > width:
+            lines.append(piece)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def _captions(rows: list[dict[str, Any]]) -> list[list[str]]:
+    captions = []
+    for row in rows:
+        quality = "" if not row["configs"] else (
+            "  PSNR inf" if row["psnr_db"] is None else f"  PSNR {row['psnr_db']:.1f} dB")
+        captions.append([row["label"], f"{row['seconds']:.2f} s  {row['speedup']:.2f}x  "
+                                       f"FLOPs {row['flops_ratio']:.2f}{quality}"])
+    return captions
+
+
+def labelled_row(tiles: list[Image.Image], captions: list[list[str]]) -> Image.Image:
+    """Tiles side by side, each with its caption lines underneath."""
+    font = ImageFont.load_default(size=14)
+    gap, line_height = 8, 18
+    width = max(tile.width for tile in tiles)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [[line for text in caption for line in _wrap(measure, text, font, width)] for caption in captions]
+    text_height = line_height * max(len(lines) for lines in wrapped) + gap
+    height = max(tile.height for tile in tiles) + text_height
+    canvas = Image.new("RGB", (len(tiles) * (width + gap) + gap, height + 2 * gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
+        x = gap + i * (width + gap)
+        canvas.paste(tile, (x, gap))
+        for j, line in enumerate(lines):
+            draw.text((x, gap + tile.height + gap // 2 + j * line_height), line, fill="black", font=font)
+    return canvas
+
+
+def write_outputs(runs: list[Run], rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """`grid.png` or `grid.gif` plus one file per run (first sample of the batch); returns the names."""
+    captions = _captions(rows)
+    names = ["dense"] + [f"plan{i}" for i in range(1, len(runs))]
+    first = [run.output[0] for run in runs]
+    if first[0].ndim == 3:
+        for name, image in zip(names, first):
+            _pil(image).save(out / f"{name}.png")
+        labelled_row([_pil(image) for image in first], captions).save(out / "grid.png")
+        return {"grid": "grid.png", "runs": [f"{name}.png" for name in names]}
+    for name, video in zip(names, first):
+        _save_gif([_pil(frame) for frame in video], out / f"{name}.gif")
+    frames = [labelled_row([_pil(video[t]) for video in first], captions) for t in range(first[0].shape[0])]
+    _save_gif(frames, out / "grid.gif")
+    return {"grid": "grid.gif", "runs": [f"{name}.gif" for name in names]}
+
+
+def _save_gif(frames: list[Image.Image], path: Path) -> None:
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)

@@ -1,0 +1,80 @@
+"""`dit-accel generate` and the plan specs it shares with the UI."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+from PIL import Image
+
+from dit_accel import RASConfig, SVG2Config
+from dit_accel.cli import main
+from dit_accel.config import ConfigError
+from dit_accel.plans import parse_plan
+
+SPARSE_SPEC = "ras:sample_ratio=0.5,warmup_steps=1,error_reset_steps=()"
+RUN_KEYS = {"label", "configs", "seconds", "speedup", "flops_ratio", "dense_flops", "flops", "psnr_db", "ssim"}
+
+
+def test_parse_plan_reads_fields_as_literals():
+    assert parse_plan(SPARSE_SPEC) == [RASConfig(sample_ratio=0.5, warmup_steps=1, error_reset_steps=())]
+    (config,) = parse_plan("ras:sample_ratio=1e-1,error_reset_steps=(3, 5),metric=l2norm")
+    assert (config.sample_ratio, config.error_reset_steps, config.metric) == (0.1, (3, 5), "l2norm")
+    assert parse_plan("ras") == [RASConfig()]
+
+
+def test_parse_plan_joins_techniques_and_scales_schedules():
+    ras, svg2 = parse_plan("ras:sample_ratio=0.5+svg2:top_p=0.8")
+    assert ras == RASConfig(sample_ratio=0.5) and svg2 == SVG2Config(top_p=0.8)
+    assert parse_plan("ras:sample_ratio=0.5", num_steps=10) == [RASConfig.for_steps(10, sample_ratio=0.5)]
+    assert parse_plan("ras:warmup_steps=3", num_steps=10)[0].warmup_steps == 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo:x=1", "valid techniques: ras, flexdit, dydit, svg2, proxy"),
+    ("ras:bogus=1", "valid fields: sample_ratio, final_sample_ratio, warmup_steps"),
+    ("ras:sample_ratio", "expected field=value"),
+    ("ras:sample_ratio=0.5,sample_ratio=0.3", "given twice"),
+    ("ras:sample_ratio=2", "sample_ratio must be in"),
+    ("ras:error_reset_steps=3", "invalid value"),
+    ("ras+ras", "cannot be combined"),
+    (" ", "empty acceleration plan"),
+])
+def test_parse_plan_rejects_bad_specs_clearly(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_plan(spec)
+
+
+def test_bad_spec_fails_before_loading_a_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "tiny:sd3", "--accel", "ras:bogus=1"])
+    assert exit_info.value.code == 2 and "valid fields" in capsys.readouterr().err
+
+
+def test_generate_image_grid_and_summary(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny:sd3", "--steps", "4", "--accel", SPARSE_SPEC,
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["files"] == {"grid": "grid.png", "runs": ["dense.png", "plan1.png"]}
+    dense, plan = summary["runs"]
+    assert set(dense) == set(plan) == RUN_KEYS
+    assert dense["label"] == "dense" and dense["flops_ratio"] == 1.0 and dense["speedup"] == 1.0
+    assert plan["label"] == SPARSE_SPEC and plan["configs"][0]["technique"] == "ras"
+    assert plan["flops_ratio"] < 1 and plan["seconds"] > 0 and plan["speedup"] > 0
+    assert plan["psnr_db"] > 10 and 0 < plan["ssim"] <= 1
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 2 * 256
+    table = (tmp_path / "summary.md").read_text()
+    assert table in capsys.readouterr().out and f"| {SPARSE_SPEC} |" in table
+
+
+def test_generate_video_writes_gif(tmp_path):
+    assert main(["generate", "--model", "tiny:wan", "--steps", "2", "--frames", "5", "--height", "64",
+                 "--width", "64", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["files"]["grid"] == "grid.gif"
+    assert [run["label"] for run in summary["runs"]] == ["dense", "ras:sample_ratio=0.5"]
+    with Image.open(tmp_path / "grid.gif") as gif:
+        assert gif.n_frames == 5
