@@ -51,7 +51,8 @@ def test_half_ratio_computes_half_the_tokens(family):
     for step in report["steps"]:
         expected = kept if step["step"] >= 1 else total
         assert all(call["image_tokens"] == expected for call in step["calls"])
-        assert step["flops_ratio"] < 0.75 if step["step"] >= 1 else step["flops_ratio"] == 1.0
+        # text tokens are always computed: the tiny CogVideoX pads 226 of them next to 192 image tokens
+        assert step["flops_ratio"] < 0.8 if step["step"] >= 1 else step["flops_ratio"] == 1.0
     assert 0.3 < report["flops_ratio"] < 0.9
 
 

@@ -138,13 +138,20 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- one call ----------------------------------------------------------------------------
-    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Name every argument of a call of `module` (blocks are called positionally in some families)."""
+    def _signature(self, module: nn.Module) -> inspect.Signature:
         key = id(module)
         if key not in self._signatures:
             self._signatures[key] = inspect.signature(module.forward)
-        bound = self._signatures[key].bind(*args, **kwargs)
-        return dict(bound.arguments)
+        return self._signatures[key]
+
+    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Name every argument of a call of `module` (blocks are called positionally in some families)."""
+        return dict(self._signature(module).bind(*args, **kwargs).arguments)
+
+    def unbind(self, module: nn.Module, arguments: dict[str, Any]) -> tuple[tuple, dict]:
+        """Inverse of `bind`: (args, kwargs) for calling `module`, `*args`/`**kwargs` included."""
+        bound = inspect.BoundArguments(self._signature(module), arguments)
+        return bound.args, bound.kwargs
 
     def call_info(self, args: tuple, kwargs: dict) -> CallInfo:
         raise NotImplementedError

@@ -34,7 +34,8 @@ class _GatherHook(ModelHook):
         if self.first:
             self.subset.full_hidden = bound[adapter.block_signature(module).hidden_arg]
         text_tokens = self.subset.session.context.call.text_tokens
-        return (), adapter.gather_block_inputs(module, bound, index, text_tokens, gather_hidden=self.first)
+        bound = adapter.gather_block_inputs(module, bound, index, text_tokens, gather_hidden=self.first)
+        return adapter.unbind(module, bound)
 
     def post_forward(self, module, output):
         index = self.subset.active_index

@@ -1,0 +1,102 @@
+"""HunyuanVideo: image tokens FIRST, then text, in one attention; dual- then single-stream blocks.
+
+The processor concatenates [image, text] (the single-stream blocks too), contrary to Flux. The
+rotary table (cos, sin) has one (N, head_dim) row per image token and no text rows; diffusers'
+`apply_rotary_emb` indexes it as `cos[None, :, None, :]`, which only works for a 2-D table, so a
+token subset must be shared by the batch (`per_sample_positions = False`). The model builds a
+boolean `attention_mask` (B, 1, 1, N + T) over image then text keys (text padding masked out); its
+image columns are gathered with the tokens and its text columns kept. The token refiner works on
+text only and is not among `blocks()`.
+
+Image-to-video with `image_condition_type="token_replace"` modulates the first `num_tokens` image
+tokens (the first latent frame) differently; a gathered subset passes the number of kept
+first-frame tokens, which must come first in the index (a sorted index does).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+from .base import (
+    BlockSignature,
+    CallInfo,
+    ModelAdapter,
+    TokenGrid,
+    classify_linears,
+    gather_tokens,
+    register_adapter,
+)
+
+
+@register_adapter
+class HunyuanVideoAdapter(ModelAdapter):
+    family = "hunyuan_video"
+    transformer_class = HunyuanVideoTransformer3DModel
+    text_placement = "image_first"
+    positions = "rotary"
+    per_sample_positions = False
+    output_layout = "BCFHW"
+
+    def blocks(self):
+        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+
+    def _is_single(self, block):
+        return any(block is b for b in self.transformer.single_transformer_blocks)
+
+    def block_signature(self, block):
+        rotary = "image_rotary_emb" if self._is_single(block) else "freqs_cis"
+        return BlockSignature(rotary_arg=rotary, mask_arg="attention_mask", output_hidden_index=0)
+
+    def self_attentions(self, block):
+        return [block.attn]
+
+    def attention_layout(self, block, attention):
+        return "image_text"
+
+    def linear_streams(self, block):
+        if self._is_single(block):
+            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
+        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
+        return classify_linears(block, text=text)
+
+    def attention_streams(self, block):
+        return [(block.attn, "joint", "joint")]
+
+    def patch_size(self):
+        config = self.transformer.config
+        return (config.patch_size_t, config.patch_size, config.patch_size)
+
+    def call_info(self, args, kwargs):
+        bound = self.bind(self.transformer, args, kwargs)
+        latents = bound["hidden_states"]
+        pt, ph, pw = self.patch_size()
+        grid = TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1],
+                        torch.as_tensor(bound["timestep"]), latents)
+
+    def gather_rotary(self, rotary, index, text_tokens):
+        if index.ndim != 1:
+            raise ValueError(
+                "HunyuanVideo rotary tables are shared by the batch: gather with one index for all samples"
+            )
+        return tuple(table.index_select(0, index) for table in rotary)
+
+    def gather_mask(self, mask, index, text_tokens):
+        image = mask.shape[-1] - text_tokens
+        kept = gather_tokens(mask[..., :image], index, dim=mask.ndim - 1)
+        return torch.cat([kept, mask[..., image:]], dim=-1)
+
+    def gather_block_inputs(self, block, bound, index, text_tokens, gather_hidden):
+        bound = super().gather_block_inputs(block, bound, index, text_tokens, gather_hidden)
+        first_frame = bound.get("num_tokens")
+        if first_frame is not None:  # token_replace blocks (image-to-video)
+            if index.ndim != 1:
+                raise ValueError("HunyuanVideo token subsets must be shared by the batch")
+            is_first = index < first_frame
+            kept = int(is_first.sum())
+            if not bool(is_first[:kept].all()):
+                raise ValueError("HunyuanVideo token_replace blocks need the kept first-frame tokens first in "
+                                 "the gathered subset (use a sorted index)")
+            bound["num_tokens"] = kept
+        return bound
