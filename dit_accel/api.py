@@ -24,6 +24,7 @@ class AccelerationHandle:
         self.sessions = sessions
         self.tracker = tracker
         self._scheduler = scheduler
+        #: perf_counter() when the pipeline last set up its scheduler, i.e. started a call
         self._run_started: float | None = None
         self._removed = False
         if scheduler is not None:
@@ -85,6 +86,9 @@ class AccelerationHandle:
             "flops": flops,
             "flops_ratio": flops / dense if dense else 1.0,
             "transformer_seconds": sum(r.seconds for r in records),
+            # from the pipeline's scheduler set-up to the last transformer call (None for a bare transformer)
+            "wall_seconds": (max(r.ended for r in records) - self._run_started
+                             if records and self._run_started is not None else None),
         }
 
     def __enter__(self) -> "AccelerationHandle":

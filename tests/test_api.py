@@ -71,7 +71,7 @@ def test_report_counts_flops_per_step():
     handle.remove()
     assert [s["step"] for s in report["steps"]] == [0, 1, 2]
     assert report["dense_flops"] == pytest.approx(sum(s["dense_flops"] for s in report["steps"]))
-    assert report["transformer_seconds"] > 0
+    assert 0 < report["transformer_seconds"] <= report["wall_seconds"]
 
 
 # -- bad input -------------------------------------------------------------------------------------

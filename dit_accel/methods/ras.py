@@ -139,6 +139,8 @@ class RAS(Technique):
         super().__init__(config, session)
         self.state = RASState()
         self.subset = TokenSubset(session, "ras", self._call_index)
+        #: image tokens the blocks computed in the call that just ended
+        self._computed_tokens = 0
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -211,6 +213,7 @@ class RAS(Technique):
     def on_call_end(self, ctx: StepContext, output: torch.Tensor) -> torch.Tensor:
         index = self.subset.active_index
         self.subset.end_call()
+        self._computed_tokens = ctx.call.grid.num_tokens if index is None else index.shape[-1]
         tokens = self.adapter.output_to_tokens(output, ctx.call.grid)
         if index is not None:
             fresh = gather_tokens(tokens, index)
@@ -245,15 +248,11 @@ class RAS(Technique):
 
     # -- report --------------------------------------------------------------------------------
     def plan_work(self, ctx: StepContext, works: list[BlockWork]) -> list[BlockWork]:
-        plan = self.state.plan
-        if plan is None or plan.index is None or plan.step_index != ctx.step_index:
+        kept = self._computed_tokens
+        if kept == ctx.call.grid.num_tokens:
             return works
-        kept = plan.index.shape[-1]
-        kv = None if self.config.cache_kv else kept
-        return [w.with_(image_tokens=kept, kv_image_tokens=w.kv_image_tokens if kv is None else kv) for w in works]
+        return [w.with_(image_tokens=kept, kv_image_tokens=w.kv_image_tokens if self.config.cache_kv else kept)
+                for w in works]
 
     def call_stats(self, ctx: StepContext) -> dict[str, Any]:
-        plan = self.state.plan
-        total = ctx.call.grid.num_tokens
-        kept = total if plan is None or plan.index is None or plan.step_index != ctx.step_index else plan.index.shape[-1]
-        return {"image_tokens": kept, "total_image_tokens": total}
+        return {"image_tokens": self._computed_tokens, "total_image_tokens": ctx.call.grid.num_tokens}

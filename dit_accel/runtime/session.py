@@ -80,6 +80,8 @@ class CallRecord:
     dense_flops: float
     flops: float
     seconds: float
+    #: time.perf_counter() when the call returned
+    ended: float
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +138,8 @@ class Session:
             sample = technique.on_call_end(ctx, sample)
         if sample.is_cuda:
             torch.cuda.synchronize(sample.device)
-        seconds = time.perf_counter() - self._started
+        ended = time.perf_counter()
+        seconds = ended - self._started
         dense = self.cost_model.dense_works(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens)
         works = dense
         stats: dict[str, Any] = {}
@@ -144,7 +147,7 @@ class Session:
             works = technique.plan_work(ctx, works)
             stats.update(technique.call_stats(ctx))
         self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.branch, self.cost_model.flops(dense),
-                                       self.cost_model.flops(works), seconds, stats))
+                                       self.cost_model.flops(works), seconds, ended, stats))
         self.context = None
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
