@@ -1,9 +1,10 @@
 """The step context: where the denoising loop is, for every hook of every technique.
 
 A `StepTracker` is shared by all transformers of one pipeline (Wan 2.2 alternates two). It counts
-steps from the timesteps the transformer receives, so it needs no cooperation from the scheduler:
-a call with a new timestep starts a new step, a call with the same timestep is another CFG branch of
-the same step, and a run starts when the pipeline resets its scheduler (`begin_run`) or, for a bare
+steps from the calls the transformer receives, so it needs no cooperation from the scheduler: a call
+with the same timestep and the same latents as the last one is another CFG branch of the same step,
+any other call starts a new step (second-order schedulers such as Heun repeat a timestep with new
+latents), and a run starts when the pipeline resets its scheduler (`begin_run`) or, for a bare
 transformer, when the noise level goes back up.
 """
 
@@ -54,11 +55,16 @@ class StepTracker:
         self._sigmas: list[float] | None = None
         self._pending: tuple[int | None, list[float] | None] | None = None
         self._last_timestep: float | None = None
+        self._last_latents: torch.Tensor | None = None
         self._calls_in_step = 0
 
     def begin_run(self, num_steps: int | None = None, sigmas: list[float] | None = None) -> None:
         """Called when the pipeline sets up its scheduler: the next call starts step 0 of a new run."""
         self._pending = (num_steps, sigmas)
+
+    def _same_latents(self, latents: torch.Tensor) -> bool:
+        last = self._last_latents
+        return latents is last or (last is not None and latents.shape == last.shape and torch.equal(latents, last))
 
     def on_call(self, call: CallInfo, branch_name: str | None) -> StepContext:
         timestep = float(torch.as_tensor(call.timestep).flatten()[0])
@@ -68,12 +74,12 @@ class StepTracker:
             self.step_index, self._calls_in_step = 0, 0
             self.num_steps, self._sigmas = self._pending if self._pending is not None else (None, None)
             self._pending = None
-        elif timestep != self._last_timestep:
+        elif timestep == self._last_timestep and self._same_latents(call.latents):
+            self._calls_in_step += 1
+        else:
             self.step_index += 1
             self._calls_in_step = 0
-        else:
-            self._calls_in_step += 1
-        self._last_timestep = timestep
+        self._last_timestep, self._last_latents = timestep, call.latents
 
         cfg_batched = branch_name in (None, "cond_uncond") and _batch_halves_equal(call.latents)
         if branch_name in ("cond", "uncond"):
