@@ -39,16 +39,24 @@ def test_batched_cfg_context():
     assert first[0].sigma is not None and first[0].sigma > first[1].sigma
 
 
-@pytest.mark.parametrize("family,overrides", [("flux", {"true_cfg_scale": 2.0, "negative_prompt": "blurry"}),
-                                              ("wan", {})])
-def test_two_call_cfg_context(family, overrides):
+TWO_CALL_CFG = {"flux": {"true_cfg_scale": 2.0, "negative_prompt": "blurry"},
+                "hunyuan_video": {"true_cfg_scale": 2.0, "negative_prompt": "blurry"},
+                "wan": {}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_context_of_every_family(family):
+    """Batched CFG (one call holds uncond and cond) or two calls per step named by the pipeline."""
     pipe = tiny_pipeline(family)
     probe = RecordingConfig()
     with dit_accel.apply(pipe, probe):
-        run(pipe, family, num_inference_steps=3, **overrides)
-    assert [(c.step_index, c.branch, c.call_in_step) for c in probe.seen] == [
-        (s, b, i) for s in range(3) for i, b in enumerate(("cond", "uncond"))]
-    assert not any(c.cfg_batched for c in probe.seen)
+        run(pipe, family, num_inference_steps=3, **TWO_CALL_CFG.get(family, {}))
+    seen = [(c.step_index, c.branch, c.call_in_step, c.cfg_batched, c.num_steps) for c in probe.seen]
+    if family in TWO_CALL_CFG:
+        assert seen == [(s, b, i, False, 3) for s in range(3) for i, b in enumerate(("cond", "uncond"))]
+    else:
+        assert seen == [(s, "batched", 0, True, 3) for s in range(3)]
+    assert {c.run_index for c in probe.seen} == {0}
 
 
 def test_bare_transformer_context_resets_on_new_run():
