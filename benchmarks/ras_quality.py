@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
 from dit_accel.metrics import judge as judges
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
     print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32\n")
     results = {}
     for kind in args.kind or ["image", "video"]:
