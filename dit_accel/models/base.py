@@ -153,13 +153,37 @@ class ModelAdapter:
         bound = inspect.BoundArguments(self._signature(module), arguments)
         return bound.args, bound.kwargs
 
+    def latent_grid(self, latents: torch.Tensor) -> TokenGrid:
+        """Token grid of latents laid out like the model output (`output_layout`), after patching."""
+        pt, ph, pw = self.patch_size()
+        if self.output_layout == "BCHW":
+            return TokenGrid(1, latents.shape[-2] // ph, latents.shape[-1] // pw)
+        frames = latents.shape[2] if self.output_layout == "BCFHW" else latents.shape[1]
+        return TokenGrid(frames // pt, latents.shape[-2] // ph, latents.shape[-1] // pw)
+
     def call_info(self, args: tuple, kwargs: dict) -> CallInfo:
-        raise NotImplementedError
+        """For transformers called with `hidden_states` latents, `timestep` and optional text."""
+        bound = self.bind(self.transformer, args, kwargs)
+        latents = bound["hidden_states"]
+        text = bound.get("encoder_hidden_states")
+        return CallInfo(self.latent_grid(latents), latents.shape[0], 0 if text is None else text.shape[1],
+                        torch.as_tensor(bound["timestep"]), latents)
 
     # -- gathering image tokens ----------------------------------------------------------------
     def gather_rotary(self, rotary: Any, index: torch.Tensor, text_tokens: int) -> Any:
         """Rows of the rotary table for the kept image tokens (text rows kept as they are)."""
         raise NotImplementedError
+
+    def gather_shared_rotary(self, rotary: tuple[torch.Tensor, ...], index: torch.Tensor,
+                             text_rows: int = 0) -> tuple[torch.Tensor, ...]:
+        """Rows of (S, D) tables shared by the batch: `text_rows` leading text rows, then the kept
+        image rows. Such tables cannot follow a per-sample index (`per_sample_positions = False`)."""
+        if index.ndim != 1:
+            raise ValueError(f"{self.family} rotary tables are shared by the batch: gather with one index for all samples")
+        rows = index + text_rows
+        if text_rows:
+            rows = torch.cat([torch.arange(text_rows, device=index.device), rows])
+        return tuple(table.index_select(0, rows) for table in rotary)
 
     def gather_mask(self, mask: torch.Tensor, index: torch.Tensor, text_tokens: int) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} blocks take no attention mask over image tokens")

@@ -13,10 +13,9 @@ multiple of it.
 
 from __future__ import annotations
 
-import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+from .base import BlockSignature, ModelAdapter, classify_linears, register_adapter
 
 
 @register_adapter
@@ -56,15 +55,5 @@ class CogVideoXAdapter(ModelAdapter):
         config = self.transformer.config
         return (config.patch_size_t or 1, config.patch_size, config.patch_size)
 
-    def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]  # (B, F, C, H, W)
-        pt, ph, pw = self.patch_size()
-        grid = TokenGrid(latents.shape[1] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1],
-                        torch.as_tensor(bound["timestep"]), latents)
-
     def gather_rotary(self, rotary, index, text_tokens):
-        if index.ndim != 1:
-            raise ValueError("CogVideoX rotary tables are shared by the batch: gather with one index for all samples")
-        return tuple(table.index_select(0, index) for table in rotary)
+        return self.gather_shared_rotary(rotary, index)

@@ -9,10 +9,9 @@ embedding. The output is BCHW with learned sigma (2x channels); the model unpatc
 
 from __future__ import annotations
 
-import torch
 from diffusers import DiTTransformer2DModel
 
-from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+from .base import BlockSignature, ModelAdapter, classify_linears, register_adapter
 
 
 @register_adapter
@@ -46,10 +45,3 @@ class DiTAdapter(ModelAdapter):
     def patch_size(self):
         p = self.transformer.config.patch_size
         return (1, p, p)
-
-    def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]
-        p = self.transformer.config.patch_size
-        grid = TokenGrid(1, latents.shape[-2] // p, latents.shape[-1] // p)
-        return CallInfo(grid, latents.shape[0], 0, torch.as_tensor(bound["timestep"]), latents)

@@ -7,7 +7,6 @@ image tokens must be shared by the batch too (`per_sample_positions = False`).
 
 from __future__ import annotations
 
-import torch
 from diffusers import FluxTransformer2DModel
 
 from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
@@ -65,7 +64,4 @@ class FluxAdapter(ModelAdapter):
                         bound["timestep"], latents)
 
     def gather_rotary(self, rotary, index, text_tokens):
-        if index.ndim != 1:
-            raise ValueError("Flux rotary tables are shared by the batch: gather with one index for all samples")
-        rows = torch.cat([torch.arange(text_tokens, device=index.device), index + text_tokens])
-        return tuple(table.index_select(0, rows) for table in rotary)
+        return self.gather_shared_rotary(rotary, index, text_rows=text_tokens)

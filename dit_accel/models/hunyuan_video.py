@@ -20,9 +20,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 
 from .base import (
     BlockSignature,
-    CallInfo,
     ModelAdapter,
-    TokenGrid,
     classify_linears,
     gather_tokens,
     register_adapter,
@@ -67,21 +65,6 @@ class HunyuanVideoAdapter(ModelAdapter):
         config = self.transformer.config
         return (config.patch_size_t, config.patch_size, config.patch_size)
 
-    def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]
-        pt, ph, pw = self.patch_size()
-        grid = TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1],
-                        torch.as_tensor(bound["timestep"]), latents)
-
-    def gather_rotary(self, rotary, index, text_tokens):
-        if index.ndim != 1:
-            raise ValueError(
-                "HunyuanVideo rotary tables are shared by the batch: gather with one index for all samples"
-            )
-        return tuple(table.index_select(0, index) for table in rotary)
-
     def gather_mask(self, mask, index, text_tokens):
         image = mask.shape[-1] - text_tokens
         kept = gather_tokens(mask[..., :image], index, dim=mask.ndim - 1)
@@ -100,3 +83,6 @@ class HunyuanVideoAdapter(ModelAdapter):
                                  "the gathered subset (use a sorted index)")
             bound["num_tokens"] = kept
         return bound
+
+    def gather_rotary(self, rotary, index, text_tokens):
+        return self.gather_shared_rotary(rotary, index)

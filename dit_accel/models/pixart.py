@@ -11,14 +11,11 @@ the latent channels when the model learns its variance (`out_channels = 2 * in_c
 
 from __future__ import annotations
 
-import torch
 from diffusers import PixArtTransformer2DModel
 
 from .base import (
     BlockSignature,
-    CallInfo,
     ModelAdapter,
-    TokenGrid,
     classify_linears,
     gather_tokens,
     register_adapter,
@@ -57,15 +54,6 @@ class PixArtAdapter(ModelAdapter):
     def patch_size(self):
         p = self.transformer.config.patch_size
         return (1, p, p)
-
-    def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]
-        p = self.transformer.config.patch_size
-        grid = TokenGrid(1, latents.shape[-2] // p, latents.shape[-1] // p)
-        text = bound.get("encoder_hidden_states")
-        return CallInfo(grid, latents.shape[0], 0 if text is None else text.shape[1],
-                        torch.as_tensor(bound["timestep"]), latents)
 
     def gather_mask(self, mask, index, text_tokens):
         # (B, 1, N) bias over the image keys of attn1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel
 
-from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+from .base import BlockSignature, ModelAdapter, classify_linears, register_adapter
 
 
 @register_adapter
@@ -42,10 +42,3 @@ class SD3Adapter(ModelAdapter):
     def patch_size(self):
         p = self.transformer.config.patch_size
         return (1, p, p)
-
-    def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]
-        p = self.transformer.config.patch_size
-        grid = TokenGrid(1, latents.shape[-2] // p, latents.shape[-1] // p)
-        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1], bound["timestep"], latents)

@@ -19,14 +19,13 @@ exact for text-to-video and Wan 2.2).
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+
 from diffusers import WanTransformer3DModel
 
 from .base import (
     BlockSignature,
-    CallInfo,
     ModelAdapter,
-    TokenGrid,
     classify_linears,
     gather_tokens,
     register_adapter,
@@ -65,17 +64,14 @@ class WanAdapter(ModelAdapter):
         return tuple(self.transformer.config.patch_size)
 
     def call_info(self, args, kwargs):
-        bound = self.bind(self.transformer, args, kwargs)
-        latents = bound["hidden_states"]
-        pt, ph, pw = self.patch_size()
-        grid = TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        timestep = torch.as_tensor(bound["timestep"])
-        if timestep.ndim == 2:
-            if timestep.shape[1] != grid.num_tokens:
+        info = super().call_info(args, kwargs)
+        timestep = info.timestep
+        if timestep.ndim == 2:  # Wan 2.2 TI2V: one timestep per token
+            if timestep.shape[1] != info.grid.num_tokens:
                 raise ValueError(f"Wan per-token timesteps cover {timestep.shape[1]} tokens, the latents "
-                                 f"{grid.num_tokens}")
-            timestep = timestep.amax(dim=1)
-        return CallInfo(grid, latents.shape[0], bound["encoder_hidden_states"].shape[1], timestep, latents)
+                                 f"{info.grid.num_tokens}")
+            info = dataclasses.replace(info, timestep=timestep.amax(dim=1))
+        return info
 
     def gather_rotary(self, rotary, index, text_tokens):
         return tuple(gather_tokens(table, index) for table in rotary)
