@@ -1,0 +1,275 @@
+"""Train the shipped reference pipelines from scratch on procedural data, on one CPU thread.
+
+    python -m dit_accel.testing.train_reference --model image --out DIR --minutes 30 --seed 0
+    python -m dit_accel.testing.train_reference --model video --out DIR --minutes 30 --seed 0
+
+Each run builds a real diffusers pipeline (SD3 for images, Wan 2.1 for videos) with seeded
+random text encoders (frozen) and an in-process word-level tokenizer, trains the VAE for a
+share of the budget, then trains the transformer with the rectified-flow objective exactly as
+the pipeline samples it: ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``,
+``timestep = sigma * 1000``, sigmas drawn like ``FlowMatchEulerDiscreteScheduler(shift=3)``
+spaces them, and 10% empty captions so classifier-free guidance with the pipelines' default
+empty negative prompt works. The budget is wall-clock; ``--steps`` fixes the step counts
+instead (the run's counts are written to ``train_log.json``) for bit-exact reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from dit_accel.testing import procedural
+
+TEXT_LEN = 16  # tokens per text encoder; every caption fits (at most 12 words + </s>)
+IMAGE_SIZE = 64
+NUM_FRAMES = 9  # 9 latent frames (the Wan VAE takes 1 + 4k frames): it compresses space only
+FLOW_SHIFT = 3.0
+CAPTION_DROPOUT = 0.1
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the procedural caption vocabulary, ending every prompt with </s>."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + procedural.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=TEXT_LEN)
+
+
+def _clip(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=TEXT_LEN, projection_dim=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = CLIPTextModelWithProjection(cfg)
+    # Unit-scale embeddings: CLIP's 0.02 init would hand the DiT near-constant text features.
+    emb = model.text_model.embeddings
+    with torch.no_grad():
+        emb.token_embedding.weight.normal_(0.0, 1.0)
+        emb.position_embedding.weight.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def _t5(seed: int, vocab_size: int, umt5: bool) -> T5EncoderModel | UMT5EncoderModel:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    model = UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
+    return model.eval()
+
+
+def build_image_pipeline(seed: int) -> StableDiffusion3Pipeline:
+    """Untrained SD3 pipeline: 64x64 images, 4x32x32 latents, 256 image tokens + 32 text tokens."""
+    tok = build_tokenizer()
+    n = len(tok)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE,
+                        scaling_factor=1.0, shift_factor=0.0)
+    transformer = SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=6, attention_head_dim=32, num_attention_heads=4,
+                                        joint_attention_dim=128, caption_projection_dim=128,
+                                        pooled_projection_dim=128, pos_embed_max_size=32, qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), vae=vae,
+        text_encoder=_clip(seed + 1, n), tokenizer=tok, text_encoder_2=_clip(seed + 2, n),
+        tokenizer_2=build_tokenizer(), text_encoder_3=_t5(seed + 3, n, umt5=False), tokenizer_3=build_tokenizer())
+
+
+def build_video_pipeline(seed: int) -> WanPipeline:
+    """Untrained Wan 2.1 pipeline: 9x64x64 videos, 8x9x32x32 latents, 2304 video tokens + 16 text tokens.
+
+    The VAE compresses space 2x and time not at all: a 2x temporal VAE trained for minutes on a CPU
+    reconstructed moving shapes at 13 dB, too poorly for the transformer to learn the shapes."""
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    z_dim = 8
+    vae = AutoencoderKLWan(base_dim=16, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False], scale_factor_temporal=1, scale_factor_spatial=2,
+                           latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=32,
+                                        in_channels=z_dim, out_channels=z_dim, text_dim=128, freq_dim=64,
+                                        ffn_dim=384, num_layers=4, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+    return WanPipeline(tokenizer=tok, text_encoder=_t5(seed + 1, len(tok), umt5=True), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), transformer=transformer)
+
+
+def _pixels(kind: str, batch: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """A procedural batch in [-1, 1]: images (B, 3, H, W) or videos (B, 3, T, H, W)."""
+    if kind == "image":
+        x, scenes = procedural.image_batch(batch, seed, IMAGE_SIZE)
+    else:
+        x, scenes = procedural.video_batch(batch, seed, NUM_FRAMES, IMAGE_SIZE)
+    return x * 2 - 1, [s.caption for s in scenes]
+
+
+def train_vae(vae, kind: str, budget_s: float, max_steps: int | None, seed: int, log: dict) -> None:
+    """Reconstruction (L1 + MSE) plus a tiny KL term, on whole images or whole clips."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    batch = 16 if kind == "image" else 4
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    start, step, losses = time.time(), 0, []
+    while (time.time() - start < budget_s) if max_steps is None else step < max_steps:
+        x, _ = _pixels(kind, batch, seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * posterior.kl().mean() / posterior.mean[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"[vae {kind}] step {step} loss {np.mean(losses[-50:]):.4f} {time.time() - start:.0f}s", flush=True)
+    vae.eval()
+    log["vae_steps"], log["vae_seconds"], log["vae_final_loss"] = step, time.time() - start, float(np.mean(losses[-50:]))
+
+
+@torch.no_grad()
+def calibrate_latents(pipe, kind: str, seed: int) -> None:
+    """Set the VAE's latent normalisation from data, as SD3/Wan do: unit variance for the transformer."""
+    x, _ = _pixels(kind, 64 if kind == "image" else 16, seed + 777)
+    mu = pipe.vae.encode(x).latent_dist.mean
+    if kind == "image":
+        pipe.vae.register_to_config(shift_factor=float(mu.mean()), scaling_factor=float(1.0 / mu.std()))
+    else:
+        dims = (0, 2, 3, 4)
+        pipe.vae.register_to_config(latents_mean=mu.mean(dims).tolist(), latents_std=mu.std(dims).tolist())
+
+
+@torch.no_grad()
+def encode_batch(pipe, kind: str, x: torch.Tensor, captions: list[str], gen: torch.Generator) -> tuple:
+    """Normalised latents and the text conditioning exactly as the pipeline computes them."""
+    posterior = pipe.vae.encode(x).latent_dist
+    # The briefly trained Wan VAE keeps a posterior noise comparable to the spread of its means, which
+    # would make the video DiT mostly model noise, so videos train on the posterior means.
+    z = posterior.sample(generator=gen) if kind == "image" else posterior.mode()
+    if kind == "image":
+        cfg = pipe.vae.config
+        z = (z - cfg.shift_factor) * cfg.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+        return z, {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+    return (z - mean) / std, {"encoder_hidden_states": embeds}
+
+
+def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform in the unshifted schedule, then shifted: the sigma density the Euler sampler visits."""
+    u = torch.rand(n, generator=gen)
+    return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+
+
+def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, seed: int, log: dict) -> None:
+    """Rectified flow with cosine LR over the budget and an EMA copy that becomes the shipped weights."""
+    model = pipe.transformer
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    batch = 32 if kind == "image" else 8
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start, step, losses = time.time(), 0, []
+    while True:
+        progress = (time.time() - start) / budget_s if max_steps is None else step / max_steps
+        if progress >= 1:
+            break
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, captions = _pixels(kind, batch, seed * 1_000_003 + 500_000 + step)
+        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        x0, cond = encode_batch(pipe, kind, x, captions, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(batch, gen).view(-1, *([1] * (x0.dim() - 1)))
+        xt = (1 - sigma) * x0 + sigma * noise
+        pred = model(hidden_states=xt, timestep=sigma.flatten() * 1000, return_dict=False, **cond)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 25 == 0:
+            print(f"[dit {kind}] step {step} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
+                  f"{time.time() - start:.0f}s", flush=True)
+    pipe.transformer = ema.eval()
+    log["dit_steps"], log["dit_seconds"] = step, time.time() - start
+    log["dit_final_loss"], log["dit_batch"] = float(np.mean(losses[-100:])), batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["image", "video"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=30.0, help="total wall-clock budget (VAE + transformer)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-share", type=float, help="fraction of the budget for the VAE (0.15 image, 0.2 video)")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("VAE", "DIT"), help="fixed step counts instead")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kind, budget = args.model, args.minutes * 60
+    pipe = (build_image_pipeline if kind == "image" else build_video_pipeline)(args.seed)
+    pipe.set_progress_bar_config(disable=True)
+    log = {"model": kind, "seed": args.seed, "minutes": args.minutes, "threads": args.threads}
+    t0 = time.time()
+    vae_steps, dit_steps = args.steps or (None, None)
+    vae_share = args.vae_share or (0.15 if kind == "image" else 0.3)
+    train_vae(pipe.vae, kind, budget * vae_share, vae_steps, args.seed, log)
+    calibrate_latents(pipe, kind, args.seed)
+    pipe.vae.requires_grad_(False)
+    train_transformer(pipe, kind, budget - (time.time() - t0), dit_steps, args.seed, log)
+    log["total_seconds"] = time.time() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()
