@@ -36,7 +36,7 @@ _DEFAULTS = {
     "image": dict(prompt="a large red circle on the left, blue plain background", num_inference_steps=20,
                   guidance_scale=4.0, height=64, width=64, max_sequence_length=16),
     "video": dict(prompt="a large yellow square moving right, blue plain background", num_inference_steps=20,
-                  guidance_scale=4.0, height=64, width=64, num_frames=9, max_sequence_length=16),
+                  guidance_scale=4.0, height=64, width=64, num_frames=13, max_sequence_length=16),
 }
 
 
@@ -50,7 +50,7 @@ def reference_pipeline(kind: str, device: str | torch.device = "cpu",
 
 
 def reference_call_kwargs(kind: str, **overrides) -> dict:
-    """Default pipeline arguments (prompt, 20 steps, 64x64 [x9 frames], CFG 4, 16 text tokens)."""
+    """Default pipeline arguments (prompt, 20 steps, 64x64 [x13 frames], CFG 4, 16 text tokens)."""
     if kind not in _DEFAULTS:
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
     return {**_DEFAULTS[kind], **overrides}
