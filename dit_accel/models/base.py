@@ -295,3 +295,30 @@ def classify_linears(block: nn.Module, text: tuple[str, ...] = (), joint: tuple[
         else:
             streams[name] = "image"
     return streams
+
+
+#: Linears of an MMDiT joint block that run on the text stream (SD3, Flux and HunyuanVideo double blocks).
+MMDIT_TEXT_LINEARS = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
+
+
+class DualStreamAdapter(ModelAdapter):
+    """Structure shared by Flux and HunyuanVideo: double-stream blocks (separate image and text
+    weights, one joint attention) followed by single-stream blocks (one set of weights for the
+    concatenated sequence)."""
+
+    def blocks(self):
+        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+
+    def _is_single(self, block: nn.Module) -> bool:
+        return any(block is b for b in self.transformer.single_transformer_blocks)
+
+    def self_attentions(self, block):
+        return [block.attn]
+
+    def linear_streams(self, block):
+        if self._is_single(block):
+            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
+        return classify_linears(block, text=MMDIT_TEXT_LINEARS)
+
+    def attention_streams(self, block):
+        return [(block.attn, "joint", "joint")]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from diffusers import FluxTransformer2DModel
 
-from .base import BlockSignature, CallInfo, ModelAdapter, TokenGrid, classify_linears, register_adapter
+from .base import BlockSignature, CallInfo, DualStreamAdapter, TokenGrid, register_adapter
 
 
 @register_adapter
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(DualStreamAdapter):
     family = "flux"
     transformer_class = FluxTransformer2DModel
     text_placement = "text_first"
@@ -21,29 +21,11 @@ class FluxAdapter(ModelAdapter):
     per_sample_positions = False
     output_layout = "BNC"
 
-    def blocks(self):
-        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
-
-    def _is_single(self, block):
-        return any(block is b for b in self.transformer.single_transformer_blocks)
-
     def block_signature(self, block):
         return BlockSignature(rotary_arg="image_rotary_emb", output_hidden_index=1)
 
-    def self_attentions(self, block):
-        return [block.attn]
-
     def attention_layout(self, block, attention):
         return "text_image"
-
-    def linear_streams(self, block):
-        if self._is_single(block):
-            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
-        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
-        return classify_linears(block, text=text)
-
-    def attention_streams(self, block):
-        return [(block.attn, "joint", "joint")]
 
     def patch_size(self):
         return (1, 1, 1)

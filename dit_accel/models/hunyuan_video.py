@@ -20,15 +20,14 @@ from diffusers import HunyuanVideoTransformer3DModel
 
 from .base import (
     BlockSignature,
-    ModelAdapter,
-    classify_linears,
+    DualStreamAdapter,
     gather_tokens,
     register_adapter,
 )
 
 
 @register_adapter
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(DualStreamAdapter):
     family = "hunyuan_video"
     transformer_class = HunyuanVideoTransformer3DModel
     text_placement = "image_first"
@@ -36,30 +35,12 @@ class HunyuanVideoAdapter(ModelAdapter):
     per_sample_positions = False
     output_layout = "BCFHW"
 
-    def blocks(self):
-        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
-
-    def _is_single(self, block):
-        return any(block is b for b in self.transformer.single_transformer_blocks)
-
     def block_signature(self, block):
         rotary = "image_rotary_emb" if self._is_single(block) else "freqs_cis"
         return BlockSignature(rotary_arg=rotary, mask_arg="attention_mask", output_hidden_index=0)
 
-    def self_attentions(self, block):
-        return [block.attn]
-
     def attention_layout(self, block, attention):
         return "image_text"
-
-    def linear_streams(self, block):
-        if self._is_single(block):
-            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
-        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
-        return classify_linears(block, text=text)
-
-    def attention_streams(self, block):
-        return [(block.attn, "joint", "joint")]
 
     def patch_size(self):
         config = self.transformer.config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel
 
-from .base import BlockSignature, ModelAdapter, classify_linears, register_adapter
+from .base import MMDIT_TEXT_LINEARS, BlockSignature, ModelAdapter, classify_linears, register_adapter
 
 
 @register_adapter
@@ -32,8 +32,7 @@ class SD3Adapter(ModelAdapter):
         return "image_text" if attention is block.attn else "image"
 
     def linear_streams(self, block):
-        text = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
-        return classify_linears(block, text=text)
+        return classify_linears(block, text=MMDIT_TEXT_LINEARS)
 
     def attention_streams(self, block):
         return [(attn, "joint" if attn is block.attn else "image", "joint" if attn is block.attn else "image")
