@@ -40,13 +40,14 @@ _DEFAULTS = {
 }
 
 
-def reference_pipeline(kind: str, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline | WanPipeline:
-    """Load the shipped ``"image"`` (StableDiffusion3Pipeline) or ``"video"`` (WanPipeline) model offline."""
+def reference_pipeline(kind: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       folder: str | Path | None = None) -> StableDiffusion3Pipeline | WanPipeline:
+    """Load the shipped ``"image"`` (StableDiffusion3Pipeline) or ``"video"`` (WanPipeline) model offline
+    (or a retrained one from ``folder``)."""
     if kind not in REFERENCE_DIRS:
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
     cls = StableDiffusion3Pipeline if kind == "image" else WanPipeline
-    return cls.from_pretrained(REFERENCE_DIRS[kind], dtype=dtype).to(device)
+    return cls.from_pretrained(folder or REFERENCE_DIRS[kind], dtype=dtype).to(device)
 
 
 def reference_call_kwargs(kind: str, **overrides) -> dict:
@@ -78,7 +79,7 @@ def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(kind: str, out_dir: Path, samples: int, seed: int) -> dict:
+def evaluate(kind: str, out_dir: Path, samples: int, seed: int, folder: Path | None = None) -> dict:
     """Caption accuracy, reference FID and VAE PSNR of one model, plus its sample figure.
 
     The numbers are merged into ``out_dir/reference_eval.json`` and returned.
@@ -87,7 +88,7 @@ def evaluate(kind: str, out_dir: Path, samples: int, seed: int) -> dict:
     from dit_accel.metrics.quality import psnr
 
     judge = J.load_judge()
-    pipe = reference_pipeline(kind)
+    pipe = reference_pipeline(kind, folder=folder)
     pipe.set_progress_bar_config(disable=True)
     batch_fn = procedural.image_batch if kind == "image" else procedural.video_batch
     real, scenes = batch_fn(samples, seed)
@@ -133,11 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--video-samples", type=int, default=48, help="generated videos")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--folder", type=Path, help="evaluate a retrained pipeline folder instead of the shipped one")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for kind in args.kind:
         n = args.samples if kind == "image" else args.video_samples
-        print(kind, json.dumps(evaluate(kind, args.out, n, args.seed), indent=2))
+        print(kind, json.dumps(evaluate(kind, args.out, n, args.seed, args.folder), indent=2))
 
 
 if __name__ == "__main__":
