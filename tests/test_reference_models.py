@@ -34,6 +34,13 @@ def image_pipe():
     return pipe
 
 
+@pytest.fixture(scope="module")
+def video_pipe():
+    pipe = reference_pipeline("video")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_procedural_is_deterministic_and_captioned():
     a, scenes = procedural.image_batch(6, seed=3)
     b, _ = procedural.image_batch(6, seed=3)
@@ -61,9 +68,8 @@ def test_image_pipeline_generates(image_pipe):
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
 
 
-def test_video_pipeline_generates():
-    pipe = reference_pipeline("video")
-    pipe.set_progress_bar_config(disable=True)
+def test_video_pipeline_generates(video_pipe):
+    pipe = video_pipe
     assert type(pipe).__name__ == "WanPipeline"
     kwargs = reference_call_kwargs("video", num_inference_steps=3, output_type="pt",
                                    generator=torch.Generator().manual_seed(0))
@@ -76,11 +82,9 @@ def test_video_pipeline_generates():
     assert (latent_frames // patch_t) * (latent_size // patch_h) * (latent_size // patch_w) >= 1536
 
 
-def test_generated_videos_follow_captions(judge):
-    pipe = reference_pipeline("video")
-    pipe.set_progress_bar_config(disable=True)
+def test_generated_videos_follow_captions(video_pipe, judge):
     _, scenes = procedural.video_batch(8, seed=777)
-    fake = generate(pipe, "video", [s.caption for s in scenes], seed=0, batch=8, num_inference_steps=10)
+    fake = generate(video_pipe, "video", [s.caption for s in scenes], seed=0, batch=8, num_inference_steps=10)
     acc, chance = J.video_caption_accuracy(judge, fake, scenes), J.video_chance_levels()
     # The video model gets colors and backgrounds right; its motion is not trained enough yet.
     assert acc["color"] + acc["bg_color"] > 3 * (chance["color"] + chance["bg_color"]), acc

@@ -278,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     vae_steps, dit_steps = args.steps or (None, None)
     if args.vae_from:  # the VAE does not depend on the transformer: reuse one this script trained
-        pipe.vae = type(pipe.vae).from_pretrained(args.vae_from / "vae")
+        trained = type(pipe.vae).from_pretrained(args.vae_from / "vae")
+        pipe.vae.load_state_dict(trained.state_dict())  # strict: the architecture this script builds
+        normalisation = ("shift_factor", "scaling_factor") if kind == "image" else ("latents_mean", "latents_std")
+        pipe.vae.register_to_config(**{key: trained.config[key] for key in normalisation})
         vae_log = json.loads((args.vae_from / "train_log.json").read_text())
         log.update({k: v for k, v in vae_log.items() if k.startswith("vae_")}, vae_from=str(args.vae_from))
     else:
