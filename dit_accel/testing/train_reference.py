@@ -1,7 +1,7 @@
-"""Train the shipped reference pipelines from scratch on procedural data, on one CPU thread.
+"""Train the shipped reference pipelines from scratch on procedural data, on the CPU.
 
-    python -m dit_accel.testing.train_reference --model image --out DIR --minutes 30 --seed 0
-    python -m dit_accel.testing.train_reference --model video --out DIR --minutes 30 --seed 0
+    python -m dit_accel.testing.train_reference --model image --out DIR --minutes 55 --seed 0
+    python -m dit_accel.testing.train_reference --model video --out DIR --minutes 92 --vae-share 0.13 --threads 2
 
 Each run builds a real diffusers pipeline (SD3 for images, Wan 2.1 for videos) with seeded
 random text encoders (frozen) and an in-process word-level tokenizer, trains the VAE for a
@@ -9,7 +9,8 @@ share of the budget, then trains the transformer with the rectified-flow objecti
 the pipeline samples it: ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``,
 ``timestep = sigma * 1000``, sigmas drawn like ``FlowMatchEulerDiscreteScheduler(shift=3)``
 spaces them, and 10% empty captions so classifier-free guidance with the pipelines' default
-empty negative prompt works. The budget is wall-clock; ``--steps`` fixes the step counts
+empty negative prompt works. The video transformer mixes whole-clip steps with cheaper first-frame
+steps (see ``first_frame_share``). The budget is wall-clock; ``--steps`` fixes the step counts
 instead (the run's counts are written to ``train_log.json``) for bit-exact reruns.
 """
 
@@ -55,6 +56,7 @@ IMAGE_SIZE = 64
 NUM_FRAMES = 13  # 7 latent frames with the 2x temporal VAE
 FLOW_SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
+DIT_BATCH = {"image": 32, "clips": 4, "first_frames": 16}  # transformer samples per step
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
@@ -240,7 +242,7 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
         for g in opt.param_groups:
             g["lr"] = lr
         first_frame = kind == "video" and float(torch.rand(1, generator=gen)) < first_frame_share(progress)
-        batch = 32 if kind == "image" else 16 if first_frame else 4
+        batch = DIT_BATCH["image" if kind == "image" else "first_frames" if first_frame else "clips"]
         first_frame_steps += first_frame
         x, captions = _pixels(kind, batch, seed * 1_000_003 + 500_000 + step, 1 if first_frame else NUM_FRAMES)
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
@@ -267,8 +269,10 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
     pipe.transformer = ema.eval()
     log["dit_steps"], log["dit_seconds"] = step, time.time() - start
     log["dit_final_loss"] = float(np.mean(losses[-100:]))
-    log["dit_batch"] = 32 if kind == "image" else {"clips": 4, "first_frames": 16}
-    if kind == "video":
+    if kind == "image":
+        log["dit_batch"] = DIT_BATCH["image"]
+    else:
+        log["dit_batch"] = {k: DIT_BATCH[k] for k in ("clips", "first_frames")}
         log["dit_first_frame_steps"] = first_frame_steps
 
 
