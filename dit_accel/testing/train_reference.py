@@ -11,7 +11,8 @@ the pipeline samples it: ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``no
 spaces them, and 10% empty captions so classifier-free guidance with the pipelines' default
 empty negative prompt works. The video transformer mixes whole-clip steps with cheaper first-frame
 steps (see ``first_frame_share``). The budget is wall-clock; ``--steps`` fixes the step counts
-instead (the run's counts are written to ``train_log.json``) for bit-exact reruns.
+instead (the run's counts are written to ``train_log.json``): two ``--steps`` runs are bit-exact,
+and one replays a timed run closely (its schedules then follow the step count, not the clock).
 """
 
 from __future__ import annotations
