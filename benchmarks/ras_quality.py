@@ -5,7 +5,7 @@ warm-up, so the speedups are side by side. Quality is measured against the dense
 (PSNR, SSIM) and against the captions (the offline judge's caption accuracy). DBCache rows
 appear when `cache-dit` is installed (`pip install -e ".[bench]"`).
 
-    python -m benchmarks.ras_quality --kind image --kind video
+    python -m dit_accel.benchmarks.ras_quality --kind image --kind video
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ FlowMatchEuler scheduler, without text encoders or VAE, so the numbers are the t
 Prints wall time, speedup, analytic FLOPs ratio and the mean cost of a RAS step relative to a
 dense step. Random weights: the PSNR column only says the loop is sane, not that quality holds.
 
-    python -m benchmarks.ras_speed --family sd3 --family wan
+    python -m dit_accel.benchmarks.ras_speed --family sd3 --family wan
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """dit-accel: make diffusers diffusion-transformer pipelines faster without retraining.
 
-    handle = dit_accel.apply(pipe, dit_accel.RASConfig(sample_ratio=0.5))
+    handle = dit_accel.apply(pipe, dit_accel.RASConfig(sample_ratio=0.5), FirstBlockCacheConfig(threshold=0.08))
     image = pipe(prompt).images[0]
     print(handle.report()["flops_ratio"])
     handle.remove()
 """
 
-from .api import AccelerationHandle, apply
-from .config import AccelerationConfig, ConfigError
+from .api import AccelerationHandle, apply, calibrate, measure
+from .config import AccelerationConfig, ConfigError, Stage
 from .methods import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
 from .models import UnsupportedModelError, adapter_for, supported_families
 
@@ -22,8 +22,11 @@ __all__ = [
     "ProxyAttentionConfig",
     "RASConfig",
     "SVG2Config",
+    "Stage",
     "UnsupportedModelError",
     "adapter_for",
     "apply",
+    "calibrate",
+    "measure",
     "supported_families",
 ]

@@ -1,94 +1,131 @@
-"""`apply(pipe_or_transformer, *configs)`: the one function users call, and the handle it returns."""
+"""`apply(pipe_or_transformer, *configs)`: the one function users call, the handle it returns, and
+`measure` / `calibrate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import time
+from collections import defaultdict
 from typing import Any
 
-from diffusers.hooks import HookRegistry
+from diffusers.hooks import HookRegistry, MagCacheConfig
 from torch import nn
 
-from .config import AccelerationConfig, check_compatible
+from . import methods  # noqa: F401  (registers every technique and diffusers cache)
+from .config import ConfigError
+from .methods.diffusers_caches import logged_mag_ratios
 from .models import adapter_for
 from .runtime.context import StepTracker
 from .runtime.hooks import HOOK_PREFIX
+from .runtime.registry import check_composable, registration
 from .runtime.session import Session
 
 
 class AccelerationHandle:
     """What `apply` returns: `remove()` undoes it, `report()` describes the last pipeline call."""
 
-    def __init__(self, target: Any, sessions: list[Session], tracker: StepTracker, scheduler: Any | None):
+    def __init__(self, target: Any, pipeline: Any | None, sessions: list[Session], tracker: StepTracker):
         self.target = target
         self.sessions = sessions
         self.tracker = tracker
-        self._scheduler = scheduler
+        self._pipeline = pipeline
         #: perf_counter() when the pipeline last set up its scheduler, i.e. started a call
         self._run_started: float | None = None
         self._removed = False
-        if scheduler is not None:
-            self._wrap_scheduler(scheduler)
+        self._wrapped: list[tuple[Any, str]] = []
+        if pipeline is not None:
+            if getattr(pipeline, "scheduler", None) is not None:
+                self._wrap(pipeline.scheduler, "set_timesteps", self._begin_run)
+            if hasattr(pipeline, "maybe_free_model_hooks"):
+                self._wrap(pipeline, "maybe_free_model_hooks", self._end_run)
 
-    def _wrap_scheduler(self, scheduler: Any) -> None:
-        """Each pipeline call sets the scheduler's timesteps first: that starts a new run."""
-        original = scheduler.set_timesteps
+    def _wrap(self, owner: Any, name: str, before) -> None:
+        """`owner.name` calls `before()` first (each pipeline call sets timesteps first and frees hooks last)."""
+        original = getattr(owner, name)
 
         @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
-            sigmas = getattr(scheduler, "sigmas", None)
-            self.tracker.begin_run(len(scheduler.timesteps),
-                                   None if sigmas is None else [float(s) for s in sigmas])
-            self._run_started = time.perf_counter()
-            return result
+        def wrapped(*args, **kwargs):
+            before()
+            return original(*args, **kwargs)
 
-        set_timesteps._dit_accel = True
-        scheduler.set_timesteps = set_timesteps
+        wrapped._dit_accel = True
+        setattr(owner, name, wrapped)
+        self._wrapped.append((owner, name))
+
+    def _begin_run(self) -> None:
+        self.tracker.begin_run()
+        self._run_started = time.perf_counter()
+
+    def _end_run(self) -> None:
+        for session in self.sessions:
+            session.end_run()
+        self.tracker.end_run()
 
     @property
     def techniques(self):
         return [t for session in self.sessions for t in session.techniques]
 
     def remove(self) -> None:
-        """Take every hook off and give the scheduler back its own `set_timesteps`."""
+        """Take every hook off and give the scheduler and pipeline back their own methods."""
         if self._removed:
             return
         for session in self.sessions:
             session.detach()
-        if self._scheduler is not None and getattr(self._scheduler.__dict__.get("set_timesteps"), "_dit_accel", False):
-            del self._scheduler.set_timesteps
+        self.tracker.end_run()
+        for owner, name in self._wrapped:
+            if getattr(owner.__dict__.get(name), "_dit_accel", False):
+                delattr(owner, name)
+        self._wrapped.clear()
         self._removed = True
 
     def report(self) -> dict[str, Any]:
-        """Per-step and total analytic FLOPs (dense vs accelerated) and time of the last pipeline call."""
+        """The last pipeline call, per step and in total: FLOPs from the work ledger against the dense
+        analytic model, the ledger by kind of work, time, and the memory techniques held."""
         run = self.tracker.run_index
         records = [r for s in self.sessions for r in s.records if r.run_index == run]
         steps: dict[int, dict[str, Any]] = {}
+        work: dict[str, float] = defaultdict(float)
+        blocks: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for record in records:
             step = steps.setdefault(record.step_index, {"step": record.step_index, "dense_flops": 0.0,
                                                         "flops": 0.0, "seconds": 0.0, "calls": []})
+            call_work: dict[str, float] = defaultdict(float)
+            for w in record.works:
+                call_work[w.kind] += w.flops
+                work[w.kind] += w.flops
+                blocks[w.block][w.name if w.kind == "linear" else f"{w.name} {w.kind}"] += w.flops
             step["dense_flops"] += record.dense_flops
             step["flops"] += record.flops
             step["seconds"] += record.seconds
-            step["calls"].append({"branch": record.branch, "dense_flops": record.dense_flops,
-                                  "flops": record.flops, "seconds": record.seconds, **record.stats})
+            step["calls"].append({"branch": record.branch, "dense_flops": record.dense_flops, "flops": record.flops,
+                                  "seconds": record.seconds, "work": dict(call_work), **record.stats})
         dense = sum(r.dense_flops for r in records)
         flops = sum(r.flops for r in records)
         for step in steps.values():
             step["flops_ratio"] = step["flops"] / step["dense_flops"] if step["dense_flops"] else 1.0
+        peak: dict[str, int] = defaultdict(int)
+        for session in self.sessions:
+            for label, held in session.peak_state_bytes.items():
+                peak[label] += held
         return {
-            "techniques": [type(t.config).__name__ for t in self.techniques],
+            "techniques": [t.label for t in self.sessions[0].techniques] if self.sessions else [],
+            "stages": {t.label: sorted(int(s) for s in t.stages) for t in self.sessions[0].techniques}
+            if self.sessions else {},
             "num_steps": len(steps),
             "num_calls": len(records),
             "steps": [steps[k] for k in sorted(steps)],
             "dense_flops": dense,
             "flops": flops,
             "flops_ratio": flops / dense if dense else 1.0,
+            "work": dict(work),
+            "blocks": {b: dict(v) for b, v in sorted(blocks.items())},
             "transformer_seconds": sum(r.seconds for r in records),
             # from the pipeline's scheduler set-up to the last transformer call (None for a bare transformer)
             "wall_seconds": (max(r.ended for r in records) - self._run_started
                              if records and self._run_started is not None else None),
+            "state_bytes": dict(peak),
         }
 
     def __enter__(self) -> "AccelerationHandle":
@@ -98,9 +135,14 @@ class AccelerationHandle:
         self.remove()
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model under `torch.compile`'s wrapper (hooks go on the real modules)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _transformers_of(target: Any) -> tuple[list[nn.Module], Any | None]:
     if isinstance(target, nn.Module):
-        return [target], None
+        return [_unwrap(target)], None
     if not hasattr(target, "components"):
         raise TypeError(f"dit_accel.apply expects a diffusers pipeline or a transformer model, got {type(target).__name__}")
     transformer = getattr(target, "transformer", None)
@@ -110,7 +152,7 @@ def _transformers_of(target: Any) -> tuple[list[nn.Module], Any | None]:
             "pipelines (SD3, Flux, PixArt, DiT, Wan, HunyuanVideo, CogVideoX), not UNet ones"
         )
     second = getattr(target, "transformer_2", None)
-    return [transformer] + ([second] if second is not None else []), getattr(target, "scheduler", None)
+    return [_unwrap(transformer)] + ([_unwrap(second)] if second is not None else []), target
 
 
 def _is_accelerated(module: nn.Module) -> bool:
@@ -118,26 +160,86 @@ def _is_accelerated(module: nn.Module) -> bool:
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
 
 
-def apply(pipe_or_transformer: Any, *configs: AccelerationConfig) -> AccelerationHandle:
+def _schedule(scheduler: Any):
+    """(steps, sigmas) of the run a pipeline starts: from the scheduler's begin index (img2img), else
+    from where the first call's timestep sits in its timesteps."""
+
+    def schedule(timestep: float) -> tuple[int | None, list[float] | None]:
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None, None
+        values = [float(t) for t in timesteps]
+        begin = getattr(scheduler, "begin_index", None)
+        if begin is None:
+            begin = next((i for i, t in enumerate(values) if abs(t - timestep) <= 1e-3 * max(1.0, abs(t))), 0)
+        sigmas = getattr(scheduler, "sigmas", None)
+        steps = len(values) - begin
+        return steps, None if sigmas is None else [float(s) for s in sigmas[begin:begin + steps]]
+
+    return schedule
+
+
+def _cfg_hint(pipeline: Any):
+    """The pipeline's own word on whether its calls batch CFG, where it has one."""
+
+    def hint() -> bool | None:
+        try:
+            value = getattr(pipeline, "do_classifier_free_guidance", None)
+        except (AttributeError, TypeError):
+            return None
+        return value if isinstance(value, bool) else None
+
+    return hint
+
+
+def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) with `configs`; returns a handle.
 
-    With no config it only measures: `report()` then gives the dense FLOPs and times.
+    `configs` are dit-accel configs (`RASConfig`, ...) and diffusers cache configs
+    (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, ...), at most one per stage, in any order.
+    With no config it only measures: `report()` then counts what the blocks really ran.
     """
-    check_compatible(list(configs))
-    transformers, scheduler = _transformers_of(pipe_or_transformer)
+    configs = list(configs)
+    for config in configs:
+        registration(config)
+    check_composable(configs)
+    transformers, pipeline = _transformers_of(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]
     for transformer in transformers:
         if _is_accelerated(transformer):
             raise RuntimeError(f"{type(transformer).__name__} is already accelerated: call .remove() on its handle first")
-    tracker = StepTracker()
+    scheduler = getattr(pipeline, "scheduler", None)
+    tracker = StepTracker(_schedule(scheduler) if scheduler is not None else None,
+                          _cfg_hint(pipeline) if pipeline is not None else None)
     sessions: list[Session] = []
     try:
         for transformer, adapter in zip(transformers, adapters):
-            session = Session(transformer, adapter, tracker, list(configs))
+            session = Session(transformer, adapter, tracker, configs)
             session.attach()
             sessions.append(session)
     except Exception:
         for session in sessions:
             session.detach()
         raise
-    return AccelerationHandle(pipe_or_transformer, sessions, tracker, scheduler)
+    return AccelerationHandle(pipe_or_transformer, pipeline, sessions, tracker)
+
+
+def measure(pipe_or_transformer: Any) -> AccelerationHandle:
+    """A handle that changes nothing and counts what the blocks really run (also under other accelerators)."""
+    return apply(pipe_or_transformer)
+
+
+def calibrate(pipe: Any, config: Any, **call_kwargs) -> Any:
+    """`config` completed with what it must learn from one run of `pipe(**call_kwargs)`: MagCache's
+    per-step magnitude ratios (diffusers' own calibration mode), for the run's number of steps."""
+    if not isinstance(config, MagCacheConfig):
+        raise ConfigError(f"{type(config).__name__} needs no calibration (calibrate takes a MagCacheConfig)")
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is None:
+        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    probe = dataclasses.replace(config, calibrate=True, num_inference_steps=steps)
+    with logged_mag_ratios() as ratios, apply(pipe, probe):
+        pipe(**call_kwargs)
+    if not ratios:
+        raise RuntimeError(f"MagCache calibration over {steps} steps reported no ratios")
+    return dataclasses.replace(config, calibrate=False, mag_ratios=ratios[0], num_inference_steps=steps)

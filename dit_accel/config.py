@@ -1,68 +1,207 @@
-"""The contract every technique's configuration dataclass follows."""
+"""Configs: frozen dataclasses whose fields declare their type, range and doc; the stages of a plan.
+
+Every technique's config derives from `AccelerationConfig`. A field is declared with `param(default,
+doc, low=..., high=...)`; the dataclass annotation gives its type. Construction checks every field
+against both (`ConfigError` naming the field), normalises lists to tuples and ints to floats where
+a float is asked for, and then the config is frozen: one instance may be shared by several
+transformers (Wan 2.2's two experts). The same metadata feeds the command line's help and the UI's
+forms. Configs know nothing of the runtime; `dit_accel.runtime.registry` maps each config class to
+the technique that carries it out.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import types
+import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from .runtime.session import Session
-    from .runtime.technique import Technique
+from typing import Any, ClassVar, Literal
 
 
 class ConfigError(ValueError):
-    """A configuration value that no technique can honour."""
+    """A configuration value that no technique can honour, or configs that cannot be combined."""
 
 
-@dataclass
+class Stage(enum.IntEnum):
+    """Nesting levels of one transformer call, outermost first (not a time order)."""
+
+    #: return a cached or forecast output for the whole call, a block range or an attention/MLP module
+    STEP_SKIP = 1
+    #: which image tokens the blocks compute at this step
+    TOKEN_SET = 2
+    #: over a block range: pool the token grid, run the blocks, unpool and add back
+    TOKEN_TRANSFORM = 3
+    #: which heads, MLP channels and MLP tokens a block computes
+    WIDTH = 4
+    #: where keys and values of tokens not computed come from (cache, pooling)
+    KV_SOURCE = 5
+    #: how queries attend to keys: dense SDPA, block-sparse, proxy
+    ATTENTION_KERNEL = 6
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Param:
+    """What a config field accepts, beyond its annotated type."""
+
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def range_text(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{low}, {high}{right}"
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or not (value >= self.high if self.high_open else value > self.high)
+
+
+def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False) -> Any:
+    """A config field: its default, a one-line doc, and the range numbers (or tuple items) must lie in."""
+    return dataclasses.field(default=default, metadata={"param": Param(doc, low, high, low_open, high_open)})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a config, for validation, help texts and forms."""
+
+    name: str
+    annotation: Any
+    default: Any
+    param: Param
+
+    @property
+    def type_text(self) -> str:
+        return _type_text(self.annotation)
+
+
+def config_fields(cls: type) -> list[FieldSpec]:
+    """The documented fields of an `AccelerationConfig` subclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return [FieldSpec(f.name, hints[f.name], f.default, f.metadata["param"])
+            for f in dataclasses.fields(cls) if "param" in f.metadata]
+
+
+def _is_optional(annotation: Any) -> tuple[bool, Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return True, args[0]
+    return False, annotation
+
+
+def _type_text(annotation: Any) -> str:
+    optional, inner = _is_optional(annotation)
+    if optional:
+        return f"{_type_text(inner)} or None"
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple of {_type_text(args[0])}"
+        return "(" + ", ".join(_type_text(a) for a in args) + ")"
+    return getattr(inner, "__name__", str(inner))
+
+
+def _coerce(value: Any, annotation: Any, where: str, spec: Param) -> Any:
+    """`value` checked against `annotation` and `spec`'s range, normalised (list -> tuple, int -> float)."""
+    optional, inner = _is_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must be {_type_text(annotation)}, got None")
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{where} must be {_type_text(inner)}, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{where} must be {_type_text(inner)}, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]", spec) for i, (v, t) in enumerate(zip(value, item_types)))
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be True or False, got {value!r}")
+        return value
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if inner in (int, float):
+        numeric = (int,) if inner is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise ConfigError(f"{where} must be {'an int' if inner is int else 'a number'}"
+                              f"{' in ' + spec.range_text() if spec.range_text() else ''}, got {value!r}")
+        if not spec.admits(value):
+            raise ConfigError(f"{where} must be in {spec.range_text()}, got {value!r}")
+        return float(value) if inner is float else value
+    raise TypeError(f"{where}: unsupported config annotation {annotation!r}")
+
+
+def _supported(annotation: Any) -> bool:
+    """Annotations `_coerce` checks: numbers, bools, strings, literals, tuples of those, and their Optional."""
+    optional, inner = _is_optional(annotation)
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        return True
+    if origin is tuple:
+        return all(a is Ellipsis or _supported(a) for a in args)
+    return inner in (int, float, bool, str)
+
+
+def check_dataclass_fields(config: Any) -> None:
+    """Type-check the simply typed fields of any config dataclass (diffusers' cache configs too)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        annotation = hints.get(f.name)
+        if annotation is not None and _supported(annotation):
+            _coerce(getattr(config, f.name), annotation, f"{type(config).__name__}.{f.name}", Param(""))
+
+
+@dataclass(frozen=True)
 class AccelerationConfig:
     """Base of `RASConfig`, `FlexDiTConfig`, `DyDiTConfig`, `SVG2Config`, `ProxyAttentionConfig`.
 
-    Each subclass documents its budget fields, checks them in `validate()` (called on construction),
-    and returns from `keep_all()` the setting that must reproduce the dense output.
+    Subclasses declare fields with `param(...)`, add cross-field checks in `validate()`, say which
+    stages their active fields occupy in `stages()`, and return from `keep_all()` the setting that
+    must reproduce the dense output while running the technique's real code path.
     """
 
-    #: What the technique changes: two configs sharing a resource cannot be applied together.
-    resources: ClassVar[frozenset[str]] = frozenset()
-    #: Short name used on the command line (`--accel ras:sample_ratio=0.5`) and in reports.
+    #: Short name used in plan strings (`ras:sample_ratio=0.5+fbcache:threshold=0.08`) and reports.
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        for spec in config_fields(type(self)):
+            value = _coerce(getattr(self, spec.name), spec.annotation, f"{type(self).__name__}.{spec.name}",
+                            spec.param)
+            object.__setattr__(self, spec.name, value)
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the field and the allowed range."""
+        """Raise `ConfigError` for combinations of field values that cannot work together."""
+
+    def stages(self) -> frozenset[Stage]:
+        """The stages this config's active fields occupy."""
+        raise NotImplementedError
 
     @classmethod
     def keep_all(cls) -> "AccelerationConfig":
         raise NotImplementedError
-
-    def build(self, session: "Session") -> "Technique":
-        raise NotImplementedError(f"the {type(self).__name__} technique is not implemented yet")
-
-
-def check_range(config: AccelerationConfig, field: str, low: float, high: float, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """Raise `ConfigError` unless `low <= config.field <= high` (open ends when asked)."""
-    value = getattr(config, field)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or too_low or too_high:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"{type(config).__name__}.{field} must be in {left}{low}, {high}{right}, got {value!r}")
-
-
-def check_compatible(configs: list[AccelerationConfig]) -> None:
-    """Raise `ConfigError` when two configs change the same thing (two attention methods, say)."""
-    for i, first in enumerate(configs):
-        if not isinstance(first, AccelerationConfig):
-            raise ConfigError(f"expected acceleration configs (RASConfig, SVG2Config, ...), got {first!r}")
-        for second in configs[i + 1 :]:
-            if not isinstance(second, AccelerationConfig):
-                raise ConfigError(f"expected acceleration configs (RASConfig, SVG2Config, ...), got {second!r}")
-            shared = first.resources & second.resources
-            if shared:
-                raise ConfigError(
-                    f"{type(first).__name__} and {type(second).__name__} cannot be combined: "
-                    f"both change the {', '.join(sorted(shared))}"
-                )

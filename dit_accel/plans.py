@@ -1,10 +1,11 @@
 """Acceleration plans written as text, for the command line and the UI.
 
-A plan is one or more techniques joined with `+`, each `name:field=value,field=value`:
+A plan is one or more members joined with `+`, each `name:field=value,field=value`, where a name is
+a dit-accel technique or one of diffusers' caches:
 
     ras:sample_ratio=0.5,warmup_steps=2
-    ras:sample_ratio=0.5,error_reset_steps=(6, 9)+svg2:top_p=0.9
-    ras                                  (every field at its default)
+    ras:sample_ratio=0.5+fbcache:threshold=0.08
+    taylorseer:cache_interval=4+ras      (every field at its default)
 
 Values are Python literals (`ast.literal_eval`); a value that is not one is taken as a string,
 so `metric=l2norm` works without quotes. Commas and `+` inside brackets or quotes belong to the
@@ -16,21 +17,23 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+from typing import Any
 
-from .config import AccelerationConfig, ConfigError, check_compatible
-from .methods import CONFIG_CLASSES
+from . import methods  # noqa: F401  (registers every technique and diffusers cache)
+from .config import ConfigError, check_dataclass_fields
+from .runtime.registry import check_composable, registrations
 
 _TECHNIQUE_START = re.compile(r"\s*[A-Za-z_]\w*\s*(:|\+|$)")
 
 
-def techniques() -> dict[str, type[AccelerationConfig]]:
-    """Plan names -> config classes (`{"ras": RASConfig, ...}`)."""
-    return {cls.name: cls for cls in CONFIG_CLASSES}
+def techniques() -> dict[str, type]:
+    """Plan names -> config classes (`{"ras": RASConfig, "fbcache": FirstBlockCacheConfig, ...}`)."""
+    return {r.name: r.config_class for r in registrations()}
 
 
-def fields_of(cls: type[AccelerationConfig]) -> list[str]:
+def fields_of(cls: type) -> list[str]:
     """The fields a plan may set for `cls`."""
-    return [f.name for f in dataclasses.fields(cls) if f.init]
+    return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
 
 
 def _split(text: str, separator: str) -> list[str]:
@@ -60,18 +63,26 @@ def _value(text: str):
         return text
 
 
-def parse_technique(spec: str, num_steps: int | None = None) -> AccelerationConfig:
+def _with_steps(cls: type, values: dict[str, Any], num_steps: int) -> Any:
+    """Step schedules the spec leaves out, scaled to `num_steps`."""
+    if hasattr(cls, "for_steps"):
+        return cls.for_steps(num_steps, **values)
+    if "num_inference_steps" in fields_of(cls) and "num_inference_steps" not in values:
+        values = {**values, "num_inference_steps": num_steps}
+    return cls(**values)
+
+
+def parse_technique(spec: str, num_steps: int | None = None) -> Any:
     """`"ras:sample_ratio=0.5"` -> `RASConfig(sample_ratio=0.5)`.
 
-    With `num_steps`, a config class that has a `for_steps` schedule (RAS) gets the schedule scaled
-    to that many steps for every field the spec leaves out.
+    With `num_steps`, a schedule left out is scaled to that many steps (RAS's `for_steps`,
+    MagCache's `num_inference_steps`).
     """
     name, _, body = spec.partition(":")
     name = name.strip()
     known = techniques()
     if name not in known:
-        valid = ", ".join(known)
-        raise ConfigError(f"unknown technique {name!r} in {spec!r}; valid techniques: {valid}")
+        raise ConfigError(f"unknown technique {name!r} in {spec!r}; valid techniques: {', '.join(known)}")
     cls = known[name]
     values = {}
     for item in _split(body, ",") if body.strip() else []:
@@ -85,19 +96,20 @@ def parse_technique(spec: str, num_steps: int | None = None) -> AccelerationConf
             raise ConfigError(f"{name}.{field} is given twice in {spec!r}")
         values[field] = _value(text.strip())
     try:
-        if num_steps is not None and hasattr(cls, "for_steps"):
-            return cls.for_steps(num_steps, **values)
-        return cls(**values)
-    except TypeError as error:
+        config = _with_steps(cls, values, num_steps) if num_steps is not None else cls(**values)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
         raise ConfigError(f"invalid value in {spec!r}: {error}") from error
+    check_dataclass_fields(config)
+    return config
 
 
-def parse_plan(spec: str, num_steps: int | None = None) -> list[AccelerationConfig]:
-    """`"ras:sample_ratio=0.5+svg2:top_p=0.9"` -> `[RASConfig(...), SVG2Config(...)]`, checked to be
-    combinable. Raises `ConfigError` with the valid names on any mistake."""
+def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
+    """`"ras:sample_ratio=0.5+fbcache:threshold=0.08"` -> `[RASConfig(...), FirstBlockCacheConfig(...)]`,
+    checked to be combinable. Raises `ConfigError` with the valid names on any mistake."""
     if not spec.strip():
         raise ConfigError(f"empty acceleration plan; valid techniques: {', '.join(techniques())}")
     configs = [parse_technique(part, num_steps) for part in _split(spec, "+")]
-    check_compatible(configs)
+    check_composable(configs)
     return configs
-

@@ -1,12 +1,15 @@
-"""Shared test helpers: run a tiny pipeline deterministically and compare outputs."""
+"""Shared test helpers: run a tiny pipeline deterministically, snapshot a model, probe techniques."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from dit_accel.config import AccelerationConfig
+from dit_accel.attention.intercept import dense_attention
+from dit_accel.config import AccelerationConfig, Stage
+from dit_accel.runtime.registry import register_technique
 from dit_accel.runtime.technique import Technique
 from dit_accel.testing import tiny_call_kwargs
 
@@ -24,57 +27,50 @@ def model_state(module: torch.nn.Module) -> dict:
         "modules": {name: id(m) for name, m in module.named_modules()},
         "forwards": sorted(name for name, m in module.named_modules() if "forward" in m.__dict__),
         "registries": sorted(name for name, m in module.named_modules() if hasattr(m, "_diffusers_hook")),
+        "hooks": sorted((name, tuple(m._diffusers_hook._hook_order)) for name, m in module.named_modules()
+                        if hasattr(m, "_diffusers_hook")),
     }
     if hasattr(module, "attn_processors"):
         state["processors"] = {name: id(p) for name, p in module.attn_processors.items()}
     return state
 
 
-class RecordingTechnique(Technique):
-    """Records the step context of every call; changes nothing."""
-
-    def on_call_start(self, ctx):
-        self.config.seen.append(ctx)
-
-
-@dataclass
+@dataclass(frozen=True)
 class RecordingConfig(AccelerationConfig):
-    """A no-op technique that lets tests read the step context."""
+    """A no-op technique that lets tests read the step context of every call (occupies no stage)."""
 
-    seen: list = None
+    seen: list = dataclasses.field(default_factory=list)
     name = "record"
 
-    def __post_init__(self):
-        self.seen = [] if self.seen is None else self.seen
+    def stages(self):
+        return frozenset()
 
     @classmethod
     def keep_all(cls):
         return cls()
 
-    def build(self, session):
-        return RecordingTechnique(self, session)
+
+@register_technique(RecordingConfig, "test probe: records the step context")
+class RecordingTechnique(Technique):
+    def begin_call(self, plan):
+        self.config.seen.append(plan.ctx)
 
 
-class AttentionRecorderTechnique(Technique):
-    """An attention core that records the sequence lengths it sees, then runs the rest of the chain."""
-
-    def attention_core(self):
-        def record(call, query, key, value, next_sdpa, **kwargs):
-            ctx = self.session.context
-            image = call.image_slice(query.shape[2])
-            self.config.seen.append({"step": ctx.step_index, "branch": ctx.branch, "block": call.block_index,
-                                     "queries": query.shape[2], "keys": key.shape[2],
-                                     "image_queries": image.stop - image.start, "batch": query.shape[0]})
-            return next_sdpa(query, key, value, **kwargs)
-
-        return record
-
-
-@dataclass
+@dataclass(frozen=True)
 class AttentionRecorderConfig(RecordingConfig):
-    """Records q/k lengths of every self-attention; put it after the technique under test."""
+    """A stage-6 kernel that records the q/k lengths of every self-attention and runs dense SDPA."""
 
     name = "attention-recorder"
 
-    def build(self, session):
-        return AttentionRecorderTechnique(self, session)
+    def stages(self):
+        return frozenset({Stage.ATTENTION_KERNEL})
+
+
+@register_technique(AttentionRecorderConfig, "test probe: records attention shapes")
+class AttentionRecorderTechnique(Technique):
+    def attend(self, plan, call, query, key, value, bias, **kwargs):
+        image = call.image_slice(query.shape[2])
+        self.config.seen.append({"step": plan.ctx.step_index, "branch": plan.ctx.branch, "block": call.block_index,
+                                 "queries": query.shape[2], "keys": key.shape[2],
+                                 "image_queries": image.stop - image.start, "batch": query.shape[0]})
+        return dense_attention(query, key, value, bias, **kwargs)

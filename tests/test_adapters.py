@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 from torch import nn
 
 import dit_accel
-from dit_accel.config import AccelerationConfig
+from dit_accel.config import AccelerationConfig, Stage
 from dit_accel.metrics.flops import transformer_flops
 from dit_accel.models.base import TokenGrid, adapter_for
 from dit_accel.models.cogvideox import CogVideoXAdapter
@@ -27,8 +27,9 @@ from dit_accel.models.hunyuan_video import HunyuanVideoAdapter
 from dit_accel.models.pixart import PixArtAdapter
 from dit_accel.models.sd3 import SD3Adapter
 from dit_accel.models.wan import WanAdapter
+from dit_accel.runtime.plan import TokenSet
+from dit_accel.runtime.registry import register_technique
 from dit_accel.runtime.technique import Technique
-from dit_accel.runtime.token_subset import TokenSubset
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 STEPS = 3
@@ -133,12 +134,24 @@ def _assert_equal(result: Generation, baseline: Generation) -> None:
 # ---------------------------------------------------------------- a permuting technique
 
 
+@dataclass(frozen=True)
+class PermuteConfig(AccelerationConfig):
+    """mode: "shuffle" (a random permutation per call and sample), "in_order", "first_frame_first"."""
+
+    mode: str = "shuffle"
+    calls: list = field(default_factory=list)
+    name = "permute"
+
+    def stages(self):
+        return frozenset({Stage.TOKEN_SET})
+
+
+@register_technique(PermuteConfig, "test: blocks run on all image tokens in a random order")
 class _Permute(Technique):
     """Runs the blocks on all image tokens in a random order; the scatter after the last block undoes it."""
 
     def __init__(self, config, session):
         super().__init__(config, session)
-        self.subset = TokenSubset(session, "perm", self._index)
         self.generator = torch.Generator().manual_seed(1234)
 
     def _order(self, grid: TokenGrid) -> torch.Tensor:
@@ -151,33 +164,13 @@ class _Permute(Technique):
                               first + torch.randperm(n - first, generator=self.generator)])
         return torch.randperm(n, generator=self.generator)
 
-    def _index(self, ctx):
-        self.config.calls += 1
+    def begin_call(self, plan):
+        self.config.calls.append(plan.ctx.step_index)
         if self.adapter.per_sample_positions:
-            return torch.stack([self._order(ctx.call.grid) for _ in range(ctx.call.batch_size)])
-        return self._order(ctx.call.grid)
-
-    def attach(self):
-        self.subset.attach()
-
-    def on_call_start(self, ctx):
-        self.subset.begin_call(ctx)
-
-    def on_call_end(self, ctx, output):
-        self.subset.end_call()
-        return output
-
-
-@dataclass
-class PermuteConfig(AccelerationConfig):
-    """mode: "shuffle" (a random permutation per call and sample), "in_order", "first_frame_first"."""
-
-    mode: str = "shuffle"
-    calls: int = 0
-    name = "permute"
-
-    def build(self, session):
-        return _Permute(self, session)
+            index = torch.stack([self._order(plan.grid) for _ in range(plan.batch)])
+        else:
+            index = self._order(plan.grid)
+        plan.tokens = TokenSet(index, plan.grid)
 
 
 # ---------------------------------------------------------------- 1. geometry and token order
@@ -248,7 +241,7 @@ def test_permuted_tokens_reproduce_the_baseline(name):
     config = PermuteConfig(mode=mode)
     with dit_accel.apply(pipe, config):
         result = _generate(name)
-    assert config.calls == len(baseline.calls)
+    assert len(config.calls) == len(baseline.calls)
     if name == "wan_batch2":
         assert baseline.calls[0].shape[0] == 2
     _assert_close(result, baseline)
@@ -294,7 +287,7 @@ def test_wan_per_token_timesteps_are_permuted_with_the_tokens():
         config = PermuteConfig()
         with dit_accel.apply(transformer, config):
             permuted = transformer(*args, **kwargs)[0]
-    assert config.calls == 1
+    assert len(config.calls) == 1
     assert (permuted - baseline).abs().max() <= 1e-4 * baseline.abs().max()
 
 

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from dit_accel import RASConfig, SVG2Config
 from dit_accel.runtime.hooks import HOOK_PREFIX
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
-from pipelines import (
+from dit_accel.pipelines import (
     AcceleratedCogVideoXPipeline,
     AcceleratedDiTPipeline,
     AcceleratedFluxPipeline,

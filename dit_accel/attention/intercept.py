@@ -1,22 +1,36 @@
-"""Run a technique's attention in place of SDPA inside any diffusers attention processor.
+"""Run stages 5 and 6 in place of SDPA inside any diffusers attention processor.
 
 diffusers processors project, normalise and rotate q/k/v themselves and then call
-`torch.nn.functional.scaled_dot_product_attention`, directly or through the "native" backend of
-`dispatch_attention_fn`. A `TorchFunctionMode` active only while one attention module runs catches
-that call and hands the ready q/k/v (B, H, S, D) to an `AttentionCore`. No processor code is copied,
-and every family whose processor ends in SDPA is covered.
+`torch.nn.functional.scaled_dot_product_attention`, directly or through the native backends of
+`dispatch_attention_fn` (which look the function up on `torch.nn.functional` at call time). While one
+of our attention modules runs, `routed_sdpa` points that attribute at a router that hands the ready
+q/k/v (B, H, S, D) to the plan's handler, in the calling thread only (other threads reach the real
+SDPA), and puts the attribute back afterwards. No processor code is copied; every family whose
+processor ends in SDPA is covered, at the cost of one Python call per attention. The handler's own
+dense attention calls `dense_attention`, which runs the real SDPA under whatever kernel context the
+processor's backend opened (`_native_math`, `_native_flash`, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from ..models.base import AttentionLayout
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_local = threading.local()
+_lock = threading.Lock()
+_routers = 0
+
+#: handler(query, key, value, **sdpa_kwargs) -> output, in place of one SDPA call
+Handler = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,54 +52,46 @@ class AttentionCall:
         return slice(0, length)
 
 
-SDPA = Callable[..., torch.Tensor]
+def _router(query, key, value, *args, **kwargs):
+    handler = getattr(_local, "handler", None)
+    if handler is None:
+        return _SDPA(query, key, value, *args, **kwargs)
+    _local.calls[0] += 1
+    kwargs.update(zip(_SDPA_ARGS, args))
+    return handler(query, key, value, **kwargs)
 
 
-class AttentionCore(Protocol):
-    """A replacement for SDPA. `next_sdpa` is the rest of the chain (dense SDPA at its end)."""
-
-    def __call__(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 next_sdpa: SDPA, **sdpa_kwargs) -> torch.Tensor: ...
-
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-class _SDPAInterceptor(TorchFunctionMode):
-    def __init__(self, handler: SDPA):
-        super().__init__()
-        self.handler = handler
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-            named = dict(zip(_SDPA_ARGS, args))
-            named.update(kwargs)
-            return self.handler(named.pop("query"), named.pop("key"), named.pop("value"), **named)
-        return func(*args, **kwargs)
+@contextlib.contextmanager
+def routed_sdpa(handler: Handler) -> Iterator[list[int]]:
+    """Within the block, this thread's SDPA calls go to `handler`; yields `[number of calls routed]`."""
+    global _routers
+    with _lock:
+        _routers += 1
+        F.scaled_dot_product_attention = _router
+    outer = getattr(_local, "handler", None), getattr(_local, "calls", None)
+    _local.handler, _local.calls = handler, [0]
+    try:
+        yield _local.calls
+    finally:
+        _local.handler, _local.calls = outer
+        with _lock:
+            _routers -= 1
+            if _routers == 0:
+                F.scaled_dot_product_attention = _SDPA
 
 
-def run_with_cores(forward: Callable, cores: list[AttentionCore], call: AttentionCall, *args, **kwargs):
-    """Run `forward(*args, **kwargs)` with its SDPA call routed through `cores` (first core outermost)."""
-
-    def chain(position: int) -> SDPA:
-        if position == len(cores):
-            return F.scaled_dot_product_attention
-
-        def sdpa(query, key, value, **sdpa_kwargs):
-            return cores[position](call, query, key, value, chain(position + 1), **sdpa_kwargs)
-
-        return sdpa
-
-    interceptor = _SDPAInterceptor(chain(0))
-    with interceptor:
-        output = forward(*args, **kwargs)
-    if interceptor.calls == 0:
-        raise RuntimeError(
-            "dit-accel attention techniques need the attention processor to call "
-            "torch.nn.functional.scaled_dot_product_attention (diffusers' 'native' attention backend); "
-            "this attention module used another kernel. Call `transformer.reset_attention_backend()`."
-        )
-    return output
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
+                    **sdpa_kwargs) -> torch.Tensor:
+    """Dense SDPA; `bias` (broadcastable to (B, H, 1, K)) is added to every query's logits for its key,
+    e.g. log(count) for a key that stands for `count` pooled keys."""
+    if bias is not None:
+        mask = sdpa_kwargs.pop("attn_mask", None)
+        bias = bias.to(query.dtype)
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, float("-inf")) + bias
+        else:
+            mask = mask + bias
+        sdpa_kwargs["attn_mask"] = mask
+    return _SDPA(query, key, value, **sdpa_kwargs)

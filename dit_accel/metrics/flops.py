@@ -1,113 +1,145 @@
-"""Analytic FLOPs of the transformer blocks (where nearly all the compute of a DiT is).
+"""FLOPs of the transformer blocks: the analytic dense model and the ledger's records of what ran.
 
 A FLOP here is one multiply or one add: a (tokens x d_in) @ (d_in x d_out) product costs
-2 * tokens * d_in * d_out, attention costs 4 * heads * head_dim * queries * keys (scores and the
-weighted sum of values). Bias adds, norms, activations, softmax and the embedding/output layers
-outside the blocks are left out; the count is exact for what it covers.
+2 * tokens * d_in * d_out, attention costs 4 * head_dim * attended (query, key) pairs per head
+(scores and the weighted sum of values). Bias adds, norms, activations, softmax and the
+embedding/output layers outside the blocks are left out; the count is exact for what it covers.
+
+A block is split into units, its direct children that hold linear layers (`attn`, `ff`, `norm1`,
+...): the runtime records a unit's work when the unit really runs, so a step cache that skips a
+block or an attention module is counted by what it left out. Attention units also record their
+attention core (`Work` of kind "self_attention" or "cross_attention"); a technique that changes
+the attention writes that record itself with the pairs it really attended.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 from ..models.base import ModelAdapter, TokenStream
 
-
-@dataclass(frozen=True)
-class BlockWork:
-    """What one block computes in one call; techniques shrink it."""
-
-    batch: int
-    image_tokens: int
-    text_tokens: int
-    #: image tokens visible as attention keys/values (RAS keeps cached ones visible)
-    kv_image_tokens: int
-    #: fraction of (query, key) pairs computed (sparse attention)
-    attention_density: float = 1.0
-    #: fraction of attention heads / MLP channels computed (dynamic width)
-    head_ratio: float = 1.0
-    mlp_ratio: float = 1.0
-    #: image tokens that go through the MLP, when fewer than `image_tokens` (token routing)
-    mlp_image_tokens: int | None = None
-
-    @classmethod
-    def dense(cls, batch: int, image_tokens: int, text_tokens: int) -> "BlockWork":
-        return cls(batch, image_tokens, text_tokens, image_tokens)
-
-    def with_(self, **changes) -> "BlockWork":
-        return replace(self, **changes)
-
-
-def _linear_kind(name: str) -> str:
-    if "attn" in name:
-        return "attention"
-    if name.startswith(("ff", "proj_mlp")) or ".ff" in name:
-        return "mlp"
-    return "other"
+WorkKind = Literal["linear", "self_attention", "cross_attention", "overhead"]
 
 
 @dataclass(frozen=True)
-class _Linear:
-    stream: TokenStream
-    kind: str
-    macs_per_token: int
+class Work:
+    """One line of the work ledger: something one transformer call really computed."""
+
+    kind: WorkKind
+    #: block index, -1 for work outside the blocks
+    block: int
+    #: the unit within the block ("attn", "ff", ...) or the overhead's name ("ras scoring")
+    name: str
+    flops: float
+    batch: int = 0
+    #: tokens through the unit's linears (queries for attention)
+    tokens: int = 0
+    #: key tokens of an attention
+    keys: int = 0
+    #: attended (query, key) pairs per head and sample
+    pairs: int = 0
+    heads: int = 0
+    #: widest output of the unit's linears (an MLP's hidden width)
+    channels: int = 0
 
 
 @dataclass(frozen=True)
-class _Attention:
+class _AttentionCore:
     query: TokenStream
     key: TokenStream
     inner_dim: int
+    heads: int
+
+    @property
+    def kind(self) -> WorkKind:
+        return "cross_attention" if self.query != self.key and "text" in (self.query, self.key) else "self_attention"
+
+
+def tokens_of(stream: TokenStream, image: int, text: int) -> int:
+    return {"image": image, "text": text, "joint": image + text, "pooled": 1}[stream]
+
+
+class UnitCost:
+    """Linear (and attention) FLOPs of one unit as a function of the tokens it sees."""
+
+    def __init__(self, name: str, linears: list[tuple[TokenStream, int]], channels: int,
+                 attention: _AttentionCore | None):
+        self.name, self.channels, self.attention = name, channels, attention
+        self._macs = {stream: sum(m for s, m in linears if s == stream) for stream in ("image", "text", "joint")}
+        self._pooled_macs = sum(m for s, m in linears if s == "pooled")
+
+    def linear_flops(self, batch: int, image: int, text: int) -> float:
+        macs = self._macs["image"] * image + self._macs["text"] * text + self._macs["joint"] * (image + text)
+        return 2.0 * batch * (macs + self._pooled_macs)
+
+    def attention_shape(self, image: int, text: int, kv_image: int | None = None) -> tuple[int, int]:
+        """(queries, keys) of the attention core when `image` image tokens are computed."""
+        core = self.attention
+        keys_image = image if kv_image is None else kv_image
+        return tokens_of(core.query, image, text), tokens_of(core.key, keys_image, text)
+
+    def attention_flops(self, batch: int, pairs: int) -> float:
+        return 4.0 * batch * self.attention.inner_dim * pairs
+
+    def records(self, block: int, batch: int, image: int, text: int, with_core: bool) -> list[Work]:
+        """The unit's linear work, and its dense attention core when `with_core`."""
+        tokens = self.attention_shape(image, text)[0] if self.attention else image
+        works = [Work("linear", block, self.name, self.linear_flops(batch, image, text), batch, tokens,
+                      channels=self.channels)]
+        if with_core and self.attention is not None:
+            queries, keys = self.attention_shape(image, text)
+            works.append(self.core_record(block, batch, queries, keys, queries * keys))
+        return works
+
+    def core_record(self, block: int, batch: int, queries: int, keys: int, pairs: int) -> Work:
+        core = self.attention
+        return Work(core.kind, block, self.name, self.attention_flops(batch, pairs), batch, queries, keys, pairs,
+                    core.heads, core.inner_dim)
+
+
+def _unit_of(name: str) -> str:
+    return name.split(".")[0]
 
 
 class BlockCostModel:
-    """FLOPs of one block as a function of its `BlockWork`, read once from the module structure."""
+    """The units of one block, read once from the module structure."""
 
     def __init__(self, adapter: ModelAdapter, block: nn.Module):
         modules = dict(block.named_modules())
-        self.linears = [
-            _Linear(stream, _linear_kind(name), modules[name].in_features * modules[name].out_features)
-            for name, stream in adapter.linear_streams(block).items()
-        ]
-        self.attentions = [
-            _Attention(query, key, attn.to_q.out_features)
-            for attn, query, key in adapter.attention_streams(block)
-        ]
+        attentions = {id(attn): (query, key) for attn, query, key in adapter.attention_streams(block)}
+        linears: dict[str, list[tuple[TokenStream, int]]] = {}
+        channels: dict[str, int] = {}
+        for name, stream in adapter.linear_streams(block).items():
+            linear = modules[name]
+            unit = _unit_of(name)
+            linears.setdefault(unit, []).append((stream, linear.in_features * linear.out_features))
+            channels[unit] = max(channels.get(unit, 0), linear.out_features)
+        self.units: dict[str, UnitCost] = {}
+        for unit, unit_linears in linears.items():
+            module = modules[unit]
+            core = None
+            if id(module) in attentions:
+                query, key = attentions[id(module)]
+                core = _AttentionCore(query, key, module.to_q.out_features, module.heads)
+            self.units[unit] = UnitCost(unit, unit_linears, channels[unit], core)
 
-    @staticmethod
-    def _tokens(stream: TokenStream, image: int, text: int) -> int:
-        return {"image": image, "text": text, "joint": image + text, "pooled": 1}[stream]
-
-    def flops(self, work: BlockWork) -> float:
-        total = 0.0
-        mlp_image = work.image_tokens if work.mlp_image_tokens is None else work.mlp_image_tokens
-        for linear in self.linears:
-            image = mlp_image if linear.kind == "mlp" else work.image_tokens
-            ratio = {"attention": work.head_ratio, "mlp": work.mlp_ratio}.get(linear.kind, 1.0)
-            total += 2 * linear.macs_per_token * self._tokens(linear.stream, image, work.text_tokens) * ratio
-        for attn in self.attentions:
-            queries = self._tokens(attn.query, work.image_tokens, work.text_tokens)
-            keys = self._tokens(attn.key, work.kv_image_tokens, work.text_tokens)
-            total += 4 * attn.inner_dim * queries * keys * work.attention_density * work.head_ratio
-        return total * work.batch
+    def dense_flops(self, batch: int, image: int, text: int) -> float:
+        return sum(w.flops for unit in self.units.values() for w in unit.records(0, batch, image, text, True))
 
 
 class TransformerCostModel:
-    """Per-block cost models of a whole transformer."""
+    """Per-block unit costs of a whole transformer."""
 
     def __init__(self, adapter: ModelAdapter):
         self.blocks = [BlockCostModel(adapter, block) for block in adapter.blocks()]
 
-    def flops(self, works: list[BlockWork]) -> float:
-        return sum(block.flops(work) for block, work in zip(self.blocks, works, strict=True))
-
-    def dense_works(self, batch: int, image_tokens: int, text_tokens: int) -> list[BlockWork]:
-        return [BlockWork.dense(batch, image_tokens, text_tokens) for _ in self.blocks]
+    def dense_flops(self, batch: int, image_tokens: int, text_tokens: int) -> float:
+        return sum(block.dense_flops(batch, image_tokens, text_tokens) for block in self.blocks)
 
 
 def transformer_flops(adapter: ModelAdapter, batch: int, image_tokens: int, text_tokens: int) -> float:
     """Dense FLOPs of one forward of the blocks of `adapter.transformer`."""
-    model = TransformerCostModel(adapter)
-    return model.flops(model.dense_works(batch, image_tokens, text_tokens))
+    return TransformerCostModel(adapter).dense_flops(batch, image_tokens, text_tokens)

@@ -67,6 +67,12 @@ class UnsupportedModelError(TypeError):
     """Raised for a transformer no adapter knows."""
 
 
+def _flat_rows(index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Row numbers in a (batch * length, ...) view of the tokens `index` selects, (B, n) or (n,)."""
+    offsets = torch.arange(batch, device=index.device).mul_(length).unsqueeze(1)
+    return (offsets + (index if index.ndim == 2 else index.unsqueeze(0))).reshape(-1)
+
+
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Select `index` along the token dimension `dim`: (n,) shared by the batch or (B, n) per sample.
 
@@ -74,23 +80,32 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor, dim: int = 1) -> to
     """
     if index.ndim == 1:
         return tokens.index_select(dim, index)
-    batch = index.shape[0]
+    batch, kept = index.shape
     if tokens.shape[0] != batch:
         tokens = tokens.expand(batch, *tokens.shape[1:])
+    if dim == 1:
+        rows = tokens.reshape(batch * tokens.shape[1], *tokens.shape[2:])
+        return rows.index_select(0, _flat_rows(index, batch, tokens.shape[1])).view(batch, kept, *tokens.shape[2:])
     view = [1] * tokens.ndim
-    view[0], view[dim] = batch, index.shape[1]
+    view[0], view[dim] = batch, kept
     target = list(tokens.shape)
-    target[dim] = index.shape[1]
+    target[dim] = kept
     return tokens.gather(dim, index.reshape(view).expand(target))
 
 
 def scatter_tokens(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Return a copy of `full` whose rows `index` along `dim` are replaced by `part`."""
+    part = part.to(full.dtype)
     if index.ndim == 1:
-        return full.index_copy(dim, index, part.to(full.dtype))
+        return full.index_copy(dim, index, part)
+    if dim == 1:
+        batch, length = full.shape[:2]
+        rows = full.clone(memory_format=torch.contiguous_format).view(batch * length, *full.shape[2:])
+        rows.index_copy_(0, _flat_rows(index, batch, length), part.reshape(-1, *full.shape[2:]))
+        return rows.view(full.shape)
     view = [1] * full.ndim
     view[0], view[dim] = index.shape[0], index.shape[1]
-    return full.scatter(dim, index.reshape(view).expand_as(part), part.to(full.dtype))
+    return full.scatter(dim, index.reshape(view).expand_as(part), part)
 
 
 class ModelAdapter:
@@ -200,6 +215,10 @@ class ModelAdapter:
         if sig.mask_arg is not None and bound.get(sig.mask_arg) is not None:
             bound[sig.mask_arg] = self.gather_mask(bound[sig.mask_arg], index, text_tokens)
         return bound
+
+    def drops_text_output(self, block: nn.Module) -> bool:
+        """Whether `block` returns None instead of text tokens (nothing after it reads them)."""
+        return False
 
     def block_hidden_output(self, block: nn.Module, output: Any) -> torch.Tensor:
         index = self.block_signature(block).output_hidden_index

@@ -25,6 +25,10 @@ class SD3Adapter(ModelAdapter):
     def block_signature(self, block):
         return BlockSignature(output_hidden_index=1)
 
+    def drops_text_output(self, block):
+        # the last block is `context_pre_only`: its text output is None
+        return bool(getattr(block, "context_pre_only", False))
+
     def self_attentions(self, block):
         return [block.attn] + ([block.attn2] if getattr(block, "attn2", None) is not None else [])
 

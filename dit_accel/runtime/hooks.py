@@ -1,8 +1,25 @@
-"""Removable hooks on diffusers' HookRegistry, with bookkeeping so removal leaves no trace."""
+"""Removable hooks on diffusers' HookRegistry, innermost or outermost, that leave no trace when removed.
+
+diffusers chains the hooks of one module in registration order, the last one outermost. Some of ours
+must sit *inside* every other hook whatever the order of `enable_cache` and `apply` (the ledger and
+the token set must see only what really runs, and hand full-length tensors to a step cache around
+them), others outside (the call hook opens the step context for everything below). `HookSet.add`
+places a hook at either end and remembers it; `remove_all` unlinks each hook exactly where it sits.
+
+Removal does not use `HookRegistry.remove_hook`, which relinks a removed hook's neighbour by its
+`forward` even when that neighbour runs through `new_forward` (it would silently bypass the
+neighbour), and which overwrites `module.forward` even when accelerate's offload hook has wrapped
+it since (that would drop the offload hook).
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import HookFunctionReference
 from torch import nn
 
 HOOK_PREFIX = "dit_accel."
@@ -15,32 +32,148 @@ def _drop_instance_forward(module: nn.Module) -> None:
         del module.forward
 
 
+def _chain(fn_ref: HookFunctionReference) -> Callable:
+    """The forward of one link of a diffusers hook chain: pre_forward, the link below, post_forward."""
+
+    def forward(module, *args, **kwargs):
+        args, kwargs = fn_ref.pre_forward(module, *args, **kwargs)
+        return fn_ref.post_forward(module, fn_ref.forward(*args, **kwargs))
+
+    return forward
+
+
+def _below(fn_ref: HookFunctionReference) -> Callable:
+    """What a link calls next: the forward it wraps."""
+    return fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+
+
+def _set_below(fn_ref: HookFunctionReference, forward: Callable) -> None:
+    if fn_ref.original_forward is not None:
+        fn_ref.original_forward = forward
+    else:
+        fn_ref.forward = forward
+
+
+def _register_innermost(registry: HookRegistry, hook: ModelHook, name: str) -> Callable:
+    """Put `hook` below every hook already on the module; returns the forward it answers as."""
+    if not registry._hook_order:
+        registry.register_hook(hook, name)
+        return registry._module_ref.forward
+    if name in registry.hooks:
+        raise ValueError(f"hook {name} is already registered")
+    registry._module_ref = module = hook.initialize_hook(registry._module_ref)
+    bottom = registry._fn_refs[0]
+    original = _below(bottom)
+    fn_ref = HookFunctionReference()
+    fn_ref.pre_forward, fn_ref.post_forward, fn_ref.forward = hook.pre_forward, hook.post_forward, original
+    if hasattr(hook, "new_forward"):
+        fn_ref.original_forward = original
+        fn_ref.forward = functools.update_wrapper(functools.partial(hook.new_forward, module), hook.new_forward)
+    rewritten = functools.update_wrapper(functools.partial(_chain(fn_ref), module), original)
+    _set_below(bottom, rewritten)
+    hook.fn_ref = fn_ref
+    registry.hooks[name] = hook
+    registry._hook_order.insert(0, name)
+    registry._fn_refs.insert(0, fn_ref)
+    return rewritten
+
+
+def _unlink(registry: HookRegistry, name: str, rewritten: Callable | None) -> None:
+    """Take hook `name` out of the chain, relinking whatever sits above it. `rewritten` is the forward
+    the hook answered as (None: whatever tops the module's chain)."""
+    index = registry._hook_order.index(name)
+    fn_ref = registry._fn_refs[index]
+    below = _below(fn_ref)
+    module = registry._module_ref
+    wrapped = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")  # accelerate's hook on top
+    if index + 1 < len(registry._fn_refs):
+        _set_below(registry._fn_refs[index + 1], below)
+    elif module.__dict__.get("forward") is rewritten or (rewritten is None and not wrapped):
+        module.forward = below
+    elif getattr(module, "_old_forward", None) is rewritten or (rewritten is None and wrapped):
+        module._old_forward = below
+    else:
+        raise RuntimeError(f"cannot remove {name} from {type(module).__name__}: its forward was replaced by "
+                           "something that does not keep a reference to it")
+    registry._module_ref = registry.hooks[name].deinitalize_hook(module)
+    del registry.hooks[name]
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
+
+
+@dataclass
+class _Added:
+    module: nn.Module
+    name: str
+    rewritten: Callable
+
+
 class HookSet:
-    """Hooks one handle added; `remove_all` takes them off and drops registries it created."""
+    """Hooks one handle added; `remove_all` takes them off again."""
 
     def __init__(self) -> None:
-        self._added: list[tuple[nn.Module, str]] = []
-        self._created_registries: list[nn.Module] = []
+        self._added: list[_Added] = []
 
-    def add(self, module: nn.Module, hook: ModelHook, name: str) -> None:
-        if not hasattr(module, "_diffusers_hook"):
-            self._created_registries.append(module)
+    def add(self, module: nn.Module, hook: ModelHook, name: str, *, innermost: bool = False) -> None:
+        """Register `hook` outermost (default) or innermost on `module`."""
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, HOOK_PREFIX + name)
-        self._added.append((module, HOOK_PREFIX + name))
+        full_name = HOOK_PREFIX + name
+        if innermost:
+            rewritten = _register_innermost(registry, hook, full_name)
+        else:
+            registry.register_hook(hook, full_name)
+            rewritten = registry._module_ref.forward
+        self._added.append(_Added(module, full_name, rewritten))
 
     def remove_all(self) -> None:
-        for module, name in reversed(self._added):
-            module._diffusers_hook.remove_hook(name, recurse=False)
-        for module in self._created_registries:
-            if not module._diffusers_hook.hooks:
-                del module._diffusers_hook
-        touched = {id(m): m for m, _ in self._added}
-        for module in touched.values():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is None or not registry.hooks:
-                _drop_instance_forward(module)
-            if registry is not None:
-                registry.invalidate_child_registries_cache()
+        for added in reversed(self._added):
+            _unlink(added.module._diffusers_hook, added.name, added.rewritten)
         self._added.clear()
-        self._created_registries.clear()
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Which modules under a root had a hook registry or an instance `forward` before hooks were added."""
+
+    registries: frozenset[int]
+    forwards: frozenset[int]
+
+    @classmethod
+    def of(cls, root: nn.Module) -> "Leftovers":
+        modules = list(root.modules())
+        return cls(frozenset(id(m) for m in modules if hasattr(m, "_diffusers_hook")),
+                   frozenset(id(m) for m in modules if "forward" in m.__dict__))
+
+
+def remove_named_hooks(root: nn.Module, names: tuple[str, ...]) -> None:
+    """Take every hook called one of `names` off the modules under `root` (a diffusers cache's hooks)."""
+    for module in root.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in names:
+            if registry is not None and name in registry.hooks:
+                _unlink(registry, name, None)
+
+
+def drop_leftovers(root: nn.Module, before: Leftovers) -> None:
+    """Empty registries that hooks created under `root`, and the bound `forward` diffusers leaves on an
+    instance, go again."""
+    for module in root.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.hooks:
+            continue
+        if registry is not None and id(module) not in before.registries:
+            del module._diffusers_hook
+        if id(module) not in before.forwards:
+            _drop_instance_forward(module)
+
+
+def invalidate_registry_caches(root: nn.Module) -> None:
+    """Hooks were added or removed under `root`: diffusers' cached child-registry lists are stale
+    (a stateful hook added later would never receive `cache_context`)."""
+    registry = getattr(root, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+    else:
+        for module in root.modules():
+            if hasattr(module, "_diffusers_hook"):
+                module._diffusers_hook._child_registries_cache = None

@@ -1,25 +1,38 @@
-"""One accelerated transformer: its adapter, its techniques, its hooks and its ledger."""
+"""One accelerated transformer: its adapter, its techniques in stage order, its hooks and its ledger.
+
+Hooks a session adds, outermost first on each module:
+
+- the transformer: the call hook (opens the step context and the per-call plan, and a diffusers
+  cache context where the pipeline opens none), above any step cache's own root hook;
+- each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2);
+- each unit of a block (its direct children with linear layers): the ledger hook, innermost, so it
+  records only what really ran; on attention units it also routes SDPA through stages 5 and 6.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 from torch import nn
 
-from ..attention.intercept import AttentionCall, AttentionCore, run_with_cores
-from ..metrics.flops import TransformerCostModel
+from ..attention.intercept import AttentionCall, dense_attention, routed_sdpa
+from ..config import ConfigError, Stage
+from ..metrics.flops import TransformerCostModel, UnitCost, Work
 from ..models.base import ModelAdapter
-from .context import StepContext, StepTracker
-from .hooks import HookSet
+from .context import StepTracker
+from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
+from .plan import CallPlan
+from .registry import registration
 from .technique import Technique
+from .token_set import TokenSet
 
-if TYPE_CHECKING:
-    from ..config import AccelerationConfig
+#: diffusers attention backends that end in torch's SDPA, which stages 5 and 6 can take over
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
 
 class _NoState(BaseState):
@@ -27,11 +40,39 @@ class _NoState(BaseState):
         pass
 
 
+def _foreign_skippers(module: nn.Module) -> list[str]:
+    """Names of hooks not ours that may replace the module's computation (they define `new_forward`)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    return [name for name, hook in registry.hooks.items()
+            if not name.startswith(HOOK_PREFIX) and hasattr(hook, "new_forward")]
+
+
+def _has_foreign_stateful_hooks(root: nn.Module) -> bool:
+    return any(not name.startswith(HOOK_PREFIX) and hook._is_stateful
+               for module in root.modules() if hasattr(module, "_diffusers_hook")
+               for name, hook in module._diffusers_hook.hooks.items())
+
+
+def attention_backend(attention: nn.Module) -> str:
+    """The diffusers backend `attention`'s processor dispatches to ("native" for processors that call SDPA)."""
+    processor = getattr(attention, "processor", None)
+    if processor is None or not hasattr(processor, "_attention_backend"):
+        return "native"
+    backend = processor._attention_backend
+    if backend is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return getattr(backend, "value", str(backend))
+
+
 class _CallHook(ModelHook):
     """Root hook on the transformer: opens and closes the step context of each call.
 
-    It is stateful only so that diffusers' `cache_context("cond"/"uncond")` reaches it: that is
-    how two-call CFG pipelines name their branches.
+    It is stateful so that diffusers' `cache_context(...)` reaches it: that is how pipelines name
+    their CFG branches and, for some, pass the step index and sigma.
     """
 
     _is_stateful = True
@@ -39,13 +80,14 @@ class _CallHook(ModelHook):
     def __init__(self, session: "Session"):
         super().__init__()
         self.session = session
-        self.branch = StateManager(_NoState)
+        self.cache_context = StateManager(_NoState)
 
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        context = self.branch._context
-        self.session.begin_call(args, kwargs, context.name if context is not None else None)
+        self.session.begin_call(args, kwargs, self.cache_context._context)
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module, output):
         return self.session.end_call(output)
 
@@ -53,21 +95,66 @@ class _CallHook(ModelHook):
         return module
 
 
-class _AttentionHook(ModelHook):
-    """Routes the SDPA call of one self-attention module through the techniques' cores."""
+class _UnitHook(ModelHook):
+    """Innermost on a unit that is not an attention: records its linear work when it runs."""
 
-    def __init__(self, session: "Session", cores: list[AttentionCore], layout: str, block_index: int,
-                 attention_index: int):
+    def __init__(self, session: "Session", block: int, cost: UnitCost):
         super().__init__()
-        self.session, self.cores, self.layout = session, cores, layout
-        self.block_index, self.attention_index = block_index, attention_index
+        self.session, self.block, self.cost = session, block, cost
 
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        plan = self.session.plan
+        if plan is not None:
+            plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
+        return args, kwargs
+
+
+class _AttentionHook(ModelHook):
+    """Innermost on an attention module: records its work, routes its SDPA through stages 5 and 6,
+    and hands a step cache around it full-length outputs (stage 2)."""
+
+    def __init__(self, session: "Session", block: int, cost: UnitCost, call: AttentionCall | None,
+                 scatter_output: bool):
+        super().__init__()
+        self.session, self.block, self.cost, self.call = session, block, cost, call
+        self.scatter_output = scatter_output
+
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
-        ctx = self.session.context
-        if ctx is None:
+        session, plan = self.session, self.session.plan
+        if plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        call = AttentionCall(self.layout, ctx.call.text_tokens, self.block_index, self.attention_index)
-        return run_with_cores(self.fn_ref.original_forward, self.cores, call, *args, **kwargs)
+        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
+        if self.call is not None and session.routes_attention:
+            output = session.run_routed_attention(self, module, plan, args, kwargs)
+        else:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            queries, keys = self.cost.attention_shape(plan.image_tokens, plan.text_tokens)
+            plan.record(self.cost.core_record(self.block, plan.batch, queries, keys, queries * keys))
+        if self.scatter_output:
+            output = session.token_set.scatter_attention_output(plan, module, output)
+        return output
+
+
+class _TextOutputHook(ModelHook):
+    """Inside a step cache on a block that returns None for its text tokens (SD3's last block): hand
+    the cache the text tokens that came in, so its residual arithmetic has a tensor there."""
+
+    def __init__(self, text_arg: str, text_index: int):
+        super().__init__()
+        self.text_arg, self.text_index = text_arg, text_index
+        self._text = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self._text = kwargs.get(self.text_arg)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        text, self._text = self._text, None
+        if isinstance(output, tuple) and output[self.text_index] is None and text is not None:
+            output = tuple(text if i == self.text_index else o for i, o in enumerate(output))
+        return output
 
 
 @dataclass
@@ -78,78 +165,226 @@ class CallRecord:
     step_index: int
     branch: str
     dense_flops: float
-    flops: float
     seconds: float
     #: time.perf_counter() when the call returned
     ended: float
+    works: list[Work]
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops(self) -> float:
+        return sum(w.flops for w in self.works)
 
 
 class Session:
     """Binds techniques to one transformer through its adapter; the handle owns one per transformer."""
 
-    def __init__(self, transformer: nn.Module, adapter: ModelAdapter, tracker: StepTracker,
-                 configs: list["AccelerationConfig"]):
+    def __init__(self, transformer: nn.Module, adapter: ModelAdapter, tracker: StepTracker, configs: list[Any]):
         self.transformer = transformer
         self.adapter = adapter
         self.tracker = tracker
         self.hooks = HookSet()
         self.cost_model = TransformerCostModel(adapter)
-        self.context: StepContext | None = None
+        self.plan: CallPlan | None = None
         self.records: list[CallRecord] = []
+        self.run_index = -1
+        self.token_set: TokenSet | None = None
+        techniques = []
+        for config in configs:
+            reg = registration(config)
+            if reg.technique is None:
+                raise NotImplementedError(f"the {type(config).__name__} technique is not implemented yet")
+            technique = reg.technique(config, self)
+            technique.stages = reg.stages(config)
+            techniques.append(technique)
+        #: in stage order: the plan, not the argument order, fixes how techniques nest
+        self.techniques: list[Technique] = sorted(techniques, key=lambda t: min(t.stages, default=Stage.STEP_SKIP))
+        self.by_stage = {stage: t for t in self.techniques for stage in t.stages}
+        self.routes_attention = Stage.KV_SOURCE in self.by_stage or Stage.ATTENTION_KERNEL in self.by_stage
+        #: peak bytes each technique held between calls
+        self.peak_state_bytes: dict[str, int] = {}
+        self._opened_cache_context = False
+        self._resets_caches = False
+        self._before = Leftovers(frozenset(), frozenset())
         self._started = 0.0
-        self.techniques: list[Technique] = [config.build(self) for config in configs]
 
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> None:
+        self._before = Leftovers.of(self.transformer)
         try:
             for technique in self.techniques:
                 technique.attach()
-            cores = [core for core in (t.attention_core() for t in self.techniques) if core is not None]
-            if cores:
-                for block_index, block in enumerate(self.adapter.blocks()):
-                    for attention_index, attention in enumerate(self.adapter.self_attentions(block)):
-                        layout = self.adapter.attention_layout(block, attention)
-                        hook = _AttentionHook(self, cores, layout, block_index, attention_index)
-                        self.hooks.add(attention, hook, "attention")
+            self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
+            self._check_attention_backends()
+            cached_blocks, cached_attentions = self._cached_modules()
+            for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
+                self._attach_units(index, block, cost.units, cached_attentions)
+                if index in cached_blocks and self.adapter.drops_text_output(block):
+                    signature = self.adapter.block_signature(block)
+                    self.hooks.add(block, _TextOutputHook(signature.text_arg, 1 - signature.output_hidden_index),
+                                   "text_output", innermost=True)
+            if Stage.TOKEN_SET in self.by_stage:
+                self.token_set = TokenSet(self, cached_blocks, cached_attentions)
+                self.token_set.attach()
             self.hooks.add(self.transformer, _CallHook(self), "call")
         except Exception:
-            self.hooks.remove_all()
+            self.detach()
             raise
+        invalidate_registry_caches(self.transformer)
 
     def detach(self) -> None:
+        self.end_run()
         self.hooks.remove_all()
-        self.context = None
+        for technique in reversed(self.techniques):
+            technique.detach()
+        drop_leftovers(self.transformer, self._before)
+        invalidate_registry_caches(self.transformer)
+        self.plan = None
+
+    def _cached_modules(self) -> tuple[set[int], dict[nn.Module, str]]:
+        """Blocks and attention modules a step cache wraps (a foreign hook with `new_forward`)."""
+        blocks = {i for i, block in enumerate(self.adapter.blocks()) if _foreign_skippers(block)}
+        attentions: dict[nn.Module, str] = {}
+        self_attentions = {id(a) for b in self.adapter.blocks() for a in self.adapter.self_attentions(b)}
+        for block in self.adapter.blocks():
+            for name, unit in block.named_children():
+                if not _foreign_skippers(unit):
+                    continue
+                if id(unit) in self_attentions:
+                    attentions[unit] = self.adapter.attention_layout(block, unit)
+                elif any(unit is attn for attn, _, _ in self.adapter.attention_streams(block)):
+                    attentions[unit] = "image"
+                elif Stage.TOKEN_SET in self.by_stage:
+                    raise ConfigError(f"a step cache on {type(unit).__name__} ({name}) of a block cannot be "
+                                      f"combined with {self.by_stage[Stage.TOKEN_SET].label} yet: put it on "
+                                      "blocks or attention modules")
+        return blocks, attentions
+
+    def _attach_units(self, index: int, block: nn.Module, units: dict[str, UnitCost],
+                      cached_attentions: dict[nn.Module, str]) -> None:
+        self_attentions = self.adapter.self_attentions(block)
+        for name, cost in units.items():
+            module = getattr(block, name)
+            if cost.attention is None:
+                self.hooks.add(module, _UnitHook(self, index, cost), "ledger", innermost=True)
+                continue
+            call = None
+            for position, attention in enumerate(self_attentions):
+                if attention is module:
+                    call = AttentionCall(self.adapter.attention_layout(block, module), 0, index, position)
+            scatter = Stage.TOKEN_SET in self.by_stage and module in cached_attentions
+            self.hooks.add(module, _AttentionHook(self, index, cost, call, scatter), "ledger", innermost=True)
+
+    def _check_attention_backends(self) -> None:
+        if not self.routes_attention:
+            return
+        for block in self.adapter.blocks():
+            for attention in self.adapter.self_attentions(block):
+                backend = attention_backend(attention)
+                if backend not in SDPA_BACKENDS:
+                    names = ", ".join(t.label for t in self.techniques if {Stage.KV_SOURCE, Stage.ATTENTION_KERNEL}
+                                      & t.stages)
+                    raise ConfigError(
+                        f"{names} change attention (stages 5-6), which runs through torch's SDPA; this model's "
+                        f"attention uses the diffusers backend {backend!r}. Use one of {', '.join(SDPA_BACKENDS)} "
+                        "(`transformer.set_attention_backend('native')`) or a plan without stages 5-6.")
+
+    # -- per run -------------------------------------------------------------------------------
+    def end_run(self) -> None:
+        """The pipeline call is over: every technique frees what it kept between calls."""
+        for technique in self.techniques:
+            technique.end_run()
+        if self.token_set is not None:
+            self.token_set.end_run()
+
+    def _begin_run(self, cache_context: Any) -> None:
+        self.end_run()
+        self.records.clear()
+        if self._resets_caches:
+            # diffusers resets stateful cache hooks only in CacheMixin models' pipelines (not SD3, PixArt, DiT)
+            HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
+            if cache_context is not None:
+                _set_cache_context(self.transformer, cache_context)
 
     # -- per call ------------------------------------------------------------------------------
-    def begin_call(self, args: tuple, kwargs: dict, branch_name: str | None) -> None:
-        call = self.adapter.call_info(args, kwargs)
-        self.context = self.tracker.on_call(call, branch_name)
-        if self.records and self.records[-1].run_index != self.context.run_index:
-            self.records.clear()
-        for technique in self.techniques:
-            technique.on_call_start(self.context)
+    def begin_call(self, args: tuple, kwargs: dict, cache_context: Any) -> None:
         self._started = time.perf_counter()
+        call = self.adapter.call_info(args, kwargs)
+        ctx = self.tracker.on_call(call, cache_context)
+        if ctx.run_index != self.run_index:
+            self.run_index = ctx.run_index
+            self._begin_run(cache_context)
+        if self._resets_caches and (cache_context is None or getattr(cache_context, "step_index", None) is None):
+            # the pipeline opened no context (SD3, PixArt, DiT) or one without the step: open a full one
+            name = ctx.cache_name if cache_context is None else cache_context.name
+            _set_cache_context(self.transformer, CacheContext(name, ctx.step_index, ctx.num_steps, ctx.timestep,
+                                                              ctx.sigma))
+            self._opened_cache_context = cache_context is None
+        self.plan = plan = CallPlan(ctx)
+        if self.token_set is not None:
+            self.token_set.begin_call()
+        try:
+            for technique in self.techniques:
+                technique.begin_call(plan)
+        except Exception:
+            self._close_call()
+            raise
+
+    def _close_call(self) -> None:
+        if self.token_set is not None:
+            self.token_set.end_call()
+        if self._opened_cache_context:
+            _set_cache_context(self.transformer, None)
+            self._opened_cache_context = False
+        self.plan = None
 
     def end_call(self, output: Any) -> Any:
-        ctx = self.context
+        plan = self.plan
         sample = output[0] if isinstance(output, tuple) else output.sample
-        for technique in self.techniques:
-            sample = technique.on_call_end(ctx, sample)
+        for technique in reversed(self.techniques):
+            sample = technique.end_call(plan, sample)
+        self._close_call()
         if sample.is_cuda:
             torch.cuda.synchronize(sample.device)
         ended = time.perf_counter()
-        seconds = ended - self._started
-        dense = self.cost_model.dense_works(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens)
-        works = dense
+        ctx = plan.ctx
         stats: dict[str, Any] = {}
         for technique in self.techniques:
-            works = technique.plan_work(ctx, works)
-            stats.update(technique.call_stats(ctx))
-        self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.branch, self.cost_model.flops(dense),
-                                       self.cost_model.flops(works), seconds, ended, stats))
-        self.context = None
+            stats.update(technique.call_stats(plan))
+            held = technique.state_bytes() + (self.token_set.state_bytes() if self.token_set and
+                                              Stage.TOKEN_SET in technique.stages else 0)
+            self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
+        dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens)
+        self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.branch, dense, ended - self._started,
+                                       ended, plan.ledger, stats))
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
         output.sample = sample
+        return output
+
+    # -- stages 5 and 6 ------------------------------------------------------------------------
+    def run_routed_attention(self, hook: _AttentionHook, module: nn.Module, plan: CallPlan, args: tuple,
+                             kwargs: dict) -> Any:
+        kv_source = self.by_stage.get(Stage.KV_SOURCE)
+        kernel = self.by_stage.get(Stage.ATTENTION_KERNEL)
+        call = AttentionCall(hook.call.layout, plan.text_tokens, hook.call.block_index, hook.call.attention_index)
+
+        def attend(query, key, value, **sdpa_kwargs):
+            bias = None
+            if kv_source is not None:
+                key, value, bias, mask = kv_source.kv_source(plan, call, query, key, value,
+                                                             sdpa_kwargs.pop("attn_mask", None))
+                sdpa_kwargs["attn_mask"] = mask
+            if kernel is not None:
+                return kernel.attend(plan, call, query, key, value, bias, **sdpa_kwargs)
+            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2],
+                                              query.shape[2] * key.shape[2]))
+            return dense_attention(query, key, value, bias, **sdpa_kwargs)
+
+        with routed_sdpa(attend) as routed_calls:
+            output = hook.fn_ref.original_forward(*args, **kwargs)
+        if routed_calls[0] == 0:
+            raise RuntimeError(
+                f"{type(module).__name__}'s processor did not call torch's scaled_dot_product_attention (backend "
+                f"{attention_backend(module)!r}), so stages 5-6 could not act; use one of {', '.join(SDPA_BACKENDS)}")
         return output

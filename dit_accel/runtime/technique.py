@@ -1,4 +1,9 @@
-"""The base class every technique derives from; the session calls these methods."""
+"""The base class of every technique: one method per stage it can take part in.
+
+The session calls a technique only for the stages its config occupies, in stage order, whatever the
+order the configs were given in. Everything a technique remembers between calls is freed in
+`end_run` (the pipeline call is over) and when the handle is removed.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,58 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..attention.intercept import AttentionCore
-from ..metrics.flops import BlockWork
-from .context import StepContext
+from ..attention.intercept import AttentionCall
+from ..config import Stage
+from .plan import CallPlan
 
 if TYPE_CHECKING:
-    from ..config import AccelerationConfig
     from .session import Session
 
 
 class Technique:
-    """One technique bound to one transformer. Override what the technique needs."""
+    """One technique bound to one transformer. Override what its stages need."""
 
-    def __init__(self, config: "AccelerationConfig", session: "Session"):
+    def __init__(self, config: Any, session: "Session"):
         self.config = config
         self.session = session
         self.adapter = session.adapter
+        self.stages: frozenset[Stage] = frozenset()
+
+    @property
+    def label(self) -> str:
+        return type(self.config).__name__
 
     def attach(self) -> None:
-        """Add hooks with `self.session.hooks.add(...)`; the session removes them."""
+        """Add the technique's own hooks (the session adds the stage hooks)."""
 
-    def on_call_start(self, ctx: StepContext) -> None:
-        """Before a transformer call (after the step context is known)."""
+    def detach(self) -> None:
+        """Take off whatever `attach` added outside `self.session.hooks`."""
 
-    def on_call_end(self, ctx: StepContext, output: torch.Tensor) -> torch.Tensor:
-        """After a transformer call; may replace the output (same shape)."""
+    def begin_call(self, plan: CallPlan) -> None:
+        """Before the blocks run: stage 2 sets `plan.tokens` here."""
+
+    def end_call(self, plan: CallPlan, output: torch.Tensor) -> torch.Tensor:
+        """After the blocks ran; may replace the model output (same shape)."""
         return output
 
-    def attention_core(self) -> AttentionCore | None:
-        """An SDPA replacement for the self-attentions, or None."""
-        return None
+    def end_run(self) -> None:
+        """The pipeline call is over: drop every tensor kept between calls."""
 
-    def plan_work(self, ctx: StepContext, works: list[BlockWork]) -> list[BlockWork]:
-        """What each block computed in the current call, for the FLOPs report."""
-        return works
+    def kv_source(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attn_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Stage 5: (key, value, per-key log-count bias or None, attention mask) the kernel attends to."""
+        raise NotImplementedError
 
-    def call_stats(self, ctx: StepContext) -> dict[str, Any]:
+    def attend(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, bias: torch.Tensor | None, **sdpa_kwargs) -> torch.Tensor:
+        """Stage 6: the attention output; records its own attention work in `plan`."""
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors held between calls right now (K/V caches, previous outputs)."""
+        return 0
+
+    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
         """Per-call numbers for `report()` (e.g. tokens computed)."""
         return {}

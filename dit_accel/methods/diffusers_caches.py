@@ -1,0 +1,177 @@
+"""diffusers' own step caches as plan members (stage 1), applied and removed through diffusers' hooks.
+
+`dit_accel.apply(pipe, RASConfig(...), FirstBlockCacheConfig(threshold=0.08))` puts diffusers'
+FirstBlockCache hooks on the transformer exactly as `enable_cache` would (also on SD3, PixArt and
+DiT, which have no `enable_cache`), and the handle takes them off again. What a cache needs from the
+pipeline the runtime supplies: PAB's and FasterCache's `current_timestep_callback` from the step
+context, a cache context for pipelines that open none (the session), the reset of the caches'
+state at every run start, MagCache's `mag_ratios` from `dit_accel.calibrate`. dit-accel writes no
+step cache of its own.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import diffusers.hooks as diffusers_hooks
+from diffusers.hooks import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
+from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer_cache
+
+from ..config import ConfigError, Stage, check_dataclass_fields
+from ..runtime.hooks import remove_named_hooks
+from ..runtime.plan import CallPlan
+from ..runtime.registry import register_config
+from ..runtime.technique import Technique
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One diffusers cache: its config class, plan name, `apply_*` function and hook names."""
+
+    config_class: type
+    name: str
+    apply: Callable[[Any, Any], None]
+    hook_names: tuple[str, ...]
+    summary: str
+
+
+CACHES: list[CacheSpec] = [
+    CacheSpec(FirstBlockCacheConfig, "fbcache", diffusers_hooks.apply_first_block_cache,
+              (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK),
+              "FirstBlockCache: skip the blocks after the first when its residual barely changed"),
+    CacheSpec(TaylorSeerCacheConfig, "taylorseer", diffusers_hooks.apply_taylorseer_cache,
+              (taylorseer_cache._TAYLORSEER_CACHE_HOOK,),
+              "TaylorSeer: forecast attention outputs between full steps with a Taylor series"),
+    CacheSpec(MagCacheConfig, "magcache", diffusers_hooks.apply_mag_cache,
+              (mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK),
+              "MagCache: skip steps while the calibrated residual magnitude ratio stays near 1"),
+    CacheSpec(PyramidAttentionBroadcastConfig, "pab", diffusers_hooks.apply_pyramid_attention_broadcast,
+              (pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK,),
+              "Pyramid Attention Broadcast: reuse attention outputs for a range of steps"),
+    CacheSpec(FasterCacheConfig, "fastercache", diffusers_hooks.apply_faster_cache,
+              (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK),
+              "FasterCache: reuse attention outputs and the unconditional branch"),
+]
+# caches newer diffusers releases have; the pinned range has them, an older one may not
+for _config, _module, _name, _hooks, _summary in (
+        ("SeaCacheConfig", "sea_cache", "seacache",
+         ("_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"),
+         "SeaCache: skip the block stack while spectral-evolution indicators barely change"),
+        ("TextKVCacheConfig", "text_kv_cache", "textkv",
+         ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
+         "TextKVCache: compute the text tokens' keys and values once per run")):
+    if hasattr(diffusers_hooks, _config):
+        _hook_module = getattr(diffusers_hooks, _module)
+        CACHES.append(CacheSpec(getattr(diffusers_hooks, _config), _name,
+                                getattr(diffusers_hooks, "apply_" + _module),
+                                tuple(getattr(_hook_module, h) for h in _hooks), _summary))
+
+ALL_CACHE_HOOK_NAMES = frozenset(name for spec in CACHES for name in spec.hook_names)
+_SPECS = {spec.config_class: spec for spec in CACHES}
+
+
+def _step_skip(config: Any) -> frozenset[Stage]:
+    return frozenset({Stage.STEP_SKIP})
+
+
+class DiffusersCache(Technique):
+    """A diffusers cache config applied with diffusers' own `apply_*` function."""
+
+    def __init__(self, config: Any, session):
+        super().__init__(config, session)
+        check_dataclass_fields(config)
+        self.spec = _SPECS[type(config)]
+        #: the config as applied: what the runtime supplied filled in
+        self.applied = config
+
+    def attach(self) -> None:
+        transformer = self.session.transformer
+        present = sorted({name for module in transformer.modules() if hasattr(module, "_diffusers_hook")
+                          for name in module._diffusers_hook.hooks if name in ALL_CACHE_HOOK_NAMES})
+        if present:
+            raise ConfigError(f"{type(transformer).__name__} already has a diffusers cache ({', '.join(present)}, e.g. "
+                              f"from enable_cache); a plan takes one step cache: call `disable_cache()` first or "
+                              f"leave {self.label} out of the plan")
+        self.applied = self._completed(self.config)
+        self.spec.apply(transformer, self.applied)
+
+    def detach(self) -> None:
+        remove_named_hooks(self.session.transformer, self.spec.hook_names)
+
+    def _completed(self, config: Any) -> Any:
+        """The config with what it needs from the pipeline filled in."""
+        changes: dict[str, Any] = {}
+        if getattr(config, "current_timestep_callback", False) is None:
+            changes["current_timestep_callback"] = self._current_timestep
+        if isinstance(config, TaylorSeerCacheConfig) and not (config.cache_identifiers or config.skip_predict_identifiers
+                                                              or config.use_lite_mode):
+            changes.update(self._taylorseer_identifiers())
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def _current_timestep(self) -> float | None:
+        plan = self.session.plan
+        return None if plan is None else plan.ctx.timestep
+
+    def _taylorseer_identifiers(self) -> dict[str, Any]:
+        """diffusers' default patterns end in `attn`, so they miss `attn1` (Wan, CogVideoX) and hook nothing
+        there; then name this model's self-attentions instead."""
+        transformer = self.session.transformer
+        names = {id(module): name for name, module in transformer.named_modules()}
+        defaults = taylorseer_cache._TRANSFORMER_BLOCK_IDENTIFIERS
+        if any(re.fullmatch(pattern, name) for name in names.values() for pattern in defaults):
+            return {}
+        adapter = self.session.adapter
+        attentions = [names[id(a)] for block in adapter.blocks() for a in adapter.self_attentions(block)]
+        return {"cache_identifiers": [re.escape(name) for name in attentions]}
+
+    def begin_call(self, plan: CallPlan) -> None:
+        steps = plan.ctx.num_steps
+        if isinstance(self.applied, MagCacheConfig) and steps is not None and plan.ctx.step_index == 0 \
+                and steps != self.applied.num_inference_steps:
+            raise ConfigError(f"MagCacheConfig.num_inference_steps is {self.applied.num_inference_steps} but this run "
+                              f"has {steps} steps: its magnitude ratios are per step; pass num_inference_steps={steps}")
+
+
+@contextlib.contextmanager
+def logged_mag_ratios() -> Iterator[list[list[float]]]:
+    """The ratios MagCache's calibration mode reports at the end of each run (one list per cache context),
+    collected from its log instead of printed."""
+    ratios: list[list[float]] = []
+    prefix = "MagCache Calibration Results: "
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith(prefix):
+                ratios.append([float(r) for r in ast.literal_eval(message[len(prefix):])])
+
+    logger = logging.getLogger(mag_cache.__name__)
+    handler, level, propagate = Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield ratios
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+for _spec in CACHES:
+    register_config(_spec.config_class, name=_spec.name, stages=_step_skip, summary=_spec.summary,
+                    technique=DiffusersCache)

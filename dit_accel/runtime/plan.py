@@ -1,0 +1,74 @@
+"""The per-call plan: what one transformer call computes, read and written by every stage.
+
+It lives on the session for the duration of one call and holds the step context, the image tokens
+the blocks compute (stage 2's `TokenSet`), how many tokens the running block sees, and the work
+ledger of the call. Nothing in it outlives the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..metrics.flops import Work
+from ..models.base import TokenGrid
+from .context import StepContext
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """The image tokens the blocks compute: sorted indices per sample (B, n), or (n,) shared by the batch."""
+
+    index: torch.Tensor
+    grid: TokenGrid
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[-1]
+
+    @property
+    def shared(self) -> bool:
+        return self.index.ndim == 1
+
+    def coordinates(self) -> torch.Tensor:
+        """(..., n, 3) frame, row, col of every present token on the call's grid."""
+        rows_cols = self.grid.rows * self.grid.cols
+        index = self.index
+        return torch.stack([index // rows_cols, (index % rows_cols) // self.grid.cols, index % self.grid.cols], -1)
+
+
+@dataclass
+class CallPlan:
+    """One transformer call: its context, the tokens its blocks compute, and its ledger."""
+
+    ctx: StepContext
+    #: image tokens the blocks compute this call (stage 2); None: all of them
+    tokens: TokenSet | None = None
+    #: image tokens the block running now computes
+    image_tokens: int = 0
+    ledger: list[Work] = field(default_factory=list)
+    #: set by a stage 5/6 handler that recorded the attention core it ran itself
+    attention_recorded: bool = False
+
+    def __post_init__(self) -> None:
+        self.image_tokens = self.grid.num_tokens
+
+    @property
+    def grid(self) -> TokenGrid:
+        return self.ctx.call.grid
+
+    @property
+    def batch(self) -> int:
+        return self.ctx.call.batch_size
+
+    @property
+    def text_tokens(self) -> int:
+        return self.ctx.call.text_tokens
+
+    def record(self, work: Work) -> None:
+        self.ledger.append(work)
+
+    def record_overhead(self, name: str, flops: float, tokens: int = 0) -> None:
+        """Work a technique spends on deciding what to skip (scoring, k-means, gathers)."""
+        self.ledger.append(Work("overhead", -1, name, flops, self.batch, tokens))

@@ -1,0 +1,174 @@
+"""Stage 2: the blocks compute only the plan's `TokenSet`, and a step cache around them still sees
+full-length tensors.
+
+Without a step cache the image tokens are gathered before the first block and scattered after the
+last one, so nothing is copied in between. A module that a step cache wraps (a foreign diffusers hook
+with its own `new_forward`: FirstBlockCache and MagCache on blocks, TaylorSeer and PAB on attention
+modules) is a *boundary*: there the tokens are scattered to full length before the cache stores or
+compares them and gathered again after it, and the tokens not computed carry what they had at that
+boundary the last time they were computed (a block's residual, an attention module's output; a
+per-branch buffer freed at the end of the run). A step cache therefore never compares or forecasts
+tensors of two different token subsets; tokens not recomputed simply do not change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..models.base import gather_tokens, scatter_tokens
+
+if TYPE_CHECKING:
+    from .plan import CallPlan
+    from .session import Session
+
+
+def image_part(output: Any, layout: str, text_tokens: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The image tokens of an attention module's output, and how to put new ones in their place.
+
+    Joint-attention modules return (image, text) tuples; single-stream ones one tensor laid out as
+    their q/k/v sequence (`layout`).
+    """
+    if isinstance(output, tuple):
+        return output[0], lambda image: (image,) + tuple(output[1:])
+    if layout == "text_image":
+        return output[:, text_tokens:], lambda image: torch.cat([output[:, :text_tokens], image], 1)
+    if layout == "image_text":
+        cut = output.shape[1] - text_tokens
+        return output[:, :cut], lambda image: torch.cat([image, output[:, cut:]], 1)
+    return output, lambda image: image
+
+
+class _BlockHook(ModelHook):
+    def __init__(self, token_set: "TokenSet", index: int):
+        super().__init__()
+        self.token_set, self.index = token_set, index
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        return self.token_set.enter_block(self.index, module, args, kwargs)
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        return self.token_set.leave_block(self.index, module, output)
+
+
+class _GatherOutputHook(ModelHook):
+    """Outside a step cache on an attention module: back from full length to the tokens computed."""
+
+    def __init__(self, token_set: "TokenSet", layout: str):
+        super().__init__()
+        self.token_set, self.layout = token_set, layout
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        plan = self.token_set.session.plan
+        if plan is None or plan.tokens is None:
+            return output
+        image, rebuild = image_part(output, self.layout, plan.text_tokens)
+        return rebuild(gather_tokens(image, plan.tokens.index))
+
+
+class TokenSet:
+    """Gather/scatter hooks of one session; boundaries where a step cache looks."""
+
+    def __init__(self, session: "Session", cached_blocks: set[int], cached_attentions: dict[Any, str]):
+        self.session = session
+        self.adapter = session.adapter
+        blocks = self.adapter.blocks()
+        last = len(blocks) - 1
+        self.cached_blocks = cached_blocks
+        #: attention module -> its q/k/v layout, for the attentions a step cache wraps
+        self.cached_attentions = cached_attentions
+        self._scatter_after = [i in cached_blocks or i + 1 in cached_blocks or i == last for i in range(last + 1)]
+        #: per (branch, boundary): full-length image tokens the last time each token was computed there
+        self._stale: dict[tuple, torch.Tensor] = {}
+        #: the latest full-length image hidden state of this call, and whether the blocks now hold a subset
+        self._full: torch.Tensor | None = None
+        self._gathered = False
+        #: the image hidden state entering the running block (gathered when a subset is computed)
+        self._block_input: torch.Tensor | None = None
+
+    def attach(self) -> None:
+        for i, block in enumerate(self.adapter.blocks()):
+            self.session.hooks.add(block, _BlockHook(self, i), f"token_set.{i}", innermost=True)
+        for attention, layout in self.cached_attentions.items():
+            self.session.hooks.add(attention, _GatherOutputHook(self, layout), "token_set.gather_output")
+
+    def begin_call(self) -> None:
+        self._full, self._gathered, self._block_input = None, False, None
+
+    def end_call(self) -> None:
+        self._full, self._gathered, self._block_input = None, False, None
+
+    def end_run(self) -> None:
+        self._stale.clear()
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._stale.values())
+
+    # -- blocks --------------------------------------------------------------------------------------
+    def enter_block(self, index: int, block, args: tuple, kwargs: dict):
+        plan = self.session.plan
+        if plan is None:
+            return args, kwargs
+        tokens = plan.tokens
+        adapter = self.adapter
+        hidden_arg = adapter.block_signature(block).hidden_arg
+        if tokens is None:
+            plan.image_tokens = plan.grid.num_tokens
+            if index in self.cached_blocks:
+                self._block_input = adapter.bind(block, args, kwargs)[hidden_arg]
+            return args, kwargs
+        bound = adapter.bind(block, args, kwargs)
+        if not self._gathered:
+            self._full = bound[hidden_arg]
+        bound = adapter.gather_block_inputs(block, bound, tokens.index, plan.text_tokens,
+                                            gather_hidden=not self._gathered)
+        self._block_input = bound[hidden_arg]
+        self._gathered = True
+        plan.image_tokens = tokens.count
+        return adapter.unbind(block, bound)
+
+    def leave_block(self, index: int, block, output):
+        """Full length where a step cache looks: a cached block's tokens not computed keep the residual
+        they had there last time; before another cached block (or after the last) they pass unchanged."""
+        plan = self.session.plan
+        if plan is None or not self._scatter_after[index]:
+            return output
+        hidden = self.adapter.block_hidden_output(block, output)
+        key = (plan.ctx.slot, "block", index)
+        cached = index in self.cached_blocks
+        if plan.tokens is None:
+            if cached:
+                self._stale[key] = hidden - self._block_input
+            return output
+        if cached:
+            residual = hidden - self._block_input
+            stale = self._stale.get(key)
+            if stale is None:
+                stale = residual.new_zeros(self._full.shape)
+            self._stale[key] = stale = scatter_tokens(stale, plan.tokens.index, residual)
+            full = self._full + stale
+        else:
+            full = scatter_tokens(self._full, plan.tokens.index, hidden)
+        self._full, self._gathered, self._block_input = full, False, None
+        return self.adapter.replace_block_hidden_output(block, output, full)
+
+    # -- attention modules a step cache wraps ----------------------------------------------------------
+    def scatter_attention_output(self, plan: "CallPlan", attention, output):
+        """Inside the step cache: the attention output at full length, stale where not computed."""
+        layout = self.cached_attentions[attention]
+        image, rebuild = image_part(output, layout, plan.text_tokens)
+        key = (plan.ctx.slot, "attention", id(attention))
+        if plan.tokens is None:
+            self._stale[key] = image
+            return output
+        stale = self._stale.get(key)
+        if stale is None:
+            stale = image.new_zeros((image.shape[0], plan.grid.num_tokens, *image.shape[2:]))
+        full = scatter_tokens(stale, plan.tokens.index, image)
+        self._stale[key] = full
+        return rebuild(full)
