@@ -99,7 +99,8 @@ class AccelerationHandle:
             step["dense_flops"] += record.dense_flops
             step["flops"] += record.flops
             step["seconds"] += record.seconds
-            step["calls"].append({"branch": record.branch, "dense_flops": record.dense_flops, "flops": record.flops,
+            step["calls"].append({"branch": record.branch, "num_steps": record.num_steps, "timestep": record.timestep,
+                                  "sigma": record.sigma, "dense_flops": record.dense_flops, "flops": record.flops,
                                   "seconds": record.seconds, "work": dict(call_work), **record.stats})
         dense = sum(r.dense_flops for r in records)
         flops = sum(r.flops for r in records)

@@ -55,13 +55,18 @@ class Param:
     high_open: bool = False
 
     def range_text(self) -> str:
+        """"in [0, 1]", ">= 0", "> 0", or "" when any number is fine."""
+        def text(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
         if self.low is None and self.high is None:
             return ""
-        left = "(" if self.low_open else "["
-        right = ")" if self.high_open else "]"
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{left}{low}, {high}{right}"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {text(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {text(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{text(self.low)}, {text(self.high)}{right}"
 
     def admits(self, value: float) -> bool:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
@@ -149,9 +154,9 @@ def _coerce(value: Any, annotation: Any, where: str, spec: Param) -> Any:
         numeric = (int,) if inner is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, numeric):
             raise ConfigError(f"{where} must be {'an int' if inner is int else 'a number'}"
-                              f"{' in ' + spec.range_text() if spec.range_text() else ''}, got {value!r}")
+                              f"{' ' + spec.range_text() if spec.range_text() else ''}, got {value!r}")
         if not spec.admits(value):
-            raise ConfigError(f"{where} must be in {spec.range_text()}, got {value!r}")
+            raise ConfigError(f"{where} must be {spec.range_text()}, got {value!r}")
         return float(value) if inner is float else value
     raise TypeError(f"{where}: unsupported config annotation {annotation!r}")
 

@@ -63,6 +63,14 @@ def _value(text: str):
         return text
 
 
+def _needs_calibration(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A config whose data must be learnt from a run (MagCache's ratios) is parsed in its calibration
+    mode; `dit_accel.calibrate` turns it into the real one."""
+    if "calibrate" in fields_of(cls) and "mag_ratios" in fields_of(cls) and "mag_ratios" not in values:
+        return {**values, "calibrate": True}
+    return values
+
+
 def _with_steps(cls: type, values: dict[str, Any], num_steps: int) -> Any:
     """Step schedules the spec leaves out, scaled to `num_steps`."""
     if hasattr(cls, "for_steps"):
@@ -95,6 +103,7 @@ def parse_technique(spec: str, num_steps: int | None = None) -> Any:
         if field in values:
             raise ConfigError(f"{name}.{field} is given twice in {spec!r}")
         values[field] = _value(text.strip())
+    values = _needs_calibration(cls, values)
     try:
         config = _with_steps(cls, values, num_steps) if num_steps is not None else cls(**values)
     except (TypeError, ValueError) as error:

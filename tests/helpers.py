@@ -73,4 +73,4 @@ class AttentionRecorderTechnique(Technique):
         self.config.seen.append({"step": plan.ctx.step_index, "branch": plan.ctx.branch, "block": call.block_index,
                                  "queries": query.shape[2], "keys": key.shape[2],
                                  "image_queries": image.stop - image.start, "batch": query.shape[0]})
-        return dense_attention(query, key, value, bias, **kwargs)
+        return dense_attention(query, key, value, bias, **kwargs), query.shape[2] * key.shape[2]

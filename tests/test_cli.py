@@ -9,6 +9,8 @@ import json
 import pytest
 from PIL import Image
 
+from diffusers.hooks import FirstBlockCacheConfig
+
 from dit_accel import RASConfig, SVG2Config
 from dit_accel.cli import main
 from dit_accel.config import ConfigError
@@ -28,18 +30,25 @@ def test_parse_plan_reads_fields_as_literals():
 def test_parse_plan_joins_techniques_and_scales_schedules():
     ras, svg2 = parse_plan("ras:sample_ratio=0.5+svg2:top_p=0.8")
     assert ras == RASConfig(sample_ratio=0.5) and svg2 == SVG2Config(top_p=0.8)
+    fbcache, ras = parse_plan("fbcache:threshold=0.08+ras")
+    assert fbcache == FirstBlockCacheConfig(threshold=0.08) and ras == RASConfig()
+    (magcache,) = parse_plan("magcache:threshold=0.1", num_steps=12)
+    assert magcache.calibrate and magcache.num_inference_steps == 12  # ratios come from dit_accel.calibrate
     assert parse_plan("ras:sample_ratio=0.5", num_steps=10) == [RASConfig.for_steps(10, sample_ratio=0.5)]
     assert parse_plan("ras:warmup_steps=3", num_steps=10)[0].warmup_steps == 3
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo:x=1", "valid techniques: ras, flexdit, dydit, svg2, proxy"),
+    ("foo:x=1", "valid techniques: ras, flexdit, dydit, svg2, proxy, fbcache, taylorseer, magcache, pab"),
     ("ras:bogus=1", "valid fields: sample_ratio, final_sample_ratio, warmup_steps"),
     ("ras:sample_ratio", "expected field=value"),
     ("ras:sample_ratio=0.5,sample_ratio=0.3", "given twice"),
     ("ras:sample_ratio=2", "sample_ratio must be in"),
-    ("ras:error_reset_steps=3", "invalid value"),
+    ("ras:error_reset_steps=3", "error_reset_steps must be tuple of int"),
+    ("ras:cache_kv='no'", "cache_kv must be True or False"),
+    ("fbcache:threshold='high'", "FirstBlockCacheConfig.threshold must be a number"),
     ("ras+ras", "cannot be combined"),
+    ("fbcache+taylorseer", "both occupy stage 1"),
     (" ", "empty acceleration plan"),
 ])
 def test_parse_plan_rejects_bad_specs_clearly(spec, message):

@@ -1,11 +1,12 @@
 """One file per technique: its config dataclass, state and technique class, registered by config
-class; `diffusers_caches` registers diffusers' own step caches the same way."""
+class; `diffusers_caches` registers diffusers' own step caches the same way (after ours, so plan
+names list dit-accel's techniques first)."""
 
-from . import diffusers_caches  # noqa: F401  (registration)
-from .dydit import DyDiTConfig
-from .flexdit import FlexDiTConfig
-from .proxy import ProxyAttentionConfig
-from .ras import RASConfig
-from .svg2 import SVG2Config
+from .ras import RASConfig  # isort: skip
+from .flexdit import FlexDiTConfig  # isort: skip
+from .dydit import DyDiTConfig  # isort: skip
+from .svg2 import SVG2Config  # isort: skip
+from .proxy import ProxyAttentionConfig  # isort: skip
+from . import diffusers_caches  # noqa: F401  isort: skip
 
 __all__ = ["DyDiTConfig", "FlexDiTConfig", "ProxyAttentionConfig", "RASConfig", "SVG2Config"]

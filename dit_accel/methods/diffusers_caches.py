@@ -46,6 +46,8 @@ class CacheSpec:
     apply: Callable[[Any, Any], None]
     hook_names: tuple[str, ...]
     summary: str
+    #: skips one half of a batched-CFG batch inside the call, so the blocks see another batch
+    splits_batch: bool = False
 
 
 CACHES: list[CacheSpec] = [
@@ -63,7 +65,7 @@ CACHES: list[CacheSpec] = [
               "Pyramid Attention Broadcast: reuse attention outputs for a range of steps"),
     CacheSpec(FasterCacheConfig, "fastercache", diffusers_hooks.apply_faster_cache,
               (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK),
-              "FasterCache: reuse attention outputs and the unconditional branch"),
+              "FasterCache: reuse attention outputs and the unconditional branch", splits_batch=True),
 ]
 # caches newer diffusers releases have; the pinned range has them, an older one may not
 for _config, _module, _name, _hooks, _summary in (
@@ -105,6 +107,10 @@ class DiffusersCache(Technique):
             raise ConfigError(f"{type(transformer).__name__} already has a diffusers cache ({', '.join(present)}, e.g. "
                               f"from enable_cache); a plan takes one step cache: call `disable_cache()` first or "
                               f"leave {self.label} out of the plan")
+        token_set = self.session.by_stage.get(Stage.TOKEN_SET)
+        if self.spec.splits_batch and token_set is not None:
+            raise ConfigError(f"{self.label} runs only part of the batch on some steps, so it cannot be combined "
+                              f"with {token_set.label} (stage 2), whose token selection is per sample")
         self.applied = self._completed(self.config)
         self.spec.apply(transformer, self.applied)
 

@@ -98,8 +98,8 @@ class RASState:
     """Everything RAS remembers between calls of one pipeline run (freed when the run ends)."""
 
     run_index: int = -1
-    #: per branch slot: (the last full per-token output (B_call, N, C'), whether it batched CFG)
-    outputs: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)
+    #: per branch slot: the last full per-token output (B_call, N, C')
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     #: per (slot, block, attention id): cached image-token keys and values as (B, N, H, D) rows
     kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     #: per sample and token: steps skipped in a row
@@ -131,12 +131,13 @@ class RAS(Technique):
     def _is_ras_step(self, ctx: StepContext) -> bool:
         return ctx.step_index >= self.config.warmup_steps and ctx.step_index not in self.config.error_reset_steps
 
-    def _scores(self) -> torch.Tensor | None:
-        """(samples, N) focus scores from the previous step's outputs of every branch."""
+    def _scores(self, cfg_batched: bool) -> torch.Tensor | None:
+        """(samples, N) focus scores from the previous step's outputs of every branch (read with this
+        call's batched-CFG verdict, which a run may revise once)."""
         total = None
-        for tokens, batched in self.state.outputs.values():
+        for tokens in self.state.outputs.values():
             score = tokens.float().std(dim=-1) if self.config.metric == "std" else tokens.float().norm(dim=-1)
-            score = _samples_view(score, batched).sum(0)
+            score = _samples_view(score, cfg_batched).sum(0)
             if total is not None and total.shape != score.shape:
                 return None
             total = score if total is None else total + score
@@ -150,9 +151,9 @@ class RAS(Technique):
         index = None
         num_tokens = ctx.call.grid.num_tokens
         keep = max(1, math.ceil(self.config.ratio_at(ctx.step_index, ctx.num_steps) * num_tokens - 1e-9))
-        scores = self._scores() if self._is_ras_step(ctx) else None
+        scores = self._scores(ctx.cfg_batched) if self._is_ras_step(ctx) else None
         if scores is not None and scores.shape[-1] == num_tokens:
-            plan.record_overhead("ras scoring", 3.0 * sum(t.numel() for t, _ in state.outputs.values()), num_tokens)
+            plan.record_overhead("ras scoring", 3.0 * sum(t.numel() for t in state.outputs.values()), num_tokens)
             samples = scores.shape[0]
             if state.skipped is None or state.skipped.shape != scores.shape:
                 state.skipped = torch.zeros_like(scores)
@@ -196,9 +197,9 @@ class RAS(Technique):
         tokens = self.adapter.output_to_tokens(output, ctx.call.grid)
         if plan.tokens is not None:
             fresh = gather_tokens(tokens, plan.tokens.index)
-            tokens = scatter_tokens(self.state.outputs[ctx.slot][0], plan.tokens.index, fresh)
+            tokens = scatter_tokens(self.state.outputs[ctx.slot], plan.tokens.index, fresh)
             output = self.adapter.tokens_to_output(tokens, ctx.call.grid)
-        self.state.outputs[ctx.slot] = (tokens, ctx.cfg_batched)
+        self.state.outputs[ctx.slot] = tokens
         self._kv_rows = None
         return output
 
@@ -207,7 +208,7 @@ class RAS(Technique):
         self._kv_rows = None
 
     def state_bytes(self) -> int:
-        tensors = [t for t, _ in self.state.outputs.values()] + [t for kv in self.state.kv.values() for t in kv]
+        tensors = list(self.state.outputs.values()) + [t for kv in self.state.kv.values() for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- stage 5: keys and values of the tokens not computed -----------------------------------------

@@ -48,8 +48,6 @@ class CallPlan:
     #: image tokens the block running now computes
     image_tokens: int = 0
     ledger: list[Work] = field(default_factory=list)
-    #: set by a stage 5/6 handler that recorded the attention core it ran itself
-    attention_recorded: bool = False
 
     def __post_init__(self) -> None:
         self.image_tokens = self.grid.num_tokens

@@ -163,6 +163,9 @@ class CallRecord:
 
     run_index: int
     step_index: int
+    num_steps: int | None
+    timestep: float
+    sigma: float | None
     branch: str
     dense_flops: float
     seconds: float
@@ -355,8 +358,8 @@ class Session:
                                               Stage.TOKEN_SET in technique.stages else 0)
             self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
         dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens)
-        self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.branch, dense, ended - self._started,
-                                       ended, plan.ledger, stats))
+        self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.num_steps, ctx.timestep, ctx.sigma,
+                                       ctx.branch, dense, ended - self._started, ended, plan.ledger, stats))
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
         output.sample = sample
@@ -376,10 +379,11 @@ class Session:
                                                              sdpa_kwargs.pop("attn_mask", None))
                 sdpa_kwargs["attn_mask"] = mask
             if kernel is not None:
-                return kernel.attend(plan, call, query, key, value, bias, **sdpa_kwargs)
-            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2],
-                                              query.shape[2] * key.shape[2]))
-            return dense_attention(query, key, value, bias, **sdpa_kwargs)
+                output, pairs = kernel.attend(plan, call, query, key, value, bias, **sdpa_kwargs)
+            else:
+                output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
+            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs))
+            return output
 
         with routed_sdpa(attend) as routed_calls:
             output = hook.fn_ref.original_forward(*args, **kwargs)

@@ -55,8 +55,9 @@ class Technique:
         raise NotImplementedError
 
     def attend(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, bias: torch.Tensor | None, **sdpa_kwargs) -> torch.Tensor:
-        """Stage 6: the attention output; records its own attention work in `plan`."""
+               value: torch.Tensor, bias: torch.Tensor | None, **sdpa_kwargs) -> tuple[torch.Tensor, int]:
+        """Stage 6: (the attention output, (query, key) pairs attended per head and sample); the
+        runtime records the pairs, the kernel records its own overhead (`plan.record_overhead`)."""
         raise NotImplementedError
 
     def state_bytes(self) -> int:

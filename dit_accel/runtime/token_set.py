@@ -123,6 +123,10 @@ class TokenSet:
                 self._block_input = adapter.bind(block, args, kwargs)[hidden_arg]
             return args, kwargs
         bound = adapter.bind(block, args, kwargs)
+        rows = tokens.index.shape[0] if tokens.index.ndim == 2 else None
+        if rows is not None and bound[hidden_arg].shape[0] != rows:
+            raise RuntimeError(f"block {index} runs a batch of {bound[hidden_arg].shape[0]}, the call had {rows}: "
+                               "something around the blocks split the batch (FasterCache?), which stage 2 cannot follow")
         if not self._gathered:
             self._full = bound[hidden_arg]
         bound = adapter.gather_block_inputs(block, bound, tokens.index, plan.text_tokens,
