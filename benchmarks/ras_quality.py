@@ -23,7 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 import dit_accel
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics.quality import psnr, ssim
-from dit_accel.testing import procedural
+from dit_accel.metrics import procedural
 from dit_accel.testing.reference import generate, reference_call_kwargs, reference_pipeline
 
 

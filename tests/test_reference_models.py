@@ -12,7 +12,7 @@ from torch import nn
 from dit_accel.metrics import judge as J
 from dit_accel.metrics.fid import TorchScriptFeatures, frechet_inception_distance
 from dit_accel.metrics.quality import psnr, ssim
-from dit_accel.testing import procedural
+from dit_accel.metrics import procedural
 from dit_accel.testing.reference import (
     REFERENCE_IMAGE_DIR,
     REFERENCE_VIDEO_DIR,

@@ -1,6 +1,6 @@
 """Offline quality judge for the procedural reference models.
 
-A small CNN trained on ``dit_accel.testing.procedural`` scenes reads back every caption
+A small CNN trained on ``dit_accel.metrics.procedural`` scenes reads back every caption
 attribute (shape, color, size, position, background color and style) from a 64x64 image.
 It gives two numbers without any downloaded weights:
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dit_accel.testing import procedural
+from dit_accel.metrics import procedural
 
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge"
 INPUT_SIZE = 64

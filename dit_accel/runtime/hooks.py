@@ -92,9 +92,8 @@ def _unlink(registry: HookRegistry, name: str, rewritten: Callable | None) -> No
         module.forward = below
     elif getattr(module, "_old_forward", None) is rewritten or (rewritten is None and wrapped):
         module._old_forward = below
-    else:
-        raise RuntimeError(f"cannot remove {name} from {type(module).__name__}: its forward was replaced by "
-                           "something that does not keep a reference to it")
+    # else: the chain no longer reaches the hook (accelerate re-wrapped the original forward after its
+    # pipeline call): only the registry's bookkeeping is left to drop
     registry._module_ref = registry.hooks[name].deinitalize_hook(module)
     del registry.hooks[name]
     registry._hook_order.pop(index)

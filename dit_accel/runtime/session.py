@@ -2,8 +2,9 @@
 
 Hooks a session adds, outermost first on each module:
 
-- the transformer: the call hook (opens the step context and the per-call plan, and a diffusers
-  cache context where the pipeline opens none), above any step cache's own root hook;
+- the transformer: torch forward hooks around every wrapper (they open the step context and the
+  per-call plan, and a diffusers cache context where the pipeline opens none), and a passive hook
+  that receives the pipeline's `cache_context`;
 - each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2);
 - each unit of a block (its direct children with linear layers): the ledger hook, innermost, so it
   records only what really ran; on attention units it also routes SDPA through stages 5 and 6.
@@ -68,28 +69,15 @@ def attention_backend(attention: nn.Module) -> str:
     return getattr(backend, "value", str(backend))
 
 
-class _CallHook(ModelHook):
-    """Root hook on the transformer: opens and closes the step context of each call.
-
-    It is stateful so that diffusers' `cache_context(...)` reaches it: that is how pipelines name
-    their CFG branches and, for some, pass the step index and sigma.
-    """
+class _ContextReceiver(ModelHook):
+    """A passive stateful hook on the transformer: diffusers' `cache_context(...)` reaches it, and that
+    is how pipelines name their CFG branches and, for some, pass the step index and sigma."""
 
     _is_stateful = True
 
-    def __init__(self, session: "Session"):
+    def __init__(self):
         super().__init__()
-        self.session = session
         self.cache_context = StateManager(_NoState)
-
-    @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        self.session.begin_call(args, kwargs, self.cache_context._context)
-        return args, kwargs
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        return self.session.end_call(output)
 
     def reset_state(self, module):
         return module
@@ -209,6 +197,8 @@ class Session:
         self._opened_cache_context = False
         self._resets_caches = False
         self._before = Leftovers(frozenset(), frozenset())
+        self._receiver: _ContextReceiver | None = None
+        self._call_hooks: list = []
         self._started = 0.0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -229,7 +219,14 @@ class Session:
             if Stage.TOKEN_SET in self.by_stage:
                 self.token_set = TokenSet(self, cached_blocks, cached_attentions)
                 self.token_set.attach()
-            self.hooks.add(self.transformer, _CallHook(self), "call")
+            self._receiver = _ContextReceiver()
+            self.hooks.add(self.transformer, self._receiver, "context")
+            # torch's own hooks, outside every forward wrapper (accelerate's offload hook re-wraps the
+            # transformer's forward after each pipeline call and would drop a hook inside it); nearest
+            # the call among torch's hooks: a user's forward hook sees the finished output
+            self._call_hooks = [self.transformer.register_forward_pre_hook(self._pre_call, with_kwargs=True),
+                                self.transformer.register_forward_hook(self._post_call, with_kwargs=True,
+                                                                       prepend=True)]
         except Exception:
             self.detach()
             raise
@@ -237,6 +234,9 @@ class Session:
 
     def detach(self) -> None:
         self.end_run()
+        for handle in self._call_hooks:
+            handle.remove()
+        self._call_hooks = []
         self.hooks.remove_all()
         for technique in reversed(self.techniques):
             technique.detach()
@@ -288,7 +288,7 @@ class Session:
                     names = ", ".join(t.label for t in self.techniques if {Stage.KV_SOURCE, Stage.ATTENTION_KERNEL}
                                       & t.stages)
                     raise ConfigError(
-                        f"{names} change attention (stages 5-6), which runs through torch's SDPA; this model's "
+                        f"{names} {'changes' if ',' not in names else 'change'} attention (stages 5-6), which runs through torch's SDPA; this model's "
                         f"attention uses the diffusers backend {backend!r}. Use one of {', '.join(SDPA_BACKENDS)} "
                         "(`transformer.set_attention_backend('native')`) or a plan without stages 5-6.")
 
@@ -310,6 +310,14 @@ class Session:
                 _set_cache_context(self.transformer, cache_context)
 
     # -- per call ------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def _pre_call(self, module, args, kwargs):
+        self.begin_call(args, kwargs, self._receiver.cache_context._context)
+
+    @torch.compiler.disable
+    def _post_call(self, module, args, kwargs, output):
+        return self.end_call(output)
+
     def begin_call(self, args: tuple, kwargs: dict, cache_context: Any) -> None:
         self._started = time.perf_counter()
         call = self.adapter.call_info(args, kwargs)

@@ -1,7 +1,7 @@
 """The embedded default models: small trained SD3 (image) and Wan 2.1 (video) pipelines.
 
 They are real diffusers pipelines with weights shipped in ``dit_accel/assets`` and trained
-on :mod:`dit_accel.testing.procedural` scenes (see ``train_reference.py``), so acceleration
+on :mod:`dit_accel.metrics.procedural` scenes (see ``train_reference.py``), so acceleration
 methods can be judged on quality offline, not only on speed:
 
     pipe = reference_pipeline("image")
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline, WanPipeline
 
-from dit_accel.testing import procedural
+from dit_accel.metrics import procedural
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_IMAGE_DIR = ASSETS_DIR / "reference_image"

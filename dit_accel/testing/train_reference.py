@@ -50,7 +50,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from dit_accel.testing import procedural
+from dit_accel.metrics import procedural
 
 TEXT_LEN = 16  # tokens per text encoder; every caption fits (at most 12 words + </s>)
 IMAGE_SIZE = 64
