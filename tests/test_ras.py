@@ -98,8 +98,9 @@ def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed():
         assert torch.equal(now[~both], before[~both])
         assert not torch.equal(now[both], before[both])
         for key, (k_now, v_now) in kv_snapshots[step].items():
-            k_before = kv_snapshots[step - 1][key][0]  # (B, N, H, D) rows
-            skipped = ~both[:, :, None, None].expand_as(k_now)
+            # (B, H, S, D), SD3's image tokens first
+            k_now, k_before = k_now[:, :, : grid.num_tokens], kv_snapshots[step - 1][key][0][:, :, : grid.num_tokens]
+            skipped = ~both[:, None, :, None].expand_as(k_now)
             assert torch.equal(k_now[skipped], k_before[skipped])
             assert not torch.equal(k_now[~skipped], k_before[~skipped])
 

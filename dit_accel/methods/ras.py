@@ -100,7 +100,8 @@ class RASState:
     run_index: int = -1
     #: per branch slot: the last full per-token output (B_call, N, C')
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: per (slot, block, attention id): cached image-token keys and values as (B, N, H, D) rows
+    #: per (slot, block, attention id): the keys and values (B, H, S, D) of the last dense call, text
+    #: included, refreshed in place with every computed token
     kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     #: per sample and token: steps skipped in a row
     skipped: torch.Tensor | None = None
@@ -117,6 +118,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
+def _writable(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, S, D) tensor stored as (B, H, S, D) or (B, S, H, D), the processors' two layouts: the
+    call's own tensor when it already is (it is not read again), else a copy."""
+    return x if x.is_contiguous() or _rows(x).is_contiguous() else x.contiguous()
+
+
+def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(rows, D) view of a `_writable` tensor, and whether its rows run over heads before tokens."""
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1]), True
+    return _rows(x).view(-1, x.shape[-1]), False
+
+
 @register_technique(RASConfig, "region-adaptive sampling: recompute only the image tokens in the model's focus")
 class RAS(Technique):
     def __init__(self, config: RASConfig, session):
@@ -124,8 +138,8 @@ class RAS(Technique):
         self.state = RASState()
         #: per step of the last run: bool (samples, N) of the tokens computed, for pictures of what was skipped
         self.computed: dict[int, torch.Tensor] = {}
-        #: (rows of the computed tokens in a (B * N) view, for the K/V cache) of the running call
-        self._kv_rows: torch.Tensor | None = None
+        #: (cache geometry, rows of the computed tokens in a (rows, D) view of the K/V cache) of the running call
+        self._kv_rows: tuple | None = None
 
     # -- selection -----------------------------------------------------------------------------
     def _is_ras_step(self, ctx: StepContext) -> bool:
@@ -213,33 +227,50 @@ class RAS(Technique):
 
     # -- stage 5: keys and values of the tokens not computed -----------------------------------------
     def kv_source(self, plan: CallPlan, call: AttentionCall, query, key, value, attn_mask):
-        """Keys/values of skipped image tokens come from the cache; computed ones refresh it in place."""
+        """Keys/values of skipped image tokens come from the cache; computed ones (and the text) refresh
+        it in place. The cache is the last dense call's own key/value tensors, written into from then on,
+        so neither a dense nor a RAS step copies or concatenates whole key sets."""
         cache_key = (plan.ctx.slot, call.block_index, call.attention_index)
-        image = call.image_slice(key.shape[2])
         tokens = plan.tokens
         if tokens is None:
-            self.state.kv[cache_key] = (_rows(key[:, :, image]).contiguous(), _rows(value[:, :, image]).contiguous())
+            self.state.kv[cache_key] = (_writable(key), _writable(value))
             return key, value, None, attn_mask
         cached = self.state.kv.get(cache_key)
         if cached is None:
             return key, value, None, attn_mask
-        batch, length = cached[0].shape[:2]
-        if self._kv_rows is None:
-            offsets = torch.arange(batch, device=tokens.index.device).mul_(length).unsqueeze(1)
-            index = tokens.index if tokens.index.ndim == 2 else tokens.index.unsqueeze(0)
-            self._kv_rows = (offsets + index).reshape(-1)
-        full = []
+        length = cached[0].shape[2]
+        cached_image = call.image_slice(length)
+        fresh_image = call.image_slice(key.shape[2])
         for cache, fresh in zip(cached, (key, value)):
-            cache.view(batch * length, *cache.shape[2:]).index_copy_(
-                0, self._kv_rows, _rows(fresh[:, :, image]).reshape(-1, *cache.shape[2:]))
-            heads = _rows(cache)
-            if image.start or image.stop < fresh.shape[2]:
-                heads = torch.cat([fresh[:, :, : image.start], heads, fresh[:, :, image.stop:]], dim=2)
-            full.append(heads)
+            rows, heads_first = _row_view(cache)
+            index = self._kv_index(tokens, cache, cached_image.start, heads_first)
+            part = fresh[:, :, fresh_image]
+            part = part.reshape(-1, part.shape[-1]) if heads_first else _rows(part).reshape(-1, part.shape[-1])
+            rows.index_copy_(0, index, part)
+            if cached_image.start:
+                cache[:, :, : cached_image.start].copy_(fresh[:, :, : fresh_image.start])
+            if cached_image.stop < length:
+                cache[:, :, cached_image.stop:].copy_(fresh[:, :, fresh_image.stop:])
         if attn_mask is not None and attn_mask.shape[-1] == key.shape[2]:
-            image_columns = attn_mask[..., image][..., :1].expand(*attn_mask.shape[:-1], length)
-            attn_mask = torch.cat([attn_mask[..., : image.start], image_columns, attn_mask[..., image.stop:]], -1)
-        return full[0], full[1], None, attn_mask
+            columns = cached_image.stop - cached_image.start
+            image_columns = attn_mask[..., fresh_image][..., :1].expand(*attn_mask.shape[:-1], columns)
+            attn_mask = torch.cat([attn_mask[..., : fresh_image.start], image_columns,
+                                   attn_mask[..., fresh_image.stop:]], -1)
+        return cached[0], cached[1], None, attn_mask
+
+    def _kv_index(self, tokens: TokenSet, cache: torch.Tensor, offset: int, heads_first: bool) -> torch.Tensor:
+        """Rows of the computed tokens in a (rows, D) view of a (B, H, S, D) cache, for the call."""
+        batch, heads, length = cache.shape[:3]
+        memo = (batch, heads, length, offset, heads_first)
+        if self._kv_rows is None or self._kv_rows[0] != memo:
+            index = tokens.index if tokens.index.ndim == 2 else tokens.index.unsqueeze(0).expand(batch, -1)
+            b = torch.arange(batch, device=index.device).view(batch, 1, 1)
+            h = torch.arange(heads, device=index.device).view(1, heads, 1)
+            position = (index + offset).unsqueeze(1)  # (B, 1, n)
+            rows = (b * heads + h) * length + position if heads_first else \
+                ((b * length + position) * heads + h).transpose(1, 2)  # (B, n, H): the rows layout's order
+            self._kv_rows = (memo, rows.reshape(-1))
+        return self._kv_rows[1]
 
     # -- report --------------------------------------------------------------------------------
     def call_stats(self, plan: CallPlan) -> dict[str, Any]:
