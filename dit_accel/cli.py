@@ -1,6 +1,6 @@
 """`dit-accel generate`: the dense pipeline and each acceleration plan on one seed, side by side.
 
-    dit-accel generate --model tiny:sd3 --steps 20 --accel ras:sample_ratio=0.5 --accel ras:sample_ratio=0.25
+    dit-accel generate --model tiny:sd3 --steps 20 --accel ras:sample_ratio=0.5 --accel ras+fbcache:threshold=0.1
 
 Writes `grid.png` (images) or `grid.gif` (videos) with every run labelled, one file per run, and
 `summary.json` / `summary.md` (time, speedup, FLOPs ratio, PSNR and SSIM vs dense); prints the table.
@@ -24,12 +24,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .api import apply
-from .config import AccelerationConfig, ConfigError
+from .api import apply, calibrate
+from .config import ConfigError
 from .models import UnsupportedModelError
 from .plans import parse_plan
+from .runtime.registry import registration
 
-DEFAULT_PLAN = "ras:sample_ratio=0.5"
+#: the plans shown when none is given: RAS alone, and RAS stacked with diffusers' FirstBlockCache
+DEFAULT_PLANS = ("ras:sample_ratio=0.5", "ras:sample_ratio=0.5+fbcache:threshold=0.12")
+#: the reference models generate a batch of this many captions by default (batches show the speedup)
+REFERENCE_BATCH = 8
 #: Used only when the model has no prompt of its own (hub models and local folders).
 FALLBACK_PROMPT = "a red fox sitting in fresh snow, photograph"
 #: CLI option -> pipeline call argument.
@@ -49,7 +53,7 @@ class Run:
     """One generation: the dense baseline (no configs) or a plan."""
 
     label: str
-    configs: list[AccelerationConfig]
+    configs: list
     output: torch.Tensor | None = None  # (B, 3, H, W) or (B, T, 3, H, W) in [0, 1], on the CPU
     seconds: float = 0.0
     report: dict[str, Any] | None = None
@@ -85,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="guidance scale")
     gen.add_argument("--accel", action="append", type=_plan_spec, metavar="SPEC",
                      help="an acceleration plan, repeatable: technique:field=value,...[+technique:...], e.g. "
-                     "ras:sample_ratio=0.5,warmup_steps=2 or ras:sample_ratio=0.5+svg2:top_p=0.9; step "
-                     f"schedules left out are scaled to --steps (default: {DEFAULT_PLAN})")
+                     "ras:sample_ratio=0.5,warmup_steps=2 or ras+fbcache:threshold=0.1 (diffusers' caches: "
+                     "fbcache, taylorseer, magcache, pab, fastercache, ...); step schedules left out are "
+                     f"scaled to --steps, MagCache is calibrated first (default: {' and '.join(DEFAULT_PLANS)})")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: %(default)s)")
@@ -132,7 +137,11 @@ def load_model(spec: str, device: str, dtype: torch.dtype):
 
         if name not in ("image", "video"):
             raise UsageError(f"unknown reference model {name!r}; valid: image, video")
-        return reference_pipeline(name, device, dtype), reference_call_kwargs(name)
+        from .metrics import procedural
+
+        batch = procedural.image_batch if name == "image" else procedural.video_batch
+        captions = [scene.caption for scene in batch(REFERENCE_BATCH, 0)[1]]
+        return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
     from diffusers import DiffusionPipeline
 
     try:
@@ -199,12 +208,18 @@ def generate(args: argparse.Namespace) -> list[Run]:
     pipe.set_progress_bar_config(disable=args.quiet)
     kwargs = call_kwargs(pipe, defaults, args)
     steps = kwargs["num_inference_steps"]
-    runs = [Run("dense", [])] + [Run(spec, parse_plan(spec, steps)) for spec in args.accel or [DEFAULT_PLAN]]
+    runs = [Run("dense", [])] + [Run(spec, parse_plan(spec, steps)) for spec in args.accel or DEFAULT_PLANS]
+    for run in runs:
+        if any(getattr(config, "calibrate", False) is True for config in run.configs):
+            status(f"calibrating {run.label}")
+            run.configs = [calibrate(pipe, c, **kwargs) if getattr(c, "calibrate", False) is True else c
+                           for c in run.configs]
 
     warmup_steps = min(steps, 2)
     status(f"warm-up: every run once with {warmup_steps} steps, untimed")
     for run in runs:
-        run_once(pipe, run, {**kwargs, "num_inference_steps": warmup_steps}, args.seed, device)
+        if not any(getattr(config, "num_inference_steps", None) for config in run.configs):  # not step-bound
+            run_once(pipe, run, {**kwargs, "num_inference_steps": warmup_steps}, args.seed, device)
     for i, run in enumerate(runs, 1):
         status(f"[{i}/{len(runs)}] {run.label}")
         run_once(pipe, run, kwargs, args.seed, device)
@@ -229,6 +244,18 @@ def _as_video(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2) if x.ndim == 5 else x
 
 
+def _plain_fields(config) -> dict[str, Any]:
+    """A config's fields that JSON can hold (diffusers' configs carry callables and tensors)."""
+    fields = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if value is None or isinstance(value, (str, int, float, bool, list, tuple)):
+            fields[field.name] = value
+    return fields
+
+
 def summarize(runs: list[Run], kwargs: dict[str, Any], **info: Any) -> dict[str, Any]:
     """`info` and the call, then per run: time, speedup and FLOPs ratio vs dense, and PSNR/SSIM vs
     dense (null for dense itself, and PSNR null when identical)."""
@@ -238,7 +265,7 @@ def summarize(runs: list[Run], kwargs: dict[str, Any], **info: Any) -> dict[str,
     rows = []
     for run in runs:
         row = {"label": run.label,
-               "configs": [{"technique": c.name, **dataclasses.asdict(c)} for c in run.configs],
+               "configs": [{"technique": registration(c).name, **_plain_fields(c)} for c in run.configs],
                "seconds": run.seconds, "speedup": dense.seconds / run.seconds,
                "flops_ratio": 1.0, "dense_flops": None, "flops": None, "psnr_db": None, "ssim": None}
         if run.configs:
@@ -256,8 +283,12 @@ def markdown(summary: dict[str, Any]) -> str:
     """The summary as a markdown table under one line of context."""
     call = summary["call"]
     what = call.get("prompt", call.get("class_labels"))
+    if isinstance(what, list) and len(what) > 1:
+        what = f"{len(what)} prompts in one batch, the first {what[0]!r}"
+    else:
+        what = repr(what[0] if isinstance(what, list) else what)
     lines = [f"# dit-accel generate: {summary['model']} ({summary['pipeline']})", "",
-             f"{what!r}, seed {summary['seed']}, {call['num_inference_steps']} steps, output "
+             f"{what}, seed {summary['seed']}, {call['num_inference_steps']} steps, output "
              f"{'x'.join(map(str, summary['shape']))}, {summary['device']} {summary['dtype']}", "",
              "| plan | time (s) | speedup | FLOPs ratio | PSNR vs dense (dB) | SSIM vs dense |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -1,7 +1,8 @@
 """Drop-in diffusers pipeline classes with an `acceleration=` argument.
 
     pipe = AcceleratedFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev",
-                                                   acceleration=RASConfig(sample_ratio=0.5))
+                                                   acceleration=[RASConfig(sample_ratio=0.5),
+                                                                 FirstBlockCacheConfig(threshold=0.08)])
     image = pipe(prompt).images[0]                    # accelerated (the standing plan)
     pipe.acceleration_report()["flops_ratio"]
     image = pipe(prompt, acceleration=[]).images[0]   # this call dense, the plan stays
@@ -17,7 +18,6 @@ parent class name, no hooks), loadable with or without dit-accel.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from diffusers import (
@@ -32,18 +32,19 @@ from diffusers import (
     WanPipeline,
 )
 
-from dit_accel import AccelerationConfig, AccelerationHandle, apply
+from dit_accel import AccelerationHandle, apply
 
-Acceleration = AccelerationConfig | Sequence[AccelerationConfig] | None
+#: one config (dit-accel's or a diffusers cache config), a sequence of them, or None
+Acceleration = Any
 
 
-def as_config_list(acceleration: Acceleration) -> list[AccelerationConfig]:
+def as_config_list(acceleration: Acceleration) -> list[Any]:
     """None, one config or a sequence of configs -> a list (empty means dense)."""
     if acceleration is None:
         return []
-    if isinstance(acceleration, AccelerationConfig):
-        return [acceleration]
-    return list(acceleration)
+    if isinstance(acceleration, (list, tuple)):
+        return list(acceleration)
+    return [acceleration]
 
 
 class AccelerationMixin:
@@ -53,7 +54,7 @@ class AccelerationMixin:
     source pipeline: accelerate one of the pipelines sharing a transformer at a time.
     """
 
-    _acceleration_configs: tuple[AccelerationConfig, ...] = ()
+    _acceleration_configs: tuple[Any, ...] = ()
     _acceleration_handle: AccelerationHandle | None = None
     _acceleration_report: dict[str, Any] | None = None
 
@@ -72,7 +73,7 @@ class AccelerationMixin:
         return pipe
 
     @property
-    def acceleration(self) -> list[AccelerationConfig]:
+    def acceleration(self) -> list[Any]:
         """The standing plan: the configs every call uses unless it passes its own."""
         return list(self._acceleration_configs)
 
@@ -125,7 +126,7 @@ class AccelerationMixin:
         """The diffusers pipeline class this class accelerates."""
         return next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, AccelerationMixin))
 
-    def _attach(self, configs: tuple[AccelerationConfig, ...]) -> None:
+    def _attach(self, configs: tuple[Any, ...]) -> None:
         """Take the attached plan off and put `configs` on (nothing for an empty plan)."""
         if self._acceleration_handle is not None:
             self._acceleration_handle.remove()

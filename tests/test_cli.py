@@ -12,7 +12,7 @@ from PIL import Image
 from diffusers.hooks import FirstBlockCacheConfig
 
 from dit_accel import RASConfig, SVG2Config
-from dit_accel.cli import main
+from dit_accel.cli import DEFAULT_PLANS, main
 from dit_accel.config import ConfigError
 from dit_accel.plans import parse_plan
 
@@ -84,6 +84,6 @@ def test_generate_video_writes_gif(tmp_path):
                  "--width", "64", "--out", str(tmp_path), "--quiet"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["files"]["grid"] == "grid.gif"
-    assert [run["label"] for run in summary["runs"]] == ["dense", "ras:sample_ratio=0.5"]
+    assert [run["label"] for run in summary["runs"]] == ["dense", *DEFAULT_PLANS]
     with Image.open(tmp_path / "grid.gif") as gif:
         assert gif.n_frames == 5

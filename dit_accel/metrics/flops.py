@@ -70,6 +70,8 @@ class UnitCost:
         self.name, self.channels, self.attention = name, channels, attention
         self._macs = {stream: sum(m for s, m in linears if s == stream) for stream in ("image", "text", "joint")}
         self._pooled_macs = sum(m for s, m in linears if s == "pooled")
+        #: records are immutable and shapes repeat from call to call: build each once
+        self._records: dict[tuple, tuple[Work, ...]] = {}
 
     def linear_flops(self, batch: int, image: int, text: int) -> float:
         macs = self._macs["image"] * image + self._macs["text"] * text + self._macs["joint"] * (image + text)
@@ -84,14 +86,18 @@ class UnitCost:
     def attention_flops(self, batch: int, pairs: int) -> float:
         return 4.0 * batch * self.attention.inner_dim * pairs
 
-    def records(self, block: int, batch: int, image: int, text: int, with_core: bool) -> list[Work]:
+    def records(self, block: int, batch: int, image: int, text: int, with_core: bool) -> tuple[Work, ...]:
         """The unit's linear work, and its dense attention core when `with_core`."""
-        tokens = self.attention_shape(image, text)[0] if self.attention else image
-        works = [Work("linear", block, self.name, self.linear_flops(batch, image, text), batch, tokens,
-                      channels=self.channels)]
-        if with_core and self.attention is not None:
-            queries, keys = self.attention_shape(image, text)
-            works.append(self.core_record(block, batch, queries, keys, queries * keys))
+        key = (block, batch, image, text, with_core)
+        works = self._records.get(key)
+        if works is None:
+            tokens = self.attention_shape(image, text)[0] if self.attention else image
+            works = [Work("linear", block, self.name, self.linear_flops(batch, image, text), batch, tokens,
+                          channels=self.channels)]
+            if with_core and self.attention is not None:
+                queries, keys = self.attention_shape(image, text)
+                works.append(self.core_record(block, batch, queries, keys, queries * keys))
+            self._records[key] = works = tuple(works)
         return works
 
     def core_record(self, block: int, batch: int, queries: int, keys: int, pairs: int) -> Work:
@@ -135,9 +141,13 @@ class TransformerCostModel:
 
     def __init__(self, adapter: ModelAdapter):
         self.blocks = [BlockCostModel(adapter, block) for block in adapter.blocks()]
+        self._dense: dict[tuple[int, int, int], float] = {}
 
     def dense_flops(self, batch: int, image_tokens: int, text_tokens: int) -> float:
-        return sum(block.dense_flops(batch, image_tokens, text_tokens) for block in self.blocks)
+        key = (batch, image_tokens, text_tokens)
+        if key not in self._dense:
+            self._dense[key] = sum(block.dense_flops(batch, image_tokens, text_tokens) for block in self.blocks)
+        return self._dense[key]
 
 
 def transformer_flops(adapter: ModelAdapter, batch: int, image_tokens: int, text_tokens: int) -> float:

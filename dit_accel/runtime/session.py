@@ -6,8 +6,9 @@ Hooks a session adds, outermost first on each module:
   per-call plan, and a diffusers cache context where the pipeline opens none), and a passive hook
   that receives the pipeline's `cache_context`;
 - each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2);
-- each unit of a block (its direct children with linear layers): the ledger hook, innermost, so it
-  records only what really ran; on attention units it also routes SDPA through stages 5 and 6.
+- each attention unit of a block, and each block: the ledger hooks, innermost, so they record only
+  what really ran (a unit a step cache may skip on its own gets a hook of its own); the attention
+  hooks also route SDPA through stages 5 and 6.
 """
 
 from __future__ import annotations
@@ -83,19 +84,21 @@ class _ContextReceiver(ModelHook):
         return module
 
 
-class _UnitHook(ModelHook):
-    """Innermost on a unit that is not an attention: records its linear work when it runs."""
+class _LedgerHook(ModelHook):
+    """Innermost on a block (or on a unit a step cache may skip on its own): records the linear work of
+    its units that are not attentions, after it ran (stage 2 has set the tokens by then)."""
 
-    def __init__(self, session: "Session", block: int, cost: UnitCost):
+    def __init__(self, session: "Session", block: int, costs: list[UnitCost]):
         super().__init__()
-        self.session, self.block, self.cost = session, block, cost
+        self.session, self.block, self.costs = session, block, costs
 
     @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
+    def post_forward(self, module, output):
         plan = self.session.plan
         if plan is not None:
-            plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
-        return args, kwargs
+            for cost in self.costs:
+                plan.ledger.extend(cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
+        return output
 
 
 class _AttentionHook(ModelHook):
@@ -265,11 +268,17 @@ class Session:
 
     def _attach_units(self, index: int, block: nn.Module, units: dict[str, UnitCost],
                       cached_attentions: dict[nn.Module, str]) -> None:
+        """Ledger hooks: one per attention unit, one per unit a step cache may skip on its own, and one on
+        the block for the other units (they run exactly when the block does)."""
         self_attentions = self.adapter.self_attentions(block)
+        with_block = []
         for name, cost in units.items():
             module = getattr(block, name)
             if cost.attention is None:
-                self.hooks.add(module, _UnitHook(self, index, cost), "ledger", innermost=True)
+                if _foreign_skippers(module):
+                    self.hooks.add(module, _LedgerHook(self, index, [cost]), "ledger", innermost=True)
+                else:
+                    with_block.append(cost)
                 continue
             call = None
             for position, attention in enumerate(self_attentions):
@@ -277,6 +286,8 @@ class Session:
                     call = AttentionCall(self.adapter.attention_layout(block, module), 0, index, position)
             scatter = Stage.TOKEN_SET in self.by_stage and module in cached_attentions
             self.hooks.add(module, _AttentionHook(self, index, cost, call, scatter), "ledger", innermost=True)
+        if with_block:
+            self.hooks.add(block, _LedgerHook(self, index, with_block), "ledger", innermost=True)
 
     def _check_attention_backends(self) -> None:
         if not self.routes_attention:

@@ -1,0 +1,182 @@
+"""Composable plans on the trained reference models: RAS, diffusers' step caches, and the two stacked.
+
+Part 1, quality and speed: dense / RAS / FirstBlockCache / RAS + FirstBlockCache / RAS + TaylorSeer /
+RAS + MagCache on the reference image model (a batch of 8 captions, CFG 4, 20 steps) and the
+reference video model (4 captions), on the same seeds: time, speedup, the ledger's FLOPs ratio, PSNR
+and SSIM vs dense (torchmetrics).
+
+Part 2, overhead: wall-clock speedup over FLOPs speedup (1.0 means the plan's time falls exactly as
+its counted work does) at 256 tokens (image model) and 4,096 tokens (video model at 7 frames of
+128x128), batch 1 and 8; plus the cost of a measure-only handle.
+
+Every number is a median over repetitions run in turn (dense, plan, dense, plan, ...), so a drift of
+the machine's speed hits all plans alike; speedups are medians of per-repetition ratios.
+
+    python -m dit_accel.benchmarks.stacking --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.utils import logging as diffusers_logging
+
+import dit_accel
+from dit_accel.metrics import procedural
+from dit_accel.metrics.quality import psnr, ssim
+from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
+
+STEPS = 20
+
+
+def plans(pipe, kind: str, call: dict, steps: int) -> dict[str, Callable[[], list]]:
+    """Plan label -> configs (built lazily: MagCache is calibrated on the benchmark's own call)."""
+    ras = dit_accel.RASConfig.for_steps(steps, sample_ratio=0.5)
+    threshold = 0.12 if kind == "image" else 0.1
+    warmup = ras.warmup_steps
+    taylorseer = TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=warmup, max_order=1,
+                                       taylor_factors_dtype=torch.float32)
+
+    def magcache():
+        return [ras, dit_accel.calibrate(pipe, MagCacheConfig(threshold=0.06, max_skip_steps=2, calibrate=True),
+                                         **call)]
+
+    return {
+        "RAS 0.5": lambda: [ras],
+        f"FirstBlockCache {threshold}": lambda: [FirstBlockCacheConfig(threshold=threshold)],
+        f"RAS 0.5 + FirstBlockCache {threshold}": lambda: [ras, FirstBlockCacheConfig(threshold=threshold)],
+        "RAS 0.5 + TaylorSeer (every 2nd step)": lambda: [ras, taylorseer],
+        "RAS 0.5 + MagCache 0.06": magcache,
+    }
+
+
+def _generate(pipe, kind: str, call: dict, seed: int) -> torch.Tensor:
+    out = pipe(**call, generator=torch.Generator().manual_seed(seed))
+    samples = out.images if kind == "image" else out.frames.transpose(1, 2)
+    return samples.float().clamp(0, 1)
+
+
+def _timed(pipe, kind: str, call: dict, seed: int, configs: list | None) -> tuple[float, torch.Tensor, dict | None]:
+    handle = dit_accel.apply(pipe, *configs) if configs is not None else None
+    try:
+        start = time.perf_counter()
+        samples = _generate(pipe, kind, call, seed)
+        seconds = time.perf_counter() - start
+        report = handle.report() if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.remove()
+    return seconds, samples, report
+
+
+def quality(kind: str, count: int, repeats: int, seed: int) -> list[dict]:
+    pipe = reference_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    _, scenes = (procedural.image_batch if kind == "image" else procedural.video_batch)(count, seed)
+    call = reference_call_kwargs(kind, prompt=[s.caption for s in scenes], output_type="pt")
+    _timed(pipe, kind, {**call, "num_inference_steps": 2}, seed, None)  # warm-up
+    members = {label: make() for label, make in plans(pipe, kind, call, STEPS).items()}
+    times: dict[str, list[float]] = {"dense": [], **{label: [] for label in members}}
+    speedups: dict[str, list[float]] = {label: [] for label in members}
+    outputs, reports = {}, {}
+    for _ in range(repeats):
+        dense_seconds, outputs["dense"], _ = _timed(pipe, kind, call, seed, None)
+        times["dense"].append(dense_seconds)
+        for label, configs in members.items():
+            seconds, outputs[label], reports[label] = _timed(pipe, kind, call, seed, configs)
+            times[label].append(seconds)
+            speedups[label].append(dense_seconds / seconds)
+    rows = [{"plan": "dense", "seconds": statistics.median(times["dense"]), "speedup": 1.0, "flops_ratio": 1.0,
+             "psnr": None, "ssim": 1.0}]
+    for label in members:
+        rows.append({"plan": label, "seconds": statistics.median(times[label]),
+                     "speedup": statistics.median(speedups[label]), "flops_ratio": reports[label]["flops_ratio"],
+                     "psnr": psnr(outputs[label], outputs["dense"]), "ssim": ssim(outputs[label], outputs["dense"])})
+    return rows
+
+
+def overhead(kind: str, batch: int, repeats: int, steps: int) -> list[dict]:
+    """Wall-clock speedup / FLOPs speedup of each plan at this model's size, batch `batch`."""
+    pipe = reference_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    size = {} if kind == "image" else {"height": 128, "width": 128, "num_frames": 7}  # 4 x 32 x 32 tokens
+    call = reference_call_kwargs(kind, prompt=["a large red circle moving right, blue plain background"] * batch,
+                                 num_inference_steps=steps, output_type="latent", **size)
+    _timed(pipe, kind, {**call, "num_inference_steps": 2}, 0, None)
+    members = {"measure-only handle": []}
+    members.update({label: make() for label, make in plans(pipe, kind, call, steps).items() if "MagCache" not in label})
+    tokens = None
+    ratios: dict[str, list[float]] = {label: [] for label in members}
+    speedups: dict[str, list[float]] = {label: [] for label in members}
+    flops: dict[str, float] = {}
+    for _ in range(repeats):
+        dense_seconds, _, _ = _timed(pipe, kind, call, 0, None)
+        for label, configs in members.items():
+            seconds, _, report = _timed(pipe, kind, call, 0, configs)
+            tokens = report["steps"][0]["calls"][0].get("total_image_tokens") or tokens
+            flops[label] = report["flops_ratio"]
+            speedups[label].append(dense_seconds / seconds)
+            ratios[label].append(dense_seconds / seconds * report["flops_ratio"])
+    return [{"model": kind, "batch": batch, "plan": label, "flops_ratio": flops[label],
+             "speedup": statistics.median(speedups[label]), "overhead_ratio": statistics.median(ratios[label])}
+            for label in members]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row[key]
+            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=8, help="captions per image batch")
+    parser.add_argument("--videos", type=int, default=4, help="captions per video batch")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip", choices=["quality", "overhead"], action="append", default=[])
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32, "
+          f"{args.repeats} repetitions in turn, medians\n")
+    results: dict[str, list[dict]] = {}
+    if "quality" not in args.skip:
+        for kind, count in (("image", args.images), ("video", args.videos)):
+            results[kind] = quality(kind, count, args.repeats, args.seed)
+            print(f"## {kind}: {count} captions per batch, CFG 4, {STEPS} steps\n")
+            print(_table(results[kind], [("plan", "plan", ""), ("seconds", "time (s)", ".2f"),
+                                         ("speedup", "speedup", ".2f"), ("flops_ratio", "FLOPs ratio", ".3f"),
+                                         ("psnr", "PSNR vs dense (dB)", ".1f"), ("ssim", "SSIM", ".3f")]) + "\n",
+                  flush=True)
+    if "overhead" not in args.skip:
+        rows = []
+        for kind, batch, steps in (("image", 1, STEPS), ("image", 8, STEPS), ("video", 1, STEPS), ("video", 8, 8)):
+            rows += overhead(kind, batch, args.repeats if batch == 1 or kind == "image" else 2, steps)
+        results["overhead"] = rows
+        print("## overhead: wall-clock speedup / FLOPs speedup (image model 256 tokens, video model 4,096)\n")
+        print(_table(rows, [("model", "model", ""), ("batch", "batch", "d"), ("plan", "plan", ""),
+                            ("flops_ratio", "FLOPs ratio", ".3f"), ("speedup", "speedup", ".2f"),
+                            ("overhead_ratio", "speedup / FLOPs speedup", ".2f")]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
