@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .api import apply, calibrate
 from .config import ConfigError
 from .models import UnsupportedModelError
-from .plans import parse_plan
+from .plans import describe, parse_plan
 from .runtime.registry import registration
 
 #: the plans shown when none is given: RAS alone, and RAS stacked with diffusers' FirstBlockCache
@@ -98,12 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                      help="auto: bfloat16 on a GPU, float32 on a CPU")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
+                        description="Every name a plan may use, its stages, and each field's type, range and doc.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plans":
+        print(describe(), end="")
+        return 0
     try:
         generate(args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from . import methods  # noqa: F401  (registers every technique and diffusers cache)
-from .config import ConfigError, check_dataclass_fields
+from .config import AccelerationConfig, ConfigError, check_dataclass_fields, config_fields
 from .runtime.registry import check_composable, registrations
 
 _TECHNIQUE_START = re.compile(r"\s*[A-Za-z_]\w*\s*(:|\+|$)")
@@ -122,3 +122,22 @@ def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
     configs = [parse_technique(part, num_steps) for part in _split(spec, "+")]
     check_composable(configs)
     return configs
+
+
+def describe() -> str:
+    """Every plan name with its stages and fields (type, default, range, doc), from the configs' metadata."""
+    lines = []
+    for reg in registrations():
+        cls = reg.config_class
+        ours = issubclass(cls, AccelerationConfig)
+        # diffusers' caches occupy stage 1 whatever their fields; ours are shown at their defaults
+        stages = ", ".join(str(int(s)) for s in sorted(reg.stages(cls() if ours else None)))
+        built = "" if reg.technique is not None else "  (technique not built yet)"
+        lines.append(f"{reg.name}: {cls.__name__}, stage {stages}: {reg.summary}{built}")
+        if ours:
+            for spec in config_fields(cls):
+                extra = f", {spec.param.range_text()}" if spec.param.range_text() else ""
+                lines.append(f"    {spec.name} ({spec.type_text}, default {spec.default!r}{extra}): {spec.param.doc}")
+        else:
+            lines.append(f"    fields: {', '.join(fields_of(cls))} (see diffusers' {cls.__name__})")
+    return "\n".join(lines) + "\n"

@@ -56,6 +56,14 @@ def test_parse_plan_rejects_bad_specs_clearly(spec, message):
         parse_plan(spec)
 
 
+def test_plans_lists_every_member_with_its_fields(capsys):
+    assert main(["plans"]) == 0
+    out = capsys.readouterr().out
+    assert "ras: RASConfig, stage 2, 5:" in out and "fbcache: FirstBlockCacheConfig, stage 1:" in out
+    assert "sample_ratio (float, default 0.5, in (0, 1]): fraction of image tokens recomputed" in out
+    assert "svg2: SVG2Config, stage 6:" in out and "(technique not built yet)" in out
+
+
 def test_bad_spec_fails_before_loading_a_model(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", "tiny:sd3", "--accel", "ras:bogus=1"])

@@ -97,12 +97,13 @@ def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed():
         both = torch.cat([mask, mask])  # batched CFG: both halves share the selection
         assert torch.equal(now[~both], before[~both])
         assert not torch.equal(now[both], before[both])
-        for key, (k_now, v_now) in kv_snapshots[step].items():
-            # (B, H, S, D), SD3's image tokens first
-            k_now, k_before = k_now[:, :, : grid.num_tokens], kv_snapshots[step - 1][key][0][:, :, : grid.num_tokens]
-            skipped = ~both[:, None, :, None].expand_as(k_now)
-            assert torch.equal(k_now[skipped], k_before[skipped])
-            assert not torch.equal(k_now[~skipped], k_before[~skipped])
+        for key, cached in kv_snapshots[step].items():
+            for now_kv, before_kv in zip(cached, kv_snapshots[step - 1][key]):
+                # (B, H, S, D), SD3's image tokens first
+                now_kv, before_kv = now_kv[:, :, : grid.num_tokens], before_kv[:, :, : grid.num_tokens]
+                skipped = ~both[:, None, :, None].expand_as(now_kv)
+                assert torch.equal(now_kv[skipped], before_kv[skipped])
+                assert not torch.equal(now_kv[~skipped], before_kv[~skipped])
 
 
 def test_batch_two_with_cfg_selects_per_sample():

@@ -7,6 +7,7 @@ cache full-length tensors around token subsets. The ledger counts what each skip
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -89,10 +90,14 @@ def test_keep_all_pairs_equal_the_other_member_alone(family):
     full-length boundaries around the token subset, the K/V cache under a step cache."""
     pipe = _pipe(family)
     ras = dit_accel.RASConfig(**RAS_HALF)
+    caches = _caches(pipe, family)
     keep_all_caches = [FirstBlockCacheConfig(threshold=0.0),
-                       TaylorSeerCacheConfig(cache_interval=1, disable_cache_before_step=STEPS)]
+                       TaylorSeerCacheConfig(cache_interval=1, disable_cache_before_step=STEPS),
+                       PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=1,
+                                                       spatial_attention_timestep_skip_range=(-1, 1001)),
+                       dataclasses.replace(caches["magcache"], retention_ratio=1.0)]
     ras_alone, _ = _run(pipe, family, ras)
-    for cache, keep_all in zip(_caches(pipe, family).values(), keep_all_caches):
+    for cache, keep_all in zip(caches.values(), keep_all_caches, strict=True):
         cache_alone, _ = _run(pipe, family, cache)
         torch.testing.assert_close(_run(pipe, family, dit_accel.RASConfig.keep_all(), cache)[0], cache_alone,
                                    rtol=1e-4, atol=1e-4)
@@ -131,6 +136,21 @@ def test_ras_on_top_of_a_users_cache_and_a_second_cache_refused():
     assert model_state(pipe.transformer) == before
     pipe.transformer.disable_cache()
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+
+
+def test_a_cache_enabled_after_apply():
+    """The ledger still counts what it skipped and SD3 still gets its cache context; with a token set, whose
+    boundaries were laid out for the caches present at apply(), the next run says to apply again."""
+    pipe = tiny_pipeline("sd3")
+    with dit_accel.measure(pipe) as handle:
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=0.5))
+        pipe(**_kwargs("sd3"))
+        assert handle.report()["flops_ratio"] < 0.9
+    pipe = tiny_pipeline("wan")
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF)):
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        with pytest.raises(dit_accel.ConfigError, match="enabled or disabled on the transformer after"):
+            pipe(**_kwargs("wan"))
 
 
 def test_cache_state_is_reset_at_every_run():

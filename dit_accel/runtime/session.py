@@ -116,13 +116,13 @@ class _AttentionHook(ModelHook):
         session, plan = self.session, self.session.plan
         if plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
-        if self.call is not None and session.routes_attention:
+        routed = self.call is not None and session.routes_attention
+        # linear work, and the dense attention core unless stages 5-6 record what they ran
+        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, not routed))
+        if routed:
             output = session.run_routed_attention(self, module, plan, args, kwargs)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            queries, keys = self.cost.attention_shape(plan.image_tokens, plan.text_tokens)
-            plan.record(self.cost.core_record(self.block, plan.batch, queries, keys, queries * keys))
         if self.scatter_output:
             output = session.token_set.scatter_attention_output(plan, module, output)
         return output
@@ -201,6 +201,8 @@ class Session:
         self._resets_caches = False
         self._before = Leftovers(frozenset(), frozenset())
         self._receiver: _ContextReceiver | None = None
+        #: the blocks and attention modules a step cache wrapped when the session attached
+        self._cached: tuple[set[int], dict[nn.Module, str]] = (set(), {})
         self._call_hooks: list = []
         self._started = 0.0
 
@@ -212,7 +214,7 @@ class Session:
                 technique.attach()
             self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
             self._check_attention_backends()
-            cached_blocks, cached_attentions = self._cached_modules()
+            self._cached = cached_blocks, cached_attentions = self._cached_modules()
             for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
                 self._attach_units(index, block, cost.units, cached_attentions)
                 if index in cached_blocks and self.adapter.drops_text_output(block):
@@ -314,6 +316,11 @@ class Session:
     def _begin_run(self, cache_context: Any) -> None:
         self.end_run()
         self.records.clear()
+        self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
+        if self.token_set is not None and self._cached_modules() != self._cached:
+            raise ConfigError("a step cache was enabled or disabled on the transformer after dit_accel.apply(): "
+                              f"{self.by_stage[Stage.TOKEN_SET].label} must hand it full-length tokens; remove "
+                              "the handle and apply again")
         if self._resets_caches:
             # diffusers resets stateful cache hooks only in CacheMixin models' pipelines (not SD3, PixArt, DiT)
             HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
