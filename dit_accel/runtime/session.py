@@ -217,10 +217,7 @@ class Session:
             self._cached = cached_blocks, cached_attentions = self._cached_modules()
             for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
                 self._attach_units(index, block, cost.units, cached_attentions)
-                if index in cached_blocks and self.adapter.drops_text_output(block):
-                    signature = self.adapter.block_signature(block)
-                    self.hooks.add(block, _TextOutputHook(signature.text_arg, 1 - signature.output_hidden_index),
-                                   "text_output", innermost=True)
+            self._complete_text_outputs(cached_blocks)
             if Stage.TOKEN_SET in self.by_stage:
                 self.token_set = TokenSet(self, cached_blocks, cached_attentions)
                 self.token_set.attach()
@@ -267,6 +264,15 @@ class Session:
                                       f"combined with {self.by_stage[Stage.TOKEN_SET].label} yet: put it on "
                                       "blocks or attention modules")
         return blocks, attentions
+
+    def _complete_text_outputs(self, cached_blocks: set[int]) -> None:
+        """A block that returns None for its text tokens gets them back inside a step cache on it."""
+        for index in cached_blocks:
+            block = self.adapter.blocks()[index]
+            if self.adapter.drops_text_output(block):
+                signature = self.adapter.block_signature(block)
+                self.hooks.add(block, _TextOutputHook(signature.text_arg, 1 - signature.output_hidden_index),
+                               f"text_output.{index}", innermost=True)
 
     def _attach_units(self, index: int, block: nn.Module, units: dict[str, UnitCost],
                       cached_attentions: dict[nn.Module, str]) -> None:
@@ -317,10 +323,14 @@ class Session:
         self.end_run()
         self.records.clear()
         self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
-        if self.token_set is not None and self._cached_modules() != self._cached:
-            raise ConfigError("a step cache was enabled or disabled on the transformer after dit_accel.apply(): "
-                              f"{self.by_stage[Stage.TOKEN_SET].label} must hand it full-length tokens; remove "
-                              "the handle and apply again")
+        cached = self._cached_modules()
+        if cached != self._cached:  # a step cache enabled or disabled since apply()
+            if self.token_set is not None:
+                raise ConfigError("a step cache was enabled or disabled on the transformer after dit_accel.apply(): "
+                                  f"{self.by_stage[Stage.TOKEN_SET].label} must hand it full-length tokens; remove "
+                                  "the handle and apply again")
+            self._complete_text_outputs(cached[0] - self._cached[0])
+            self._cached = cached
         if self._resets_caches:
             # diffusers resets stateful cache hooks only in CacheMixin models' pipelines (not SD3, PixArt, DiT)
             HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
