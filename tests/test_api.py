@@ -223,3 +223,33 @@ def test_apply_twice_is_refused_and_failed_apply_leaves_no_hooks():
     with pytest.raises(NotImplementedError, match="SVG2Config"):
         dit_accel.apply(pipe, dit_accel.SVG2Config())
     assert model_state(pipe.transformer) == before
+
+
+def test_dense_attention_counts_a_pooled_key_by_its_log_count_bias():
+    """Stage 5's contract with stage 6: a key standing for `c` equal keys carries log(c); with it,
+    attending to the pooled keys equals attending to all of them (bool and float masks kept)."""
+    from dit_accel.attention.intercept import dense_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 5, 8, generator=generator)
+    key, value = torch.randn(2, 3, 4, 8, generator=generator), torch.randn(2, 3, 4, 8, generator=generator)
+    counts = torch.tensor([1, 3, 2, 1])
+    full_key, full_value = key.repeat_interleave(counts, dim=2), value.repeat_interleave(counts, dim=2)
+    bias = counts.float().log().view(1, 1, 1, -1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, full_key, full_value)
+    torch.testing.assert_close(dense_attention(query, key, value, bias), expected)
+    keep = torch.tensor([[True, True, False, True]])
+    masked = torch.nn.functional.scaled_dot_product_attention(query, full_key, full_value,
+                                                              attn_mask=keep.repeat_interleave(counts, dim=1))
+    torch.testing.assert_close(dense_attention(query, key, value, bias, attn_mask=keep), masked)
+
+
+def test_token_set_coordinates_are_the_tokens_grid_positions():
+    from dit_accel.models.base import TokenGrid
+    from dit_accel.runtime.plan import TokenSet
+
+    grid = TokenGrid(2, 3, 4)
+    tokens = TokenSet(torch.tensor([[0, 5, 23], [1, 12, 13]]), grid)
+    assert tokens.count == 3 and not tokens.shared
+    assert tokens.coordinates()[0].tolist() == [[0, 0, 0], [0, 1, 1], [1, 2, 3]]
+    assert tokens.coordinates()[1].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 1]]
