@@ -1,0 +1,40 @@
+"""Partial attentions and their exact log-sum-exp merge.
+
+Proxy attention splits each query's keys into an exact local window and one pooled proxy per other
+window; FlexDiT's pooled K/V works the same way. Each part is an attention over its own keys that
+also returns, per query, the log-sum-exp of its logits; two parts merge exactly:
+out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}). Compiled FlexAttention on CPU
+refuses `return_lse` (torch 2.13), so the LSE is computed here from the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None, scale: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H, Q, D), lse (B, H, Q)); `bias` adds to the logits (a pooled key's log count),
+    `mask` (bool, True = attend) removes keys. A query with no key left gets lse -inf and output 0."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = (query @ key.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float32).min))
+    weights = torch.nan_to_num(weights, nan=0.0)
+    return (weights.to(value.dtype) @ value), lse
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets, from the two partial attentions."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = out_a.float() * weight_a + out_b.float() * weight_b
+    return out.to(out_a.dtype), lse

@@ -1,0 +1,75 @@
+"""Attention kernels against their plain references: k-means, the log-sum-exp merge, block-sparse."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dit_accel.attention import block_sparse, kmeans, merge
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _inertia(points, labels, centroids):
+    return (points - centroids.gather(1, labels.unsqueeze(-1).expand_as(points))).pow(2).sum()
+
+
+def test_kmeans_converges_warm_starts_and_its_permutation_round_trips():
+    centers = _randn(2, 4, 8, seed=1) * 10  # two groups (heads), four far-apart centers each
+    truth = torch.randint(0, 4, (2, 200), generator=torch.Generator().manual_seed(2))
+    points = centers.gather(1, truth.unsqueeze(-1).expand(-1, -1, 8)) + 0.1 * _randn(2, 200, 8, seed=3)
+    first = kmeans.kmeans(points, 4, 1, generator=torch.Generator().manual_seed(4))
+    labels, centroids, sizes = kmeans.kmeans(points, 4, 20, generator=torch.Generator().manual_seed(4))
+    assert _inertia(points, labels, centroids) <= _inertia(points, first[0], first[1])
+    assert torch.equal(labels, kmeans.assign(points, centroids))  # every point in its nearest cluster
+    assert sizes.sum(-1).tolist() == [200, 200]
+    warm, again, _ = kmeans.kmeans(points, 4, 2, centroids=centroids)  # a fixed point stays put
+    assert torch.equal(warm, labels) and torch.allclose(again, centroids)
+    permutation, offsets = kmeans.cluster_permutation(labels, 4)
+    permuted = points.gather(1, permutation.unsqueeze(-1).expand_as(points))
+    assert (labels.gather(1, permutation).diff(dim=-1) >= 0).all()  # clusters contiguous
+    assert torch.equal(offsets.diff(dim=-1), sizes)
+    restored = torch.empty_like(permuted).scatter_(1, permutation.unsqueeze(-1).expand_as(points), permuted)
+    assert torch.equal(restored, points)
+
+
+def test_lse_merge_of_a_split_attention_equals_the_whole():
+    query, key, value = _randn(2, 3, 7, 16, seed=5), _randn(2, 3, 11, 16, seed=6), _randn(2, 3, 11, 16, seed=7)
+    bias = _randn(1, 1, 1, 11, seed=8)
+    full = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+    first, second = slice(0, 4), slice(4, 11)
+    out_a, lse_a = merge.attention_with_lse(query, key[:, :, first], value[:, :, first], bias[..., first])
+    out_b, lse_b = merge.attention_with_lse(query, key[:, :, second], value[:, :, second], bias[..., second])
+    out, lse = merge.merge(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out, full)
+    logits = (query @ key.transpose(-1, -2)) / 4 + bias
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+
+
+def _clusters(groups: int, length: int, clusters: int, seed: int) -> torch.Tensor:
+    sizes = torch.randint(1, 2 * length // clusters, (groups, clusters), generator=torch.Generator().manual_seed(seed))
+    sizes[:, -1] += length - sizes.sum(-1)  # the last cluster takes the rest
+    assert (sizes > 0).all()
+    return torch.cat([torch.zeros(groups, 1, dtype=torch.long), sizes.cumsum(-1)], -1)
+
+
+def test_block_sparse_with_every_block_kept_is_dense_and_gathered_matches_the_reference():
+    groups, q_len, k_len = 4, 60, 50
+    query, key, value = _randn(groups, q_len, 16, seed=9), _randn(groups, k_len, 16, seed=10), _randn(groups, k_len, 16, seed=11)
+    q_offsets, k_offsets = _clusters(groups, q_len, 5, 12), _clusters(groups, k_len, 6, 13)
+    everything = torch.ones(groups, 5, 6, dtype=torch.bool)
+    dense = F.scaled_dot_product_attention(query, key, value)
+    for kernel in (block_sparse.reference, block_sparse.gathered):
+        torch.testing.assert_close(kernel(query, key, value, q_offsets, k_offsets, everything), dense)
+    assert block_sparse.pairs(q_offsets, k_offsets, everything).tolist() == [q_len * k_len] * groups
+
+    keep = torch.rand(groups, 5, 6, generator=torch.Generator().manual_seed(14)) < 0.4
+    keep[:, :, 0] = True  # every query cluster keeps a key cluster
+    bias = _randn(groups, k_len, seed=15).unsqueeze(1)
+    expected = block_sparse.reference(query, key, value, q_offsets, k_offsets, keep, bias)
+    torch.testing.assert_close(block_sparse.gathered(query, key, value, q_offsets, k_offsets, keep, bias), expected)
+    mask = block_sparse.token_mask(q_offsets, k_offsets, keep, q_len, k_len)
+    assert block_sparse.pairs(q_offsets, k_offsets, keep).tolist() == mask.sum((1, 2)).tolist()
+    assert not torch.allclose(expected, dense)
