@@ -220,8 +220,8 @@ def test_apply_twice_is_refused_and_failed_apply_leaves_no_hooks():
     with pytest.raises(RuntimeError, match="already accelerated"):
         dit_accel.apply(pipe, dit_accel.RASConfig())
     handle.remove()
-    with pytest.raises(NotImplementedError, match="SVG2Config"):
-        dit_accel.apply(pipe, dit_accel.SVG2Config())
+    with pytest.raises(NotImplementedError, match="ProxyAttentionConfig"):
+        dit_accel.apply(pipe, dit_accel.ProxyAttentionConfig())
     assert model_state(pipe.transformer) == before
 
 

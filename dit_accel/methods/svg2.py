@@ -1,11 +1,34 @@
-"""SVG2 semantic-permutation sparse attention (configuration; the technique is its own issue)."""
+"""SVG2 semantic-aware permutation sparse attention (Sparse VideoGen2, arXiv 2505.18875), stage 6.
+
+Per head, the image queries and the image keys are clustered by k-means (separately, with their own
+cluster counts; a layer's centroids warm-start its next call). Every (query cluster, key cluster)
+pair is scored by the attention of the centroids, weighted by the key cluster's size; each query
+cluster keeps the key clusters that make up `top_p` of that mass (at least `min_key_cluster_ratio`
+of them). Tokens are permuted so clusters are contiguous, the block-sparse kernel computes the kept
+pairs, and the output is permuted back. Text tokens attend and are attended densely (one more
+cluster on each side); cross-attention is untouched. Batches and CFG work: every (sample, head) is
+clustered on its own. The first `dense_warmup` of the steps and `dense_first_blocks` of the blocks
+run dense. k-means and the pair scoring are recorded in the ledger as overhead.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+
+from ..attention import block_sparse, kmeans
+from ..attention.intercept import AttentionCall, dense_attention
 from ..config import AccelerationConfig, Stage, param
-from ..runtime.registry import register_config
+from ..runtime.plan import CallPlan
+from ..runtime.registry import register_technique
+from ..runtime.technique import Technique
+
+#: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
+TOKENS_PER_QUERY_CLUSTER = 252
+TOKENS_PER_KEY_CLUSTER = 76
 
 
 @dataclass(frozen=True)
@@ -14,13 +37,15 @@ class SVG2Config(AccelerationConfig):
 
     top_p: float = param(0.9, "attention mass of key clusters kept per query cluster; 1.0 keeps every pair",
                          low=0.0, high=1.0, low_open=True)
-    query_clusters: int = param(100, "k-means clusters of the queries, per head", low=1, high=1 << 20)
-    key_clusters: int = param(500, "k-means clusters of the keys, per head", low=1, high=1 << 20)
+    query_clusters: int | None = param(None, "k-means clusters of the image queries per head; None: one per 252 "
+                                             "tokens (the official 720p ratio)", low=1, high=1 << 20)
+    key_clusters: int | None = param(None, "k-means clusters of the image keys per head; None: one per 76 tokens",
+                                     low=1, high=1 << 20)
     kmeans_iters_first: int = param(50, "k-means iterations at a layer's first sparse call", low=1, high=10_000)
     kmeans_iters_next: int = param(2, "warm-started k-means iterations at later calls", low=0, high=10_000)
     min_key_cluster_ratio: float = param(0.1, "fraction of key clusters always kept per query cluster",
                                          low=0.0, high=1.0)
-    dense_first_blocks: float = param(0.0, "fraction of blocks (from the first) kept dense", low=0.0, high=1.0)
+    dense_first_blocks: float = param(0.03, "fraction of blocks (from the first) kept dense", low=0.0, high=1.0)
     dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
 
     name = "svg2"
@@ -30,8 +55,130 @@ class SVG2Config(AccelerationConfig):
 
     @classmethod
     def keep_all(cls) -> "SVG2Config":
-        return cls(top_p=1.0, min_key_cluster_ratio=1.0)
+        """Every cluster pair kept from the first step and block on: k-means, permutation and the
+        block-sparse kernel all run, and the output is the dense one."""
+        return cls(top_p=1.0, min_key_cluster_ratio=1.0, dense_first_blocks=0.0, dense_warmup=0.0)
+
+    def clusters_for(self, queries: int, keys: int) -> tuple[int, int]:
+        query = self.query_clusters or max(1, round(queries / TOKENS_PER_QUERY_CLUSTER))
+        key = self.key_clusters or max(1, round(keys / TOKENS_PER_KEY_CLUSTER))
+        return min(query, queries), min(key, keys)
 
 
-# no technique yet: plans name it, and applying it says so
-register_config(SVG2Config, name=SVG2Config.name, stages=SVG2Config.stages, summary="SVG2 sparse attention: k-means permutation, top-p cluster pairs")
+def _keep(query_centroids: torch.Tensor, key_centroids: torch.Tensor, key_sizes: torch.Tensor, scale: float,
+          top_p: float, min_kept: int) -> torch.Tensor:
+    """(G, QC, KC) pairs whose size-weighted centroid attention reaches `top_p` per query cluster."""
+    logits = (query_centroids @ key_centroids.transpose(1, 2)) * scale + key_sizes.clamp(min=1).log().unsqueeze(1)
+    logits = logits.masked_fill(key_sizes.unsqueeze(1) == 0, float("-inf"))
+    mass = logits.softmax(-1)
+    order = mass.argsort(-1, descending=True)
+    before = mass.gather(-1, order).cumsum(-1) - mass.gather(-1, order)  # mass of the clusters ranked above
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    kept_sorted = (before < top_p) | (rank < min_kept)
+    return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted) & (key_sizes.unsqueeze(1) > 0)
+
+
+def _per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, batch: int, heads: int, keys: int,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """Stage 5's log-count bias and a per-key mask (text padding) as one (G, 1, K) logit bias."""
+    total = None
+    if bias is not None:
+        total = bias.float().expand(batch, heads, 1, keys)
+    if mask is not None:
+        extra = mask.float() if mask.dtype != torch.bool else \
+            torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+        extra = extra.expand(batch, heads, 1, keys)
+        total = extra if total is None else total + extra
+    return None if total is None else total.reshape(batch * heads, 1, keys).to(dtype)
+
+
+@register_technique(SVG2Config, "SVG2 sparse attention: k-means permutation, top-p cluster pairs")
+class SVG2(Technique):
+    def __init__(self, config: SVG2Config, session):
+        super().__init__(config, session)
+        #: per (slot, block, attention): the (query, key) centroids the layer ended its last call with
+        self.centroids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: per call: (attended pairs, dense pairs) of the sparse attentions, for the density
+        self._pairs = [0.0, 0.0]
+
+    def end_run(self) -> None:
+        self.centroids.clear()
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.centroids.values() for t in pair)
+
+    def begin_call(self, plan: CallPlan) -> None:
+        self._pairs = [0.0, 0.0]
+
+    def _dense_here(self, plan: CallPlan, call: AttentionCall) -> bool:
+        steps = plan.ctx.num_steps
+        warmup = math.floor(self.config.dense_warmup * steps) if steps is not None else 0
+        first = math.floor(self.config.dense_first_blocks * len(self.adapter.blocks()))
+        return plan.ctx.step_index < warmup or call.block_index < first
+
+    def attend(self, plan: CallPlan, call: AttentionCall, query, key, value, bias, **sdpa_kwargs):
+        mask = sdpa_kwargs.pop("attn_mask", None)
+        per_key = mask is None or (mask.shape[-2] == 1 if mask.ndim >= 2 else True)
+        if self._dense_here(plan, call) or not per_key or sdpa_kwargs.get("is_causal"):
+            return dense_attention(query, key, value, bias, attn_mask=mask, **sdpa_kwargs), \
+                query.shape[2] * key.shape[2]
+        batch, heads, q_len, dim = query.shape
+        k_len = key.shape[2]
+        q_image, k_image = call.image_slice(q_len), call.image_slice(k_len)
+        groups = batch * heads
+        flat = lambda x, part: x[:, :, part].reshape(groups, -1, x.shape[-1])  # noqa: E731
+        image_q, image_k = flat(query, q_image), flat(key, k_image)
+        q_clusters, k_clusters = self.config.clusters_for(image_q.shape[1], image_k.shape[1])
+        cache_key = (plan.ctx.slot, call.block_index, call.attention_index)
+        warm = self.centroids.get(cache_key)
+        if warm is not None and (warm[0].shape != (groups, q_clusters, dim) or warm[1].shape != (groups, k_clusters, dim)):
+            warm = None
+        iterations = self.config.kmeans_iters_first if warm is None else self.config.kmeans_iters_next
+        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0])
+        k_labels, k_centroids, k_sizes = kmeans.kmeans(image_k, k_clusters, iterations,
+                                                       None if warm is None else warm[1])
+        self.centroids[cache_key] = (q_centroids, k_centroids)
+        scale = sdpa_kwargs.get("scale") or dim ** -0.5
+        keep = _keep(q_centroids, k_centroids, k_sizes, scale, self.config.top_p,
+                     math.ceil(self.config.min_key_cluster_ratio * k_clusters))
+        plan.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
+                             (image_q.shape[1] * q_clusters + image_k.shape[1] * k_clusters), image_q.shape[1])
+
+        # text (joint attention) is one more cluster on each side, kept by and keeping every cluster
+        q_perm, q_offsets = kmeans.cluster_permutation(q_labels, q_clusters)
+        k_perm, k_offsets = kmeans.cluster_permutation(k_labels, k_clusters)
+        q_text, k_text = q_len - image_q.shape[1], k_len - image_k.shape[1]
+        q_offsets = torch.cat([q_offsets, q_offsets[:, -1:] + q_text], -1) if q_text else q_offsets
+        k_offsets = torch.cat([k_offsets, k_offsets[:, -1:] + k_text], -1) if k_text else k_offsets
+        if k_text:
+            keep = torch.cat([keep, keep.new_ones(groups, keep.shape[1], 1)], -1)
+        if q_text:
+            keep = torch.cat([keep, keep.new_ones(groups, 1, keep.shape[-1])], 1)
+
+        def order(x, part, permutation):
+            """The permuted image tokens, then the text tokens, as (G, S, D)."""
+            image = flat(x, part).gather(1, permutation.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            text = [x[:, :, : part.start], x[:, :, part.stop:]]
+            return torch.cat([image] + [t.reshape(groups, -1, x.shape[-1]) for t in text if t.shape[2]], 1)
+
+        key_bias = _per_key_bias(bias, mask, batch, heads, k_len, query.dtype)
+        if key_bias is not None:
+            image_bias = key_bias[:, :, k_image].gather(2, k_perm.unsqueeze(1))
+            key_bias = torch.cat([image_bias, key_bias[:, :, : k_image.start], key_bias[:, :, k_image.stop:]], 2)
+        out = block_sparse.gathered(order(query, q_image, q_perm), order(key, k_image, k_perm),
+                                    order(value, k_image, k_perm), q_offsets, k_offsets, keep, key_bias)
+        pairs = float(block_sparse.pairs(q_offsets, k_offsets, keep).float().mean())
+        self._pairs[0] += pairs
+        self._pairs[1] += q_len * k_len
+
+        # back to the processor's order: un-permute the image queries, text where it was
+        image_out = out[:, : image_q.shape[1]]
+        restored = torch.empty_like(image_out).scatter_(1, q_perm.unsqueeze(-1).expand_as(image_out), image_out)
+        text_out = out[:, image_q.shape[1]:]
+        before, after = text_out[:, : q_image.start], text_out[:, q_image.start:]
+        result = torch.cat([before, restored, after], 1).view(batch, heads, q_len, -1)
+        return result, round(pairs)
+
+    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
+        attended, dense = self._pairs
+        return {"attention_density": attended / dense if dense else 1.0}
