@@ -134,9 +134,11 @@ class SVG2(Technique):
         if warm is not None and (warm[0].shape != (groups, q_clusters, dim) or warm[1].shape != (groups, k_clusters, dim)):
             warm = None
         iterations = self.config.kmeans_iters_first if warm is None else self.config.kmeans_iters_next
-        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0])
+        seed = torch.Generator().manual_seed(call.block_index)  # the same run gives the same image
+        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0],
+                                                 seed)
         k_labels, k_centroids, k_sizes = kmeans.kmeans(image_k, k_clusters, iterations,
-                                                       None if warm is None else warm[1])
+                                                       None if warm is None else warm[1], seed)
         self.centroids[cache_key] = (q_centroids, k_centroids)
         scale = sdpa_kwargs.get("scale") or dim ** -0.5
         keep = _keep(q_centroids, k_centroids, k_sizes, scale, self.config.top_p,
