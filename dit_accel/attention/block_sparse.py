@@ -3,10 +3,10 @@
 After a permutation that makes every cluster contiguous (`kmeans.cluster_permutation`), a plan keeps
 some (query cluster, key cluster) pairs: `keep` (G, QC, KC), G = batch * heads. Each query then
 attends only to the keys of the clusters its own cluster keeps (every query cluster keeps at least
-one key cluster). `reference` builds the token-level
-mask and runs masked attention (the plain implementation tests compare against); `gathered` runs
-each query cluster against exactly the keys it keeps, so the work done is the kept pairs. Both take the per-key log-count bias of stage 5, broadcastable to
-(G, 1, K).
+one key cluster). `reference` builds the token-level mask and runs masked attention (the plain
+implementation tests compare against); `gathered` runs each query cluster against exactly the keys
+it keeps, so the work done is the kept pairs. Both take the per-key log-count bias of stage 5,
+broadcastable to (G, 1, K).
 """
 
 from __future__ import annotations

@@ -80,6 +80,13 @@ def routed_sdpa(handler: Handler) -> Iterator[list[int]]:
                 F.scaled_dot_product_attention = _SDPA
 
 
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as additive logits: a bool mask (True = attend) becomes 0 / -inf."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
                     **sdpa_kwargs) -> torch.Tensor:
     """Dense SDPA; `bias` (broadcastable to (B, H, 1, K)) is added to every query's logits for its key,
@@ -87,11 +94,5 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if bias is not None:
         mask = sdpa_kwargs.pop("attn_mask", None)
         bias = bias.to(query.dtype)
-        if mask is None:
-            mask = bias
-        elif mask.dtype == torch.bool:
-            mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, float("-inf")) + bias
-        else:
-            mask = mask + bias
-        sdpa_kwargs["attn_mask"] = mask
+        sdpa_kwargs["attn_mask"] = bias if mask is None else mask_bias(mask, query.dtype) + bias
     return _SDPA(query, key, value, **sdpa_kwargs)

@@ -21,14 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import diffusers.hooks as diffusers_hooks
-from diffusers.hooks import (
-    FasterCacheConfig,
-    FirstBlockCacheConfig,
-    MagCacheConfig,
-    PyramidAttentionBroadcastConfig,
-    TaylorSeerCacheConfig,
-)
-from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer_cache
+from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig, mag_cache, taylorseer_cache
 
 from ..config import ConfigError, Stage, check_dataclass_fields
 from ..runtime.hooks import remove_named_hooks
@@ -50,37 +43,34 @@ class CacheSpec:
     splits_batch: bool = False
 
 
-CACHES: list[CacheSpec] = [
-    CacheSpec(FirstBlockCacheConfig, "fbcache", diffusers_hooks.apply_first_block_cache,
-              (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK),
-              "FirstBlockCache: skip the blocks after the first when its residual barely changed"),
-    CacheSpec(TaylorSeerCacheConfig, "taylorseer", diffusers_hooks.apply_taylorseer_cache,
-              (taylorseer_cache._TAYLORSEER_CACHE_HOOK,),
-              "TaylorSeer: forecast attention outputs between full steps with a Taylor series"),
-    CacheSpec(MagCacheConfig, "magcache", diffusers_hooks.apply_mag_cache,
-              (mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK),
-              "MagCache: skip steps while the calibrated residual magnitude ratio stays near 1"),
-    CacheSpec(PyramidAttentionBroadcastConfig, "pab", diffusers_hooks.apply_pyramid_attention_broadcast,
-              (pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK,),
-              "Pyramid Attention Broadcast: reuse attention outputs for a range of steps"),
-    CacheSpec(FasterCacheConfig, "fastercache", diffusers_hooks.apply_faster_cache,
-              (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK),
-              "FasterCache: reuse attention outputs and the unconditional branch", splits_batch=True),
-]
-# caches newer diffusers releases have; the pinned range has them, an older one may not
-for _config, _module, _name, _hooks, _summary in (
-        ("SeaCacheConfig", "sea_cache", "seacache",
-         ("_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"),
-         "SeaCache: skip the block stack while spectral-evolution indicators barely change"),
-        ("TextKVCacheConfig", "text_kv_cache", "textkv",
-         ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
-         "TextKVCache: compute the text tokens' keys and values once per run")):
-    if hasattr(diffusers_hooks, _config):
-        _hook_module = getattr(diffusers_hooks, _module)
-        CACHES.append(CacheSpec(getattr(diffusers_hooks, _config), _name,
-                                getattr(diffusers_hooks, "apply_" + _module),
-                                tuple(getattr(_hook_module, h) for h in _hooks), _summary))
+def _spec(config: str, module: str, name: str, hooks: tuple[str, ...], summary: str, splits_batch: bool = False
+          ) -> CacheSpec:
+    """The spec of the cache whose config, `apply_<module>` and hook-name constants diffusers.hooks has."""
+    hook_module = getattr(diffusers_hooks, module)
+    return CacheSpec(getattr(diffusers_hooks, config), name, getattr(diffusers_hooks, "apply_" + module),
+                     tuple(getattr(hook_module, hook) for hook in hooks), summary, splits_batch)
 
+
+CACHES: list[CacheSpec] = [
+    _spec("FirstBlockCacheConfig", "first_block_cache", "fbcache", ("_FBC_LEADER_BLOCK_HOOK", "_FBC_BLOCK_HOOK"),
+          "FirstBlockCache: skip the blocks after the first when its residual barely changed"),
+    _spec("TaylorSeerCacheConfig", "taylorseer_cache", "taylorseer", ("_TAYLORSEER_CACHE_HOOK",),
+          "TaylorSeer: forecast attention outputs between full steps with a Taylor series"),
+    _spec("MagCacheConfig", "mag_cache", "magcache", ("_MAG_CACHE_LEADER_BLOCK_HOOK", "_MAG_CACHE_BLOCK_HOOK"),
+          "MagCache: skip steps while the calibrated residual magnitude ratio stays near 1"),
+    _spec("PyramidAttentionBroadcastConfig", "pyramid_attention_broadcast", "pab",
+          ("_PYRAMID_ATTENTION_BROADCAST_HOOK",),
+          "Pyramid Attention Broadcast: reuse attention outputs for a range of steps"),
+    _spec("FasterCacheConfig", "faster_cache", "fastercache",
+          ("_FASTER_CACHE_DENOISER_HOOK", "_FASTER_CACHE_BLOCK_HOOK"),
+          "FasterCache: reuse attention outputs and the unconditional branch", splits_batch=True),
+    _spec("SeaCacheConfig", "sea_cache", "seacache",
+          ("_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"),
+          "SeaCache: skip the block stack while spectral-evolution indicators barely change"),
+    _spec("TextKVCacheConfig", "text_kv_cache", "textkv",
+          ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
+          "TextKVCache: compute the text tokens' keys and values once per run"),
+]
 ALL_CACHE_HOOK_NAMES = frozenset(name for spec in CACHES for name in spec.hook_names)
 _SPECS = {spec.config_class: spec for spec in CACHES}
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..attention import block_sparse, kmeans
-from ..attention.intercept import AttentionCall, dense_attention
+from ..attention.intercept import AttentionCall, dense_attention, mask_bias
 from ..config import AccelerationConfig, Stage, param
 from ..runtime.plan import CallPlan
 from ..runtime.registry import register_technique
@@ -85,9 +85,7 @@ def _per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, batch: i
     if bias is not None:
         total = bias.float().expand(batch, heads, 1, keys)
     if mask is not None:
-        extra = mask.float() if mask.dtype != torch.bool else \
-            torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-        extra = extra.expand(batch, heads, 1, keys)
+        extra = mask_bias(mask, torch.float32).expand(batch, heads, 1, keys)
         total = extra if total is None else total + extra
     return None if total is None else total.reshape(batch * heads, 1, keys).to(dtype)
 
@@ -100,6 +98,7 @@ class SVG2(Technique):
         self.centroids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         #: per call: (attended pairs, dense pairs) of the sparse attentions, for the density
         self._pairs = [0.0, 0.0]
+        self._dense_blocks = math.floor(config.dense_first_blocks * len(self.adapter.blocks()))
 
     def end_run(self) -> None:
         self.centroids.clear()
@@ -113,8 +112,7 @@ class SVG2(Technique):
     def _dense_here(self, plan: CallPlan, call: AttentionCall) -> bool:
         steps = plan.ctx.num_steps
         warmup = math.floor(self.config.dense_warmup * steps) if steps is not None else 0
-        first = math.floor(self.config.dense_first_blocks * len(self.adapter.blocks()))
-        return plan.ctx.step_index < warmup or call.block_index < first
+        return plan.ctx.step_index < warmup or call.block_index < self._dense_blocks
 
     def attend(self, plan: CallPlan, call: AttentionCall, query, key, value, bias, **sdpa_kwargs):
         mask = sdpa_kwargs.pop("attn_mask", None)

@@ -108,10 +108,10 @@ class StepTracker:
         self._last_latents = None
         self._last_fingerprint = None
 
-    def _same_latents(self, latents: torch.Tensor) -> bool:
+    def _same_latents(self, latents: torch.Tensor, fingerprint: torch.Tensor) -> bool:
         if self._last_latents is not None and self._last_latents() is latents:
             return True
-        return self._last_fingerprint is not None and torch.equal(_fingerprint(latents), self._last_fingerprint)
+        return self._last_fingerprint is not None and torch.equal(fingerprint, self._last_fingerprint)
 
     def _batched(self, latents: torch.Tensor, named: bool) -> bool:
         if named:
@@ -126,20 +126,21 @@ class StepTracker:
     def on_call(self, call: CallInfo, cache_context: Any | None) -> StepContext:
         """The step context of a call; `cache_context` is the diffusers `CacheContext` the pipeline opened."""
         timestep = float(call.timestep.reshape(-1)[0])
+        fingerprint = _fingerprint(call.latents)
         noisier = self._last_timestep is not None and timestep > self._last_timestep
         if self._pending or self._last_timestep is None or noisier:
             self.run_index += 1
             self.step_index, self._calls_in_step, self._cfg_batched = 0, 0, None
             self.num_steps, self._sigmas = self._schedule(timestep) if self._schedule else (None, None)
             self._pending = False
-        elif timestep == self._last_timestep and self._same_latents(call.latents):
+        elif timestep == self._last_timestep and self._same_latents(call.latents, fingerprint):
             self._calls_in_step += 1
         else:
             self.step_index += 1
             self._calls_in_step = 0
         self._last_timestep = timestep
         self._last_latents = weakref.ref(call.latents)
-        self._last_fingerprint = _fingerprint(call.latents)
+        self._last_fingerprint = fingerprint
 
         name = getattr(cache_context, "name", None)
         named = name not in (None, "cond_uncond")
@@ -158,7 +159,7 @@ class StepTracker:
         if given_step is not None:
             step_index = int(given_step)
             num_steps = getattr(cache_context, "num_inference_steps", None) or num_steps
-            sigma = getattr(cache_context, "sigma", None) if getattr(cache_context, "sigma", None) is not None \
-                else sigma
+            given_sigma = getattr(cache_context, "sigma", None)
+            sigma = sigma if given_sigma is None else given_sigma
         return StepContext(self.run_index, step_index, num_steps, timestep, sigma, branch, self._calls_in_step,
                            cfg_batched, call)

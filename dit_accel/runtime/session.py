@@ -267,8 +267,9 @@ class Session:
 
     def _complete_text_outputs(self, cached_blocks: set[int]) -> None:
         """A block that returns None for its text tokens gets them back inside a step cache on it."""
+        blocks = self.adapter.blocks()
         for index in cached_blocks:
-            block = self.adapter.blocks()[index]
+            block = blocks[index]
             if self.adapter.drops_text_output(block):
                 signature = self.adapter.block_signature(block)
                 self.hooks.add(block, _TextOutputHook(signature.text_arg, 1 - signature.output_hidden_index),
@@ -304,10 +305,10 @@ class Session:
             for attention in self.adapter.self_attentions(block):
                 backend = attention_backend(attention)
                 if backend not in SDPA_BACKENDS:
-                    names = ", ".join(t.label for t in self.techniques if {Stage.KV_SOURCE, Stage.ATTENTION_KERNEL}
-                                      & t.stages)
+                    names = ", ".join(t.label for t in self.techniques
+                                      if {Stage.KV_SOURCE, Stage.ATTENTION_KERNEL} & t.stages)
                     raise ConfigError(
-                        f"{names} {'changes' if ',' not in names else 'change'} attention (stages 5-6), which runs through torch's SDPA; this model's "
+                        f"{names}: stages 5-6 change attention, which runs through torch's SDPA; this model's "
                         f"attention uses the diffusers backend {backend!r}. Use one of {', '.join(SDPA_BACKENDS)} "
                         "(`transformer.set_attention_backend('native')`) or a plan without stages 5-6.")
 
@@ -361,7 +362,7 @@ class Session:
             self._opened_cache_context = cache_context is None
         self.plan = plan = CallPlan(ctx)
         if self.token_set is not None:
-            self.token_set.begin_call()
+            self.token_set.reset_call()
         try:
             for technique in self.techniques:
                 technique.begin_call(plan)
@@ -371,7 +372,7 @@ class Session:
 
     def _close_call(self) -> None:
         if self.token_set is not None:
-            self.token_set.end_call()
+            self.token_set.reset_call()
         if self._opened_cache_context:
             _set_cache_context(self.transformer, None)
             self._opened_cache_context = False

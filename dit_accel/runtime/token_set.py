@@ -97,10 +97,8 @@ class TokenSet:
         for attention, layout in self.cached_attentions.items():
             self.session.hooks.add(attention, _GatherOutputHook(self, layout), "token_set.gather_output")
 
-    def begin_call(self) -> None:
-        self._full, self._gathered, self._block_input = None, False, None
-
-    def end_call(self) -> None:
+    def reset_call(self) -> None:
+        """Before and after every call: no hidden state of a call survives it."""
         self._full, self._gathered, self._block_input = None, False, None
 
     def end_run(self) -> None:
