@@ -8,12 +8,9 @@ never imports the techniques: `dit_accel.methods` fills this registry when it is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..config import AccelerationConfig, ConfigError, Stage
-
-if TYPE_CHECKING:
-    from .technique import Technique
 
 
 @dataclass(frozen=True)
@@ -23,8 +20,8 @@ class Registration:
     config_class: type
     #: short name in plan strings
     name: str
-    #: the technique class, or None while a config has no technique yet
-    technique: "type[Technique] | None"
+    #: the technique class (a `runtime.technique.Technique`), or None while a config has no technique yet
+    technique: type | None
     #: stages a config of this class occupies
     stages: Callable[[Any], frozenset[Stage]]
     #: one line for help texts
@@ -35,7 +32,7 @@ _REGISTRY: dict[type, Registration] = {}
 
 
 def register_config(config_class: type, *, name: str, stages: Callable[[Any], frozenset[Stage]], summary: str,
-                    technique: "type[Technique] | None" = None) -> None:
+                    technique: type | None = None) -> None:
     _REGISTRY[config_class] = Registration(config_class, name, technique, stages, summary)
 
 
