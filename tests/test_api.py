@@ -130,6 +130,7 @@ def test_not_a_pipeline():
     (lambda: dit_accel.SVG2Config(query_clusters=2.5), "query_clusters must be an int"),
     (lambda: dit_accel.ProxyAttentionConfig(proxy_window=(1, 0, 2)), r"proxy_window\[1\] must be >= 1"),
     (lambda: dit_accel.ProxyAttentionConfig(proxy_window=(1, 2)), "proxy_window must be"),
+    (lambda: dit_accel.ProxyAttentionConfig(local_window=(1, 6, 6), proxy_window=(1, 4, 4)), "whole number of proxy"),
 ])
 def test_bad_config_values_name_the_field(make, message):
     with pytest.raises(dit_accel.ConfigError, match=message):
@@ -220,8 +221,8 @@ def test_apply_twice_is_refused_and_failed_apply_leaves_no_hooks():
     with pytest.raises(RuntimeError, match="already accelerated"):
         dit_accel.apply(pipe, dit_accel.RASConfig())
     handle.remove()
-    with pytest.raises(NotImplementedError, match="ProxyAttentionConfig"):
-        dit_accel.apply(pipe, dit_accel.ProxyAttentionConfig())
+    with pytest.raises(NotImplementedError, match="FlexDiTConfig"):
+        dit_accel.apply(pipe, dit_accel.FlexDiTConfig())
     assert model_state(pipe.transformer) == before
 
 

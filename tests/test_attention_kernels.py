@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dit_accel.attention import block_sparse, kmeans, merge
+from dit_accel.attention import block_sparse, kmeans, merge, proxy
 
 
 def _randn(*shape, seed=0):
@@ -20,8 +20,8 @@ def test_kmeans_converges_warm_starts_and_its_permutation_round_trips():
     centers = _randn(2, 4, 8, seed=1) * 10  # two groups (heads), four far-apart centers each
     truth = torch.randint(0, 4, (2, 200), generator=torch.Generator().manual_seed(2))
     points = centers.gather(1, truth.unsqueeze(-1).expand(-1, -1, 8)) + 0.1 * _randn(2, 200, 8, seed=3)
-    first = kmeans.kmeans(points, 4, 1, generator=torch.Generator().manual_seed(4))
-    labels, centroids, sizes = kmeans.kmeans(points, 4, 20, generator=torch.Generator().manual_seed(4))
+    first = kmeans.kmeans(points, 4, 1)
+    labels, centroids, sizes = kmeans.kmeans(points, 4, 20)
     assert _inertia(points, labels, centroids) <= _inertia(points, first[0], first[1])
     assert torch.equal(labels, kmeans.assign(points, centroids))  # every point in its nearest cluster
     assert sizes.sum(-1).tolist() == [200, 200]
@@ -73,3 +73,52 @@ def test_block_sparse_with_every_block_kept_is_dense_and_gathered_matches_the_re
     mask = block_sparse.token_mask(q_offsets, k_offsets, keep, q_len, k_len)
     assert block_sparse.pairs(q_offsets, k_offsets, keep).tolist() == mask.sum((1, 2)).tolist()
     assert not torch.allclose(expected, dense)
+
+
+def _grid_coordinates(frames, rows, cols):
+    f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([f, r, c], -1).reshape(1, -1, 3)
+
+
+def test_proxy_attention_is_dense_with_one_window_or_one_token_proxies_and_matches_its_reference():
+    extent = (3, 5, 6)  # windows of 2 x 4 x 4 do not tile it: edge windows are partial
+    coords = _grid_coordinates(*extent)
+    tokens = coords.shape[1]
+    query, key, value = (_randn(2, 3, tokens, 16, seed=s) for s in (20, 21, 22))
+    text_k, text_v = _randn(2, 3, 4, 16, seed=23), _randn(2, 3, 4, 16, seed=24)
+    dense = F.scaled_dot_product_attention(query, torch.cat([key, text_k], 2), torch.cat([value, text_v], 2))
+    for local, size, shifted in [((9, 9, 9), (1, 2, 2), False), ((1, 2, 2), (1, 1, 1), False),
+                                 ((2, 4, 4), (1, 1, 1), True)]:
+        prepared = proxy.Prepared.of(proxy.place(coords, coords, extent, local, size, shifted), extra_keys=4)
+        torch.testing.assert_close(proxy.attention(query, key, value, prepared, None, text_k, text_v)[0], dense)
+
+    windows = proxy.place(coords, coords, extent, (1, 4, 4), (1, 2, 2), True)
+    bias = _randn(2, 1, 1, tokens, seed=25)  # stage 5's per-key bias
+    text_bias = torch.zeros(1, 1, 1, 4)
+    text_bias[..., -1] = float("-inf")  # a padded text token
+    out, pairs = proxy.attention(query, key, value, proxy.Prepared.of(windows, extra_keys=4), bias, text_k, text_v,
+                                 text_bias)
+    torch.testing.assert_close(out, proxy.reference(query, key, value, windows, bias, text_k, text_v, text_bias))
+    assert pairs < tokens * (tokens + 4) and not torch.allclose(out, dense, atol=1e-2)
+
+    # queries a per-sample subset (as RAS computes them), keys the whole grid
+    index = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(s))[:40].sort().values
+                         for s in (26, 27)])
+    subset_q = query.gather(2, index[:, None, :, None].expand(-1, 3, -1, 16))
+    windows = proxy.place(coords[0][index], coords, extent, (1, 4, 4), (1, 2, 2))
+    torch.testing.assert_close(proxy.attention(subset_q, key, value, proxy.Prepared.of(windows))[0],
+                               proxy.reference(subset_q, key, value, windows))
+
+
+def test_proxy_pooling_weighs_keys_by_their_bias_and_tiles_the_grid_exactly():
+    coords = _grid_coordinates(2, 4, 4)
+    key, value = _randn(1, 2, 32, 8, seed=28), _randn(1, 2, 32, 8, seed=29)
+    windows = proxy.place(coords, coords, (2, 4, 4), (1, 4, 4), (1, 2, 2))
+    assert windows.tiling is not None
+    tiled = proxy.pool(key, value, windows)
+    scattered = proxy.pool(key, value, windows, torch.zeros(1, 1, 1, 32))  # the general path
+    for a, b in zip(tiled, scattered):
+        torch.testing.assert_close(a.expand_as(b), b)
+    torch.testing.assert_close(tiled[2], torch.full((1, 1, 1, 8), 4.0).log())
+    first = windows.k_proxy[0] == 0
+    torch.testing.assert_close(tiled[0][:, :, 0], key[:, :, first].mean(2))

@@ -40,14 +40,16 @@ def pairs(q_offsets: torch.Tensor, k_offsets: torch.Tensor, keep: torch.Tensor) 
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_offsets: torch.Tensor,
-              k_offsets: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+              k_offsets: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
     """(G, Q, D) masked dense attention of permuted (G, S, D) tokens."""
     mask = token_mask(q_offsets, k_offsets, keep, query.shape[1], key.shape[1])
-    return attention_with_lse(query, key, value, bias, mask)[0]
+    return attention_with_lse(query, key, value, bias, mask, scale)[0]
 
 
 def gathered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_offsets: torch.Tensor,
-             k_offsets: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+             k_offsets: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None,
+             scale: float | None = None) -> torch.Tensor:
     """The same as `reference`, computing only each query cluster against the keys it keeps: one
     unmasked SDPA per (group, query cluster) on exactly those keys (a mask would send torch's CPU SDPA
     down its slow path), so the work done is the kept pairs."""
@@ -63,5 +65,5 @@ def gathered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_offs
             index = kept_keys[g, cluster].nonzero().squeeze(-1)
             mask = None if bias is None else bias[g % bias.shape[0], :, index].unsqueeze(0)
             out[g, start:stop] = dense_attention(query[g, start:stop].unsqueeze(0), key[g, index].unsqueeze(0),
-                                                 value[g, index].unsqueeze(0), mask)[0]
+                                                 value[g, index].unsqueeze(0), mask, scale=scale)[0]
     return out

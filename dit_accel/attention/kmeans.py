@@ -1,8 +1,8 @@
 """Batched Euclidean k-means for attention heads: one clustering per (sample, head), in torch.
 
 SVG2 clusters the queries and the keys of every head at every sparse call. Points come as
-(G, N, D) (G = batch * heads), centroids as (G, K, D). A first call starts from K points drawn per
-group; later calls warm-start from the centroids a layer kept, so two iterations suffice. An empty
+(G, N, D) (G = batch * heads), centroids as (G, K, D). A first call starts from K evenly spaced
+points of each group; later calls warm-start from the centroids a layer kept, so two iterations suffice. An empty
 cluster keeps its previous centroid.
 """
 
@@ -38,20 +38,20 @@ def update(points: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) 
     return torch.where(sizes.unsqueeze(-1) > 0, means, centroids)
 
 
-def kmeans(points: torch.Tensor, clusters: int, iterations: int, centroids: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kmeans(points: torch.Tensor, clusters: int, iterations: int, centroids: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(labels (G, N), centroids (G, K, D), sizes (G, K)) after `iterations` Lloyd steps.
 
-    Without `centroids`, each group starts from `clusters` of its own points drawn without
-    replacement (`clusters` <= N)."""
+    Without `centroids`, each group starts from `clusters` of its own points at evenly spaced
+    positions (`clusters` <= N): for image tokens a spread over the grid, and the same whatever else
+    is in the batch, so a prompt clusters alike alone and batched."""
     groups, count, _ = points.shape
     if clusters > count:
         raise ValueError(f"{clusters} clusters for {count} points")
     points = points.float()
     if centroids is None:
-        noise = torch.rand(groups, count, generator=generator, device="cpu").to(points.device)
-        start = noise.argsort(-1)[:, :clusters]
-        centroids = points.gather(1, start.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+        start = torch.linspace(0, count - 1, clusters, device=points.device).round().long()
+        centroids = points[:, start]
     centroids = centroids.float()
     labels = assign(points, centroids)
     for _ in range(iterations):

@@ -33,8 +33,26 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention over the union of two disjoint key sets, from the two partial attentions."""
     lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
-    out = out_a.float() * weight_a + out_b.float() * weight_b
+    # out_a + (out_b - out_a) * share of b; a part without keys (lse -inf) has share 0
+    share = torch.sigmoid(lse_b - lse_a).nan_to_num(0.0).unsqueeze(-1)
+    out = torch.lerp(out_a.float(), out_b.float(), share) if out_a.dtype != torch.float32 else \
+        torch.lerp(out_a, out_b, share)
     return out.to(out_a.dtype), lse
+
+def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` through torch's fused CPU kernel (which returns the LSE) where it applies;
+    `bias` is additive (-inf removes a key). A query with no key left gets lse -inf and output 0 (the
+    fused kernel reports lse 0 there, which a merge would weigh as one)."""
+    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return attention_with_lse(query, key, value, bias, scale=scale)
+    bias = None if bias is None else bias.to(query.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                         attn_mask=bias, scale=scale)
+    if bias is not None:
+        alive = (bias > float("-inf")).any(-1)
+        if not bool(alive.all()):
+            alive = alive.expand_as(lse)
+            lse = lse.masked_fill(~alive, float("-inf"))
+            out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
+    return out, lse

@@ -1,32 +1,120 @@
-"""Proxy-token attention (PT-DiT) (configuration; the technique is its own issue)."""
+"""Training-free proxy-token attention (after Qihoo-T2X / PT-DiT, arXiv 2409.04005), stage 6.
+
+PT-DiT trains new proxy attention modules; this keeps a pretrained model's queries, keys and values
+and changes only which keys each query sees: every image query attends exactly to its local
+(frames, rows, cols) window and to all text tokens, and to the rest of the grid through one proxy
+per `proxy_window` (the mean key and value of that window, logit biased by log(its size)). The
+parts merge by log-sum-exp (`attention.proxy`). Windows can shift by half on every other block
+(Swin), so window borders do not stay fixed. Text queries attend densely; cross-attention is
+untouched. With RAS the queries are the tokens RAS computes and the keys its full-length cache.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AccelerationConfig, Stage, param
-from ..runtime.registry import register_config
+import torch
+
+from ..attention import proxy
+from ..attention.intercept import dense_attention
+from ..config import AccelerationConfig, ConfigError, Stage, param
+from ..runtime.plan import CallPlan, TokenSet
+from ..runtime.registry import register_technique
+from .sparse_attention import SparseAttention
 
 
 @dataclass(frozen=True)
 class ProxyAttentionConfig(AccelerationConfig):
-    """Global attention to one proxy per window plus exact local-window attention, merged by LSE."""
+    """Exact local-window attention plus one pooled proxy per other window, merged by LSE."""
 
-    proxy_window: tuple[int, int, int] = param((1, 2, 2), "(frames, rows, cols) window summarised by one proxy "
-                                                          "token; (1, 1, 1) is exact global attention", low=1)
-    local_window: tuple[int, int, int] | None = param((1, 8, 8), "(frames, rows, cols) window of exact local "
-                                                                 "attention; None for none", low=1)
-    dense_first_blocks: int = param(0, "number of first blocks left dense", low=0)
+    local_window: tuple[int, int, int] = param((1, 8, 8), "(frames, rows, cols) window each query attends "
+                                                          "exactly; clipped to the grid", low=1)
+    proxy_window: tuple[int, int, int] = param((1, 2, 2), "(frames, rows, cols) tokens one proxy stands for; "
+                                                          "divides local_window; (1, 1, 1) is dense", low=1)
+    shift_windows: bool = param(False, "shift windows by half a local window on every other block (Swin)")
+    dense_first_blocks: float = param(0.03, "fraction of blocks (from the first) kept dense", low=0.0, high=1.0)
+    dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
 
     name = "proxy"
+
+    def validate(self) -> None:
+        if any(w % p for w, p in zip(self.local_window, self.proxy_window)):
+            raise ConfigError(f"ProxyAttentionConfig.local_window {self.local_window} must be a whole number of "
+                              f"proxy windows {self.proxy_window} in every dimension")
 
     def stages(self) -> frozenset[Stage]:
         return frozenset({Stage.ATTENTION_KERNEL})
 
     @classmethod
     def keep_all(cls) -> "ProxyAttentionConfig":
-        return cls(proxy_window=(1, 1, 1), local_window=None)
+        """Proxies of one token from the first step and block on: windows, the local and proxy
+        attentions and their LSE merge all run, and the result is dense attention."""
+        return cls(proxy_window=(1, 1, 1), dense_first_blocks=0.0, dense_warmup=0.0)
 
 
-# no technique yet: plans name it, and applying it says so
-register_config(ProxyAttentionConfig, name=ProxyAttentionConfig.name, stages=ProxyAttentionConfig.stages, summary="proxy-token attention: global attention through one proxy per window")
+def _split(x: torch.Tensor, part: slice, dim: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image tokens, text tokens or None) of a sequence along `dim`."""
+    text = [x.narrow(dim, 0, part.start), x.narrow(dim, part.stop, x.shape[dim] - part.stop)]
+    text = [t for t in text if t.shape[dim]]
+    return x.narrow(dim, part.start, part.stop - part.start), torch.cat(text, dim) if text else None
+
+
+@register_technique(ProxyAttentionConfig, "proxy-token attention: exact local windows, one proxy per other window")
+class ProxyAttention(SparseAttention):
+    def __init__(self, config: ProxyAttentionConfig, session):
+        super().__init__(config, session)
+        #: window layouts: of the whole grid across calls, of a call's token set for that call
+        self._layouts: dict[tuple, proxy.Prepared] = {}
+
+    def begin_call(self, plan: CallPlan) -> None:
+        super().begin_call(plan)
+        self._layouts = {k: v for k, v in self._layouts.items() if k[0] == "grid"}
+
+    def end_run(self) -> None:
+        self._layouts.clear()
+
+    def _coordinates(self, plan: CallPlan, count: int) -> tuple[object, torch.Tensor] | None:
+        """(cache key, (S, count, 3) coordinates) of `count` image tokens, or None if they cannot be placed."""
+        grid = plan.grid
+        if count == grid.num_tokens:
+            return ("grid", grid), TokenSet(torch.arange(count), grid).coordinates().unsqueeze(0)
+        tokens = plan.tokens
+        if tokens is not None and tokens.count == count:
+            coordinates = tokens.coordinates()
+            return ("call", id(tokens)), coordinates.unsqueeze(0) if tokens.shared else coordinates
+        return None
+
+    def _prepared(self, plan: CallPlan, call, queries: int, keys: int, text: int, dtype, device) -> proxy.Prepared | None:
+        q_place, k_place = self._coordinates(plan, queries), self._coordinates(plan, keys)
+        if q_place is None or k_place is None:
+            return None
+        shifted = self.config.shift_windows and call.block_index % 2 == 1
+        cache_key = ("grid" if q_place[0][0] == k_place[0][0] == "grid" else "call", q_place[0], k_place[0],
+                     shifted, text, dtype)
+        prepared = self._layouts.get(cache_key)
+        if prepared is None:
+            grid = plan.grid
+            windows = proxy.place(q_place[1].to(device), k_place[1].to(device), (grid.frames, grid.rows, grid.cols),
+                                  self.config.local_window, self.config.proxy_window, shifted)
+            prepared = self._layouts[cache_key] = proxy.Prepared.of(windows, dtype, text)
+        return prepared
+
+    def sparse(self, plan, call, query, key, value, key_bias, scale):
+        q_part, k_part = call.image_slice(query.shape[2]), call.image_slice(key.shape[2])
+        image_q, text_q = _split(query, q_part)
+        image_k, text_k = _split(key, k_part)
+        image_v, text_v = _split(value, k_part)
+        prepared = self._prepared(plan, call, image_q.shape[2], image_k.shape[2],
+                                  0 if text_k is None else text_k.shape[2], query.dtype, query.device)
+        if prepared is None:
+            return None
+        image_bias = text_bias = None
+        if key_bias is not None:
+            image_bias, text_bias = _split(key_bias, k_part, dim=-1)
+        out, pairs = proxy.attention(image_q, image_k, image_v, prepared, image_bias, text_k, text_v, text_bias, scale)
+        if text_q is None:
+            return out, pairs
+        text_out = dense_attention(text_q, key, value, key_bias, scale=scale)
+        before = q_part.start
+        out = torch.cat([text_out[:, :, :before], out, text_out[:, :, before:]], 2)
+        return out, pairs + text_q.shape[2] * key.shape[2]

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from ..attention import block_sparse, kmeans
-from ..attention.intercept import AttentionCall, dense_attention, mask_bias
 from ..config import AccelerationConfig, Stage, param
-from ..runtime.plan import CallPlan
 from ..runtime.registry import register_technique
-from ..runtime.technique import Technique
+from .sparse_attention import SparseAttention
 
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
 TOKENS_PER_QUERY_CLUSTER = 252
@@ -78,27 +74,12 @@ def _keep(query_centroids: torch.Tensor, key_centroids: torch.Tensor, key_sizes:
     return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted) & (key_sizes.unsqueeze(1) > 0)
 
 
-def _per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, batch: int, heads: int, keys: int,
-                  dtype: torch.dtype) -> torch.Tensor | None:
-    """Stage 5's log-count bias and a per-key mask (text padding) as one (G, 1, K) logit bias."""
-    total = None
-    if bias is not None:
-        total = bias.float().expand(batch, heads, 1, keys)
-    if mask is not None:
-        extra = mask_bias(mask, torch.float32).expand(batch, heads, 1, keys)
-        total = extra if total is None else total + extra
-    return None if total is None else total.reshape(batch * heads, 1, keys).to(dtype)
-
-
 @register_technique(SVG2Config, "SVG2 sparse attention: k-means permutation, top-p cluster pairs")
-class SVG2(Technique):
+class SVG2(SparseAttention):
     def __init__(self, config: SVG2Config, session):
         super().__init__(config, session)
         #: per (slot, block, attention): the (query, key) centroids the layer ended its last call with
         self.centroids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: per call: (attended pairs, dense pairs) of the sparse attentions, for the density
-        self._pairs = [0.0, 0.0]
-        self._dense_blocks = math.floor(config.dense_first_blocks * len(self.adapter.blocks()))
 
     def end_run(self) -> None:
         self.centroids.clear()
@@ -106,20 +87,7 @@ class SVG2(Technique):
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.centroids.values() for t in pair)
 
-    def begin_call(self, plan: CallPlan) -> None:
-        self._pairs = [0.0, 0.0]
-
-    def _dense_here(self, plan: CallPlan, call: AttentionCall) -> bool:
-        steps = plan.ctx.num_steps
-        warmup = math.floor(self.config.dense_warmup * steps) if steps is not None else 0
-        return plan.ctx.step_index < warmup or call.block_index < self._dense_blocks
-
-    def attend(self, plan: CallPlan, call: AttentionCall, query, key, value, bias, **sdpa_kwargs):
-        mask = sdpa_kwargs.pop("attn_mask", None)
-        per_key = mask is None or (mask.shape[-2] == 1 if mask.ndim >= 2 else True)
-        if self._dense_here(plan, call) or not per_key or sdpa_kwargs.get("is_causal"):
-            return dense_attention(query, key, value, bias, attn_mask=mask, **sdpa_kwargs), \
-                query.shape[2] * key.shape[2]
+    def sparse(self, plan, call, query, key, value, key_bias, scale):
         batch, heads, q_len, dim = query.shape
         k_len = key.shape[2]
         q_image, k_image = call.image_slice(q_len), call.image_slice(k_len)
@@ -132,14 +100,11 @@ class SVG2(Technique):
         if warm is not None and (warm[0].shape != (groups, q_clusters, dim) or warm[1].shape != (groups, k_clusters, dim)):
             warm = None
         iterations = self.config.kmeans_iters_first if warm is None else self.config.kmeans_iters_next
-        seed = torch.Generator().manual_seed(call.block_index)  # the same run gives the same image
-        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0],
-                                                 seed)
+        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0])
         k_labels, k_centroids, k_sizes = kmeans.kmeans(image_k, k_clusters, iterations,
-                                                       None if warm is None else warm[1], seed)
+                                                       None if warm is None else warm[1])
         self.centroids[cache_key] = (q_centroids, k_centroids)
-        scale = sdpa_kwargs.get("scale") or dim ** -0.5
-        keep = _keep(q_centroids, k_centroids, k_sizes, scale, self.config.top_p,
+        keep = _keep(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, self.config.top_p,
                      math.ceil(self.config.min_key_cluster_ratio * k_clusters))
         plan.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
                              (image_q.shape[1] * q_clusters + image_k.shape[1] * k_clusters), image_q.shape[1])
@@ -161,15 +126,13 @@ class SVG2(Technique):
             text = [x[:, :, : part.start], x[:, :, part.stop:]]
             return torch.cat([image] + [t.reshape(groups, -1, x.shape[-1]) for t in text if t.shape[2]], 1)
 
-        key_bias = _per_key_bias(bias, mask, batch, heads, k_len, query.dtype)
         if key_bias is not None:
+            key_bias = key_bias.expand(batch, heads, 1, k_len).reshape(groups, 1, k_len)
             image_bias = key_bias[:, :, k_image].gather(2, k_perm.unsqueeze(1))
             key_bias = torch.cat([image_bias, key_bias[:, :, : k_image.start], key_bias[:, :, k_image.stop:]], 2)
         out = block_sparse.gathered(order(query, q_image, q_perm), order(key, k_image, k_perm),
-                                    order(value, k_image, k_perm), q_offsets, k_offsets, keep, key_bias)
+                                    order(value, k_image, k_perm), q_offsets, k_offsets, keep, key_bias, scale)
         pairs = float(block_sparse.pairs(q_offsets, k_offsets, keep).float().mean())
-        self._pairs[0] += pairs
-        self._pairs[1] += q_len * k_len
 
         # back to the processor's order: un-permute the image queries, text where it was
         image_out = out[:, : image_q.shape[1]]
@@ -177,8 +140,4 @@ class SVG2(Technique):
         text_out = out[:, image_q.shape[1]:]
         before, after = text_out[:, : q_image.start], text_out[:, q_image.start:]
         result = torch.cat([before, restored, after], 1).view(batch, heads, q_len, -1)
-        return result, round(pairs)
-
-    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
-        attended, dense = self._pairs
-        return {"attention_density": attended / dense if dense else 1.0}
+        return result, pairs
