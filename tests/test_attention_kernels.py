@@ -49,19 +49,21 @@ def test_lse_merge_of_a_split_attention_equals_the_whole():
 
 
 def _clusters(groups: int, length: int, clusters: int, seed: int) -> torch.Tensor:
-    sizes = torch.randint(1, 2 * length // clusters, (groups, clusters), generator=torch.Generator().manual_seed(seed))
-    sizes[:, -1] += length - sizes.sum(-1)  # the last cluster takes the rest
-    assert (sizes > 0).all()
-    return torch.cat([torch.zeros(groups, 1, dtype=torch.long), sizes.cumsum(-1)], -1)
+    """(G, clusters + 1) offsets of random non-empty clusters covering `length` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.stack([torch.randperm(length - 1, generator=generator)[: clusters - 1] + 1 for _ in range(groups)])
+    ends = torch.full((groups, 1), length)
+    return torch.cat([torch.zeros(groups, 1, dtype=torch.long), cuts.sort(-1).values, ends], -1)
 
 
-def test_block_sparse_with_every_block_kept_is_dense_and_gathered_matches_the_reference():
+def test_block_sparse_with_every_block_kept_is_dense_and_both_kernels_match_the_reference():
     groups, q_len, k_len = 4, 60, 50
     query, key, value = _randn(groups, q_len, 16, seed=9), _randn(groups, k_len, 16, seed=10), _randn(groups, k_len, 16, seed=11)
     q_offsets, k_offsets = _clusters(groups, q_len, 5, 12), _clusters(groups, k_len, 6, 13)
     everything = torch.ones(groups, 5, 6, dtype=torch.bool)
     dense = F.scaled_dot_product_attention(query, key, value)
-    for kernel in (block_sparse.reference, block_sparse.gathered):
+    kernels = (block_sparse.reference, block_sparse.gathered, block_sparse.padded)
+    for kernel in kernels:
         torch.testing.assert_close(kernel(query, key, value, q_offsets, k_offsets, everything), dense)
     assert block_sparse.pairs(q_offsets, k_offsets, everything).tolist() == [q_len * k_len] * groups
 
@@ -69,10 +71,39 @@ def test_block_sparse_with_every_block_kept_is_dense_and_gathered_matches_the_re
     keep[:, :, 0] = True  # every query cluster keeps a key cluster
     bias = _randn(groups, k_len, seed=15).unsqueeze(1)
     expected = block_sparse.reference(query, key, value, q_offsets, k_offsets, keep, bias)
-    torch.testing.assert_close(block_sparse.gathered(query, key, value, q_offsets, k_offsets, keep, bias), expected)
+    for kernel in kernels[1:]:
+        torch.testing.assert_close(kernel(query, key, value, q_offsets, k_offsets, keep, bias), expected)
     mask = block_sparse.token_mask(q_offsets, k_offsets, keep, q_len, k_len)
     assert block_sparse.pairs(q_offsets, k_offsets, keep).tolist() == mask.sum((1, 2)).tolist()
     assert not torch.allclose(expected, dense)
+    padded, kept = block_sparse.padded_work(q_offsets, k_offsets, keep)
+    assert padded >= kept == int(block_sparse.pairs(q_offsets, k_offsets, keep).max())
+
+
+def test_block_sparse_stand_ins_make_skipped_clusters_of_equal_keys_exact():
+    """A cluster of identical keys and values is exactly its stand-in (mean, log-size bias): with
+    stand-ins the sparse result is dense whatever is skipped; the kernels agree on any keys."""
+    groups, q_len, k_len = 3, 40, 36
+    k_offsets = torch.tensor([0, 4, 10, 16, 20, 30, 36]).expand(groups, -1)
+    labels = torch.searchsorted(k_offsets[:, 1:].contiguous(), torch.arange(k_len).expand(groups, -1).contiguous(),
+                                right=True)
+    centers_k, centers_v = _randn(groups, 6, 16, seed=17), _randn(groups, 6, 16, seed=18)
+    key = centers_k.gather(1, labels.unsqueeze(-1).expand(-1, -1, 16))
+    value = centers_v.gather(1, labels.unsqueeze(-1).expand(-1, -1, 16))
+    query = _randn(groups, q_len, 16, seed=19)
+    q_offsets = _clusters(groups, q_len, 4, 20)
+    keep = torch.rand(groups, 4, 6, generator=torch.Generator().manual_seed(21)) < 0.3
+    keep[:, :, 1] = True
+    sizes = k_offsets.diff(dim=-1).float()
+    stand_ins = (centers_k, centers_v, sizes.log())
+    dense = F.scaled_dot_product_attention(query, key, value)
+    for kernel in (block_sparse.reference, block_sparse.gathered, block_sparse.padded):
+        torch.testing.assert_close(kernel(query, key, value, q_offsets, k_offsets, keep, stand_ins=stand_ins), dense)
+    noisy = key + _randn(groups, k_len, 16, seed=22)
+    expected = block_sparse.reference(query, noisy, value, q_offsets, k_offsets, keep, stand_ins=stand_ins)
+    for kernel in (block_sparse.gathered, block_sparse.padded):
+        torch.testing.assert_close(kernel(query, noisy, value, q_offsets, k_offsets, keep, stand_ins=stand_ins),
+                                   expected)
 
 
 def _grid_coordinates(frames, rows, cols):

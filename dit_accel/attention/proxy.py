@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pooling
 from .merge import attention_with_lse, merge, sdpa_with_lse
 
 Size3 = tuple[int, int, int]
@@ -76,43 +77,14 @@ def place(q_coordinates: torch.Tensor, k_coordinates: torch.Tensor, extent: Size
     return Windows(q_local, k_local, k_proxy, proxy_local, locals_, tiling)
 
 
-def _tiled_mean(x: torch.Tensor, extent: Size3, proxy: Size3) -> torch.Tensor:
-    """(B, H, M, D) means of (B, H, N, D) grid tokens over proxy windows that tile the grid."""
-    batch, heads, _, dim = x.shape
-    (f, r, c), (pf, pr, pc) = extent, proxy
-    tiles = x.view(batch, heads, f // pf, pf, r // pr, pr, c // pc, pc, dim)
-    return tiles.mean((3, 5, 7)).reshape(batch, heads, -1, dim)
-
-
 def pool(key: torch.Tensor, value: torch.Tensor, windows: Windows, key_bias: torch.Tensor | None = None
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(proxy keys, proxy values (B, H, M, D), log-size bias (B|1, H|1, 1, M)): the means of each proxy
-    window's keys and values, weighted by exp(key bias) where keys carry one; an empty window gets -inf."""
-    batch, heads, length, dim = key.shape
-    k_proxy, proxies = windows.k_proxy, windows.proxies
+    """(proxy keys, proxy values (B, H, M, D), log-size bias (B|1, H|1, 1, M)) of the proxy windows."""
     if key_bias is None and windows.tiling is not None:
         extent, size = windows.tiling
-        log_size = key.new_full((1, 1, 1, proxies), float(size[0] * size[1] * size[2])).log()
-        return _tiled_mean(key, extent, size), _tiled_mean(value, extent, size), log_size
-    if key_bias is None:
-        top, weight = None, key.new_ones(1, 1, length)
-    else:
-        top = key_bias.float().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
-        weight = (key_bias.float() - top).exp()[..., 0, :]
-    rows = max(k_proxy.shape[0], weight.shape[0])
-    sizes = torch.zeros(rows, weight.shape[1], proxies, dtype=torch.float32, device=key.device)
-    sizes.scatter_add_(-1, k_proxy.unsqueeze(1).expand(rows, weight.shape[1], length),
-                       weight.float().expand(rows, -1, -1))
-    index = k_proxy.unsqueeze(1).expand(batch, heads, length)
-    if key_bias is not None:
-        weighted = weight.to(key.dtype).unsqueeze(-1)
-        key, value = key * weighted, value * weighted
-    total_k = key.new_zeros(batch, heads, proxies, dim).scatter_add_(2, index.unsqueeze(-1).expand_as(key), key)
-    total_v = value.new_zeros(batch, heads, proxies, value.shape[-1]).scatter_add_(
-        2, index.unsqueeze(-1).expand_as(value), value)
-    norm = sizes.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1).to(key.dtype)
-    bias = sizes.log() + (0.0 if top is None else top[..., 0, :])
-    return total_k / norm, total_v / norm, bias.unsqueeze(-2)
+        log_size = key.new_full((1, 1, 1, windows.proxies), float(size[0] * size[1] * size[2])).log()
+        return pooling.tiled_mean(key, extent, size), pooling.tiled_mean(value, extent, size), log_size
+    return pooling.pool(key, value, windows.k_proxy, windows.proxies, key_bias)
 
 
 @dataclass(frozen=True)

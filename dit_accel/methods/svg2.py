@@ -9,6 +9,12 @@ pairs, and the output is permuted back. Text tokens attend and are attended dens
 cluster on each side); cross-attention is untouched. Batches and CFG work: every (sample, head) is
 clustered on its own. The first `dense_warmup` of the steps and `dense_first_blocks` of the blocks
 run dense. k-means and the pair scoring are recorded in the ledger as overhead.
+
+With `stand_ins` (default), a query cluster also attends to one stand-in per key cluster it skips:
+that cluster's mean key and value, biased by log(its size), as proxy attention does for windows
+(after SVG-EAR's compensation). The skipped mass is then approximated instead of dropped, at one
+extra key per skipped cluster. The kernel is `block_sparse.padded` (one batched SDPA) when padding
+the clusters costs less than `PADDED_WORK_LIMIT` times the kept pairs, else `gathered`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 from dataclasses import dataclass
 import torch
 
-from ..attention import block_sparse, kmeans
+from ..attention import block_sparse, kmeans, pooling
 from ..config import AccelerationConfig, Stage, param
 from ..runtime.registry import register_technique
 from .sparse_attention import SparseAttention
@@ -25,6 +31,8 @@ from .sparse_attention import SparseAttention
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
 TOKENS_PER_QUERY_CLUSTER = 252
 TOKENS_PER_KEY_CLUSTER = 76
+#: run the padded batched kernel while its work is at most this multiple of the kept pairs
+PADDED_WORK_LIMIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class SVG2Config(AccelerationConfig):
                                          low=0.0, high=1.0)
     dense_first_blocks: float = param(0.03, "fraction of blocks (from the first) kept dense", low=0.0, high=1.0)
     dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
+    stand_ins: bool = param(True, "attend to each skipped key cluster through its mean key and value (log-size "
+                                  "biased) instead of dropping it; False is the paper's SVG2")
 
     name = "svg2"
 
@@ -128,11 +138,27 @@ class SVG2(SparseAttention):
 
         if key_bias is not None:
             key_bias = key_bias.expand(batch, heads, 1, k_len).reshape(groups, 1, k_len)
+        stand_ins = None
+        if self.config.stand_ins:
+            image_bias = None if key_bias is None else key_bias[:, :, k_image].unsqueeze(1)
+            means_k, means_v, log_sizes = pooling.pool(image_k.unsqueeze(1), flat(value, k_image).unsqueeze(1),
+                                                       k_labels, k_clusters, image_bias)
+            stand_ins = (means_k[:, 0], means_v[:, 0], log_sizes.reshape(groups, k_clusters))
+            if k_text:  # the text cluster is always kept: its stand-in is never attended
+                stand_ins = (torch.cat([stand_ins[0], stand_ins[0][:, :1]], 1),
+                             torch.cat([stand_ins[1], stand_ins[1][:, :1]], 1),
+                             torch.cat([stand_ins[2], torch.full_like(stand_ins[2][:, :1], -torch.inf)], 1))
+        if key_bias is not None:
             image_bias = key_bias[:, :, k_image].gather(2, k_perm.unsqueeze(1))
             key_bias = torch.cat([image_bias, key_bias[:, :, : k_image.start], key_bias[:, :, k_image.stop:]], 2)
-        out = block_sparse.gathered(order(query, q_image, q_perm), order(key, k_image, k_perm),
-                                    order(value, k_image, k_perm), q_offsets, k_offsets, keep, key_bias, scale)
+        padded, kept = block_sparse.padded_work(q_offsets, k_offsets, keep)
+        kernel = block_sparse.padded if padded <= PADDED_WORK_LIMIT * kept else block_sparse.gathered
+        out = kernel(order(query, q_image, q_perm), order(key, k_image, k_perm), order(value, k_image, k_perm),
+                     q_offsets, k_offsets, keep, key_bias, scale, stand_ins)
         pairs = float(block_sparse.pairs(q_offsets, k_offsets, keep).float().mean())
+        if stand_ins is not None:  # one more key per skipped non-empty key cluster
+            skipped = (~keep & (k_offsets.diff(dim=-1) > 0).unsqueeze(1)).float()
+            pairs += float((skipped.sum(-1) * q_offsets.diff(dim=-1)).sum(-1).float().mean())
 
         # back to the processor's order: un-permute the image queries, text where it was
         image_out = out[:, : image_q.shape[1]]
