@@ -192,6 +192,8 @@ class AccelerationConfig:
 
     #: Short name used in plan strings (`ras:sample_ratio=0.5+fbcache:threshold=0.08`) and reports.
     name: ClassVar[str] = ""
+    #: Named settings measured on the reference models ("quality", "balanced", "fast"): field values.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         for spec in config_fields(type(self)):
@@ -210,3 +212,11 @@ class AccelerationConfig:
     @classmethod
     def keep_all(cls) -> "AccelerationConfig":
         raise NotImplementedError
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "AccelerationConfig":
+        """The named preset, with `overrides` on top (`ProxyAttentionConfig.preset("fast")`)."""
+        if name not in cls.presets:
+            valid = ", ".join(cls.presets) or "none"
+            raise ConfigError(f"{cls.__name__} has no preset {name!r}; valid presets: {valid}")
+        return cls(**{**cls.presets[name], **overrides})

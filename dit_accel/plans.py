@@ -81,7 +81,8 @@ def _with_steps(cls: type, values: dict[str, Any], num_steps: int) -> Any:
 
 
 def parse_technique(spec: str, num_steps: int | None = None) -> Any:
-    """`"ras:sample_ratio=0.5"` -> `RASConfig(sample_ratio=0.5)`.
+    """`"ras:sample_ratio=0.5"` -> `RASConfig(sample_ratio=0.5)`; `"proxy:preset=fast"` starts from a
+    preset, and fields given beside it override it.
 
     With `num_steps`, a schedule left out is scaled to that many steps (RAS's `for_steps`,
     MagCache's `num_inference_steps`).
@@ -98,11 +99,16 @@ def parse_technique(spec: str, num_steps: int | None = None) -> Any:
         field = field.strip()
         if not equals or not field:
             raise ConfigError(f"expected field=value in {spec!r}, got {item!r}")
-        if field not in fields_of(cls):
+        if field not in fields_of(cls) and not (field == "preset" and getattr(cls, "presets", None)):
             raise ConfigError(f"{name} has no field {field!r}; valid fields: {', '.join(fields_of(cls))}")
         if field in values:
             raise ConfigError(f"{name}.{field} is given twice in {spec!r}")
         values[field] = _value(text.strip())
+    if "preset" in values:
+        preset = values.pop("preset")
+        if preset not in cls.presets:
+            raise ConfigError(f"{name} has no preset {preset!r} in {spec!r}; valid presets: {', '.join(cls.presets)}")
+        values = {**cls.presets[preset], **values}
     values = _needs_calibration(cls, values)
     try:
         config = _with_steps(cls, values, num_steps) if num_steps is not None else cls(**values)
@@ -135,6 +141,8 @@ def describe() -> str:
         built = "" if reg.technique is not None else "  (technique not built yet)"
         lines.append(f"{reg.name}: {cls.__name__}, stage {stages}: {reg.summary}{built}")
         if ours:
+            for preset, values in cls.presets.items():
+                lines.append(f"    preset={preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
             for spec in config_fields(cls):
                 extra = f", {spec.param.range_text()}" if spec.param.range_text() else ""
                 lines.append(f"    {spec.name} ({spec.type_text}, default {spec.default!r}{extra}): {spec.param.doc}")

@@ -11,6 +11,7 @@ from helpers import RecordingConfig, model_state, run
 
 import dit_accel
 from dit_accel.config import Stage, config_fields
+from dit_accel.plans import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 CONFIGS = [dit_accel.RASConfig, dit_accel.FlexDiTConfig, dit_accel.DyDiTConfig, dit_accel.SVG2Config,
@@ -254,3 +255,16 @@ def test_token_set_coordinates_are_the_tokens_grid_positions():
     assert tokens.count == 3 and not tokens.shared
     assert tokens.coordinates()[0].tolist() == [[0, 0, 0], [0, 1, 1], [1, 2, 3]]
     assert tokens.coordinates()[1].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 1]]
+
+
+def test_presets_are_named_configs_and_plans_take_them_with_overrides():
+    fast = dit_accel.ProxyAttentionConfig.preset("fast")
+    assert fast == dit_accel.ProxyAttentionConfig(**dit_accel.ProxyAttentionConfig.presets["fast"])
+    [parsed] = parse_plan("proxy:preset=fast,shift_windows=True")
+    assert parsed == dit_accel.ProxyAttentionConfig.preset("fast", shift_windows=True)
+    for config_class in (dit_accel.SVG2Config, dit_accel.ProxyAttentionConfig):
+        assert set(config_class.presets) == {"quality", "balanced", "fast"}
+    with pytest.raises(dit_accel.ConfigError, match="valid presets: quality, balanced, fast"):
+        parse_plan("svg2:preset=turbo")
+    with pytest.raises(dit_accel.ConfigError, match="ras has no field 'preset'"):
+        parse_plan("ras:preset=fast")

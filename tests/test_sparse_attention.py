@@ -56,6 +56,10 @@ def test_sparse_settings_skip_pairs_and_compose_with_ras(technique, family):
     later = [call for s in report["steps"][1:] for call in s["calls"]]
     assert max(call["attention_density"] for call in later) < 1.0 and report["flops_ratio"] < 1.0
     assert all(min(call["attention_density_by_block"].values()) < 1.0 for call in later)
+    if technique == "svg2":  # the query clusters of one head over the grid, for the UI
+        labels = torch.tensor(later[0]["svg2_query_clusters"]["labels"])
+        assert labels.ndim == 3 and labels.numel() >= 64
+        assert 0 <= int(labels.min()) and int(labels.max()) < SVG2_SPARSE["query_clusters"]
     ras = dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=1, error_reset_steps=())
     with dit_accel.apply(pipe, SPARSE[technique], ras) as handle:
         assert torch.isfinite(run(pipe, family)).all()

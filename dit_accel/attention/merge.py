@@ -40,16 +40,17 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
     return out.to(out_a.dtype), lse
 
 def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
-                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float | None = None, every_query_has_keys: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_with_lse` through torch's fused CPU kernel (which returns the LSE) where it applies;
     `bias` is additive (-inf removes a key). A query with no key left gets lse -inf and output 0 (the
-    fused kernel reports lse 0 there, which a merge would weigh as one)."""
+    fused kernel reports lse 0 there, which a merge would weigh as one); a caller that knows every
+    query keeps a key skips that check."""
     if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return attention_with_lse(query, key, value, bias, scale=scale)
     bias = None if bias is None else bias.to(query.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
                                                                          attn_mask=bias, scale=scale)
-    if bias is not None:
+    if bias is not None and not every_query_has_keys:
         alive = (bias > float("-inf")).any(-1)
         if not bool(alive.all()):
             alive = alive.expand_as(lse)

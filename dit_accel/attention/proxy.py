@@ -38,6 +38,8 @@ class Windows:
     k_proxy: torch.Tensor  # (S, N) proxy window of each key
     proxy_local: torch.Tensor  # (M,) local window each proxy window lies in
     locals: int
+    #: the keys are the whole grid: every window holds keys, the query's own position among them
+    whole_keys: bool = False
     #: (extent, proxy size) when the keys are the whole grid in order and proxies tile it exactly
     tiling: tuple[Size3, Size3] | None = None
 
@@ -71,10 +73,9 @@ def place(q_coordinates: torch.Tensor, k_coordinates: torch.Tensor, extent: Size
     starts = torch.stack(torch.meshgrid(*[torch.arange(n, device=k_coordinates.device) * p
                                           for n, p in zip(per_dim, proxy)], indexing="ij"), -1).reshape(-1, 3)
     proxy_local, _ = _window_ids(starts, local, shift, extent)
-    whole = k_coordinates.shape[:2] == (1, extent[0] * extent[1] * extent[2]) and all(
-        e % p == 0 for e, p in zip(extent, proxy))
-    tiling = (extent, proxy) if whole else None  # coordinates of the whole grid come in grid order
-    return Windows(q_local, k_local, k_proxy, proxy_local, locals_, tiling)
+    whole = k_coordinates.shape[:2] == (1, extent[0] * extent[1] * extent[2])  # then in grid order
+    tiling = (extent, proxy) if whole and all(e % p == 0 for e, p in zip(extent, proxy)) else None
+    return Windows(q_local, k_local, k_proxy, proxy_local, locals_, whole, tiling)
 
 
 def pool(key: torch.Tensor, value: torch.Tensor, windows: Windows, key_bias: torch.Tensor | None = None
@@ -175,7 +176,8 @@ def _local_part(query, key, value, prepared: Prepared, key_bias, scale) -> tuple
             per_key = key_bias.to(query.dtype).expand(batch, heads, 1, -1).transpose(2, 3)  # (B, H, N, 1)
             mask = mask + keys.gather(per_key)[..., 0].view(batch, heads, windows, keys.width)
         mask = mask.expand(batch, heads, -1, -1).reshape(batch * heads, windows, 1, keys.width)
-    out, lse = sdpa_with_lse(prepared.queries.gather(query), keys.gather(key), keys.gather(value), mask, scale)
+    out, lse = sdpa_with_lse(prepared.queries.gather(query), keys.gather(key), keys.gather(value), mask, scale,
+                             every_query_has_keys=prepared.windows.whole_keys)
     out, lse = prepared.queries.scatter(out, batch), prepared.queries.scatter(lse, batch)
     return out, lse, windows * prepared.queries.width * keys.width
 
@@ -190,6 +192,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prepa
     windows = prepared.windows
     if windows.locals == 1 and extra_key is None:
         return out, pairs
+    # with the whole grid as keys, every query has other windows' proxies, or unmasked extra keys
+    alive = windows.whole_keys and (windows.locals > 1 or extra_bias is None)
     keys = values = proxy_bias = None
     if windows.locals > 1:
         keys, values, proxy_bias = pool(key, value, windows, key_bias)
@@ -206,7 +210,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prepa
             lead = [max(a, b) for a, b in zip(bias.shape[:2], extra_bias.shape[:2])]
             bias = torch.cat([bias.expand(*lead, -1, -1),
                               extra_bias.to(query.dtype).expand(*lead, bias.shape[2], -1)], -1)
-        parts.append(sdpa_with_lse(query[:, :, chunk], keys, values, bias, scale))
+        parts.append(sdpa_with_lse(query[:, :, chunk], keys, values, bias, scale, every_query_has_keys=alive))
     far, far_lse = (torch.cat(p, 2) for p in zip(*parts))
     out, _ = merge(out, lse, far, far_lse)
     return out, pairs + query.shape[2] * keys.shape[2]
