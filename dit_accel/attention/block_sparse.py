@@ -98,9 +98,9 @@ def gathered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_offs
                 keys, values = torch.cat([keys, stand_ins[0][g, skipped]]), torch.cat([values, stand_ins[1][g, skipped]])
                 mask = torch.cat([torch.zeros(1, index.shape[0], dtype=query.dtype) if mask is None else mask,
                                   stand_ins[2][g, skipped].unsqueeze(0).to(query.dtype)], -1)
-            out[g, start:stop] = dense_attention(query[g, start:stop].unsqueeze(0), keys.unsqueeze(0),
-                                                 values.unsqueeze(0), mask if mask is None else mask.unsqueeze(0),
-                                                 scale=scale)[0]
+            four_d = lambda x: x[None, None]  # noqa: E731  (3-D inputs send SDPA down its math path)
+            out[g, start:stop] = dense_attention(four_d(query[g, start:stop]), four_d(keys), four_d(values),
+                                                 mask if mask is None else four_d(mask), scale=scale)[0, 0]
     return out
 
 

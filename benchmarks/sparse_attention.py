@@ -1,0 +1,316 @@
+"""Sparse attention (SVG2, proxy) on this machine, in one run.
+
+(a) Kernels: dense SDPA against SVG2's block-sparse kernel and proxy attention at 4k, 8k and 16k
+    tokens. "real" inputs are the q/k/v of a middle block of the trained reference video model
+    (7 x 16 x 16 tokens, 3 heads of 32), tiled over frames up to the length; "random" inputs are
+    Gaussian with random cluster labels and random kept pairs at a set density. Each row gives the
+    density computed, the time, the speedup over dense and its fraction of the ideal 1/density.
+(b) End to end on a medium random-weight Wan 2.1 (2 blocks, 6 heads of 64, 8,192 video tokens,
+    5 steps, no CFG): dense / SVG2 / proxy / RAS / RAS + SVG2 / RAS + proxy.
+(c) End to end on the trained reference video model (4 captions, CFG 4, 20 steps): the same plans,
+    presets, and stacks with diffusers' MagCache, with PSNR/SSIM vs dense and the judge's caption
+    and motion accuracy.
+
+Times are medians of repetitions run in turn (dense, plan, dense, plan, ...).
+
+    python -m dit_accel.benchmarks.sparse_attention --threads 2 --json benchmarks/figures/sparse_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from diffusers.hooks import MagCacheConfig
+from diffusers.utils import logging as diffusers_logging
+
+import dit_accel
+from dit_accel.attention import block_sparse, kmeans, proxy
+from dit_accel.methods.svg2 import _keep
+from dit_accel.metrics import judge as judges
+from dit_accel.metrics import procedural
+from dit_accel.metrics.quality import psnr, ssim
+from dit_accel.testing import tiny_pipeline
+from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
+
+REFERENCE_GRID = (7, 16, 16)
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reference_qkv(block: int = 2, step: int = 10) -> tuple[torch.Tensor, ...]:
+    """q, k, v (2, 3, 1792, 32) that one self-attention of the reference video model hands to SDPA
+    (conditional and unconditional call of one step)."""
+    pipe = reference_pipeline("video")
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        if query.shape[2] == key.shape[2] == 1792:
+            seen.append((query.clone(), key.clone(), value.clone()))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        pipe(**reference_call_kwargs("video", output_type="latent"), generator=torch.Generator().manual_seed(0))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    blocks = len(pipe.transformer.blocks)
+    calls = [seen[(2 * step + branch) * blocks + block] for branch in (0, 1)]
+    return tuple(torch.cat(parts) for parts in zip(*calls))
+
+
+def _tile(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, H, F*R*C, D) tokens of the reference grid repeated over frames up to `frames`."""
+    f, r, c = REFERENCE_GRID
+    grid = x.view(x.shape[0], x.shape[1], f, r * c, x.shape[-1])
+    return grid[:, :, torch.arange(frames) % f].reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def _svg2_kernel_rows(label, query, key, value, labels_q, labels_k, keep, dense_seconds, repeats) -> dict:
+    batch, heads, length, dim = query.shape
+    groups = batch * heads
+    flat = lambda x: x.reshape(groups, length, dim)  # noqa: E731
+    q_perm, q_offsets = kmeans.cluster_permutation(labels_q, keep.shape[1])
+    k_perm, k_offsets = kmeans.cluster_permutation(labels_k, keep.shape[2])
+    order = lambda x, p: flat(x).gather(1, p.unsqueeze(-1).expand(-1, -1, dim))  # noqa: E731
+    q, k, v = order(query, q_perm), order(key, k_perm), order(value, k_perm)
+    density = float(block_sparse.pairs(q_offsets, k_offsets, keep).sum()) / (groups * length * length)
+    padded, kept = block_sparse.padded_work(q_offsets, k_offsets, keep)
+    row = {"kernel": "svg2 block-sparse", "inputs": label, "tokens": length, "density": density,
+           "dense_s": dense_seconds, "padded_over_kept": padded / kept}
+    for name, kernel in (("gathered", block_sparse.gathered), ("padded", block_sparse.padded)):
+        if name == "padded" and padded > 4 * kept:
+            row[f"{name}_s"] = None
+            continue
+        row[f"{name}_s"] = _median_time(lambda: kernel(q, k, v, q_offsets, k_offsets, keep), repeats)
+    chosen = row["gathered_s"]  # what SVG2 runs on CPU
+    row.update(seconds=chosen, speedup=dense_seconds / chosen, of_ideal=dense_seconds / chosen * density)
+    return row
+
+
+def kernels(repeats: int) -> list[dict]:
+    real = reference_qkv()
+    rows = []
+    for frames in (16, 32, 64):  # 4,096 / 8,192 / 16,384 tokens
+        inputs = {"real": tuple(_tile(x, frames) for x in real)}
+        generator = torch.Generator().manual_seed(frames)
+        inputs["random"] = tuple(torch.randn(inputs["real"][0].shape, generator=generator) for _ in range(3))
+        for label, (query, key, value) in inputs.items():
+            batch, heads, length, dim = query.shape
+            dense_seconds = _median_time(lambda: F.scaled_dot_product_attention(query, key, value), repeats)
+            groups = batch * heads
+            q_clusters, k_clusters = dit_accel.SVG2Config().clusters_for(length, length)
+            if label == "real":
+                start = time.perf_counter()
+                labels_q, centroids_q, _ = kmeans.kmeans(query.reshape(groups, length, dim), q_clusters, 20)
+                labels_k, centroids_k, sizes_k = kmeans.kmeans(key.reshape(groups, length, dim), k_clusters, 20)
+                kmeans_seconds = (time.perf_counter() - start) / 20 * 2  # per warm-started call (2 iterations)
+                for top_p in (0.5, 0.7, 0.9):
+                    keep = _keep(centroids_q, centroids_k, sizes_k, dim ** -0.5, top_p, 1)
+                    row = _svg2_kernel_rows(label, query, key, value, labels_q, labels_k, keep, dense_seconds,
+                                            repeats)
+                    rows.append({**row, "setting": f"top_p {top_p}", "kmeans_s": kmeans_seconds})
+            else:
+                labels_q = torch.randint(0, q_clusters, (groups, length), generator=generator)
+                labels_k = torch.randint(0, k_clusters, (groups, length), generator=generator)
+                for density in (0.1, 0.25, 0.5):
+                    keep = torch.rand(groups, q_clusters, k_clusters, generator=generator) < density
+                    keep[:, :, 0] = True
+                    row = _svg2_kernel_rows(label, query, key, value, labels_q, labels_k, keep, dense_seconds,
+                                            repeats)
+                    rows.append({**row, "setting": f"kept {density}"})
+            f, r, c = frames, REFERENCE_GRID[1], REFERENCE_GRID[2]
+            coordinates = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(r), torch.arange(c), indexing="ij"),
+                                      -1).reshape(1, -1, 3)
+            for local, size in (((1, 8, 8), (1, 2, 2)), ((1, 16, 16), (1, 4, 4)), ((2, 16, 16), (1, 2, 2))):
+                prepared = proxy.Prepared.of(proxy.place(coordinates, coordinates, (f, r, c), local, size))
+                seconds = _median_time(lambda: proxy.attention(query, key, value, prepared), repeats)
+                density = proxy.attention(query, key, value, prepared)[1] / (length * length)
+                rows.append({"kernel": "proxy", "inputs": label, "tokens": length, "setting": f"{local}/{size}",
+                             "density": density, "dense_s": dense_seconds, "seconds": seconds,
+                             "speedup": dense_seconds / seconds, "of_ideal": dense_seconds / seconds * density})
+            print(f"  kernels: {length} tokens, {label} done", flush=True)
+    return rows
+
+
+def proxy_profile(repeats: int) -> dict:
+    """Where proxy attention's time goes at 8,192 tokens, window (1, 16, 16), proxies (1, 4, 4): its two
+    fused SDPA calls on their own against the whole kernel."""
+    frames, (_, r, c) = 32, REFERENCE_GRID
+    query, key, value = (torch.randn(2, 3, frames * r * c, 32) for _ in range(3))
+    coordinates = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(r), torch.arange(c), indexing="ij"),
+                              -1).reshape(1, -1, 3)
+    prepared = proxy.Prepared.of(proxy.place(coordinates, coordinates, (frames, r, c), (1, 16, 16), (1, 4, 4)))
+    windows = prepared.windows.locals
+    local = [x.reshape(6, windows, -1, 32) for x in (query, key, value)]
+    far_k, far_v = key[:, :, : prepared.windows.proxies], value[:, :, : prepared.windows.proxies]
+    bias = prepared.own[0][1]
+    return {
+        "total_s": _median_time(lambda: proxy.attention(query, key, value, prepared), repeats),
+        "local_sdpa_s": _median_time(lambda: F.scaled_dot_product_attention(*local), repeats),
+        "proxy_sdpa_s": _median_time(lambda: F.scaled_dot_product_attention(query, far_k, far_v, attn_mask=bias),
+                                     repeats),
+        "dense_s": _median_time(lambda: F.scaled_dot_product_attention(query, key, value), repeats),
+        "density": proxy.attention(query, key, value, prepared)[1] / (frames * r * c) ** 2,
+    }
+
+
+def _run(pipe, call: dict, configs: list | None, seed: int) -> tuple[float, torch.Tensor, dict | None]:
+    handle = dit_accel.apply(pipe, *configs) if configs is not None else None
+    try:
+        start = time.perf_counter()
+        out = pipe(**call, generator=torch.Generator().manual_seed(seed))
+        seconds = time.perf_counter() - start
+        report = handle.report() if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.remove()
+    samples = out.frames
+    return seconds, (samples.transpose(1, 2).float().clamp(0, 1) if samples.ndim == 5 else samples), report
+
+
+def _density(report: dict) -> float:
+    calls = [c for s in report["steps"] for c in s["calls"] if "attention_density" in c]
+    return statistics.mean(c["attention_density"] for c in calls) if calls else 1.0
+
+
+def _compare(pipe, call: dict, members: dict[str, list], repeats: int, seed: int) -> tuple[list[dict], dict]:
+    times = {"dense": [], **{label: [] for label in members}}
+    speedups: dict[str, list[float]] = {label: [] for label in members}
+    outputs, reports = {}, {}
+    for _ in range(repeats):
+        dense_seconds, outputs["dense"], _ = _run(pipe, call, None, seed)
+        times["dense"].append(dense_seconds)
+        for label, configs in members.items():
+            seconds, outputs[label], reports[label] = _run(pipe, call, configs, seed)
+            times[label].append(seconds)
+            speedups[label].append(dense_seconds / seconds)
+    rows = [{"plan": "dense", "seconds": statistics.median(times["dense"]), "speedup": 1.0, "flops_ratio": 1.0,
+             "density": 1.0}]
+    for label in members:
+        rows.append({"plan": label, "seconds": statistics.median(times[label]),
+                     "speedup": statistics.median(speedups[label]), "flops_ratio": reports[label]["flops_ratio"],
+                     "density": _density(reports[label])})
+    return rows, outputs
+
+
+def medium_wan(repeats: int) -> list[dict]:
+    pipe = tiny_pipeline("wan")
+    pipe.transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64,
+                                             in_channels=16, out_channels=16, text_dim=pipe.transformer.config.text_dim,
+                                             freq_dim=256, ffn_dim=1536, num_layers=2, cross_attn_norm=True,
+                                             qk_norm="rms_norm_across_heads").eval()
+    pipe.set_progress_bar_config(disable=True)
+    steps = 5
+    call = dict(prompt="a red ball", height=512, width=512, num_frames=29, num_inference_steps=steps,
+                guidance_scale=1.0, max_sequence_length=32, output_type="latent")  # 8 x 32 x 32 tokens
+    ras = dit_accel.RASConfig.for_steps(steps, sample_ratio=0.5)
+    svg2, window = dit_accel.SVG2Config(), dit_accel.ProxyAttentionConfig(local_window=(1, 16, 16), proxy_window=(1, 4, 4))
+    members = {"SVG2": [svg2], "proxy (1,16,16)/(1,4,4)": [window], "RAS 0.5": [ras], "RAS 0.5 + SVG2": [ras, svg2],
+               "RAS 0.5 + proxy": [ras, window]}
+    rows, _ = _compare(pipe, call, members, repeats, 0)
+    return rows
+
+
+def reference_video(repeats: int, count: int, seed: int) -> list[dict]:
+    pipe = reference_pipeline("video")
+    pipe.set_progress_bar_config(disable=True)
+    _, scenes = procedural.video_batch(count, seed)
+    call = reference_call_kwargs("video", prompt=[s.caption for s in scenes], output_type="pt")
+    _run(pipe, {**call, "num_inference_steps": 2}, None, seed)
+    steps = call["num_inference_steps"]
+    ras = dit_accel.RASConfig.for_steps(steps, sample_ratio=0.5)
+    magcache = dit_accel.calibrate(pipe, MagCacheConfig(threshold=0.06, max_skip_steps=2, calibrate=True), **call)
+    svg2, window = dit_accel.SVG2Config, dit_accel.ProxyAttentionConfig
+    members = {
+        "SVG2 (defaults)": [svg2()], "SVG2 paper (no stand-ins)": [svg2(stand_ins=False)],
+        "SVG2 quality": [svg2.preset("quality")], "proxy (defaults)": [window()],
+        **{f"proxy {name}": [window.preset(name)] for name in window.presets},
+        "RAS 0.5": [ras], "RAS 0.5 + SVG2 quality": [ras, svg2.preset("quality")],
+        "RAS 0.5 + proxy balanced": [ras, window.preset("balanced")],
+        "RAS 0.5 + MagCache 0.06": [ras, magcache],
+        "RAS 0.5 + MagCache 0.06 + proxy balanced": [ras, magcache, window.preset("balanced")],
+    }
+    rows, outputs = _compare(pipe, call, members, repeats, seed)
+    judge = judges.load_judge()
+    for row in rows:
+        samples = outputs[row["plan"]]
+        accuracy = judges.video_caption_accuracy(judge, samples, scenes)
+        row.update(psnr=psnr(samples, outputs["dense"]) if row["plan"] != "dense" else None,
+                   ssim=ssim(samples, outputs["dense"]), caption_accuracy=accuracy["all"],
+                   motion_accuracy=accuracy["motion"])
+    return rows
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--videos", type=int, default=4, help="captions per reference video batch")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip", choices=["kernels", "medium", "reference"], action="append", default=[])
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32, "
+          f"medians of {args.repeats}\n", flush=True)
+    results: dict[str, object] = {}
+    if "kernels" not in args.skip:
+        results["kernels"] = rows = kernels(args.repeats)
+        print("## (a) kernels\n\n" + _table(rows, [
+            ("kernel", "kernel", ""), ("inputs", "inputs", ""), ("tokens", "tokens", "d"), ("setting", "setting", ""),
+            ("density", "density", ".3f"), ("dense_s", "dense (s)", ".3f"), ("seconds", "sparse (s)", ".3f"),
+            ("speedup", "speedup", ".2f"), ("of_ideal", "of ideal", ".2f"), ("gathered_s", "gathered (s)", ".3f"),
+            ("padded_s", "padded (s)", ".3f"), ("padded_over_kept", "padded work / kept", ".2f"),
+            ("kmeans_s", "k-means per call (s)", ".3f")]) + "\n", flush=True)
+        results["proxy_profile"] = profile = proxy_profile(args.repeats)
+        print("proxy profile (8,192 tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in profile.items()) + "\n", flush=True)
+    if "medium" not in args.skip:
+        results["medium_wan"] = rows = medium_wan(args.repeats)
+        print("## (b) medium random-weight Wan, 8,192 tokens, 5 steps\n\n" + _table(rows, [
+            ("plan", "plan", ""), ("seconds", "time (s)", ".2f"), ("speedup", "speedup", ".2f"),
+            ("flops_ratio", "FLOPs ratio", ".3f"), ("density", "attention density", ".2f")]) + "\n", flush=True)
+    if "reference" not in args.skip:
+        results["reference_video"] = rows = reference_video(args.repeats, args.videos, args.seed)
+        print(f"## (c) reference video model, {args.videos} captions, CFG 4, 20 steps\n\n" + _table(rows, [
+            ("plan", "plan", ""), ("seconds", "time (s)", ".2f"), ("speedup", "speedup", ".2f"),
+            ("flops_ratio", "FLOPs ratio", ".3f"), ("density", "attention density", ".2f"),
+            ("psnr", "PSNR (dB)", ".1f"), ("ssim", "SSIM", ".3f"), ("caption_accuracy", "caption acc.", ".2f"),
+            ("motion_accuracy", "motion acc.", ".2f")]) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
