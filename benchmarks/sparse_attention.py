@@ -5,6 +5,7 @@
     (7 x 16 x 16 tokens, 3 heads of 32), tiled over frames up to the length; "random" inputs are
     Gaussian with random cluster labels and random kept pairs at a set density. Each row gives the
     density computed, the time, the speedup over dense and its fraction of the ideal 1/density.
+    (a') The same cluster-pair masks through compiled FlexAttention with a BlockMask.
 (b) End to end on a medium random-weight Wan 2.1 (2 blocks, 6 heads of 64, 8,192 video tokens,
     5 steps, no CFG): dense / SVG2 / proxy / RAS / RAS + SVG2 / RAS + proxy.
 (c) End to end on the trained reference video model (4 captions, CFG 4, 20 steps): the same plans,
@@ -151,6 +152,45 @@ def kernels(repeats: int) -> list[dict]:
     return rows
 
 
+def flex_attention_check(repeats: int) -> list[dict]:
+    """SVG2's cluster-pair masks through compiled FlexAttention with a `BlockMask` (128-token blocks,
+    `device="cpu"`) against the gathered kernel, 8,192 random tokens with random clusters."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, heads, length, dim, q_clusters, k_clusters = 2, 3, 8192, 32, 33, 108
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(batch, heads, length, dim, generator=generator) for _ in range(3))
+    groups = batch * heads
+    labels_q = torch.randint(0, q_clusters, (groups, length), generator=generator)
+    labels_k = torch.randint(0, k_clusters, (groups, length), generator=generator)
+    _, q_offsets = kmeans.cluster_permutation(labels_q, q_clusters)
+    _, k_offsets = kmeans.cluster_permutation(labels_k, k_clusters)
+    q_cluster = block_sparse._token_clusters(q_offsets, length).view(batch, heads, length)
+    k_cluster = block_sparse._token_clusters(k_offsets, length).view(batch, heads, length)
+    compiled = torch.compile(flex_attention)
+    dense_seconds = _median_time(lambda: F.scaled_dot_product_attention(query, key, value), repeats)
+    flat = [x.reshape(groups, length, dim) for x in (query, key, value)]
+    rows = []
+    for density in (0.1, 0.25, 0.5):
+        keep = torch.rand(groups, q_clusters, k_clusters, generator=generator) < density
+        keep[:, :, 0] = True
+        per_head = keep.view(batch, heads, q_clusters, k_clusters)
+
+        def mask_mod(b, h, q, kv):
+            return per_head[b, h, q_cluster[b, h, q], k_cluster[b, h, kv]]
+
+        start = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, batch, heads, length, length, device="cpu", BLOCK_SIZE=128)
+        build = time.perf_counter() - start
+        flex = _median_time(lambda: compiled(query, key, value, block_mask=block_mask), repeats)
+        gathered = _median_time(lambda: block_sparse.gathered(*flat, q_offsets, k_offsets, keep), repeats)
+        computed = float(block_sparse.pairs(q_offsets, k_offsets, keep).sum()) / (groups * length * length)
+        rows.append({"density": computed, "blocks_computed": 1 - block_mask.sparsity() / 100, "dense_s": dense_seconds,
+                     "block_mask_s": build, "flex_s": flex, "gathered_s": gathered,
+                     "flex_of_ideal": dense_seconds / flex * computed, "gathered_of_ideal": dense_seconds / gathered * computed})
+    return rows
+
+
 def proxy_profile(repeats: int) -> dict:
     """Where proxy attention's time goes at 8,192 tokens, window (1, 16, 16), proxies (1, 4, 4): its two
     fused SDPA calls on their own against the whole kernel."""
@@ -277,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--videos", type=int, default=4, help="captions per reference video batch")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--skip", choices=["kernels", "medium", "reference"], action="append", default=[])
+    parser.add_argument("--skip", choices=["kernels", "flex", "medium", "reference"], action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -296,6 +336,14 @@ def main(argv: list[str] | None = None) -> None:
             ("kmeans_s", "k-means per call (s)", ".3f")]) + "\n", flush=True)
         results["proxy_profile"] = profile = proxy_profile(args.repeats)
         print("proxy profile (8,192 tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in profile.items()) + "\n", flush=True)
+    if "flex" not in args.skip:
+        results["flex_attention"] = rows = flex_attention_check(args.repeats)
+        print("## (a') compiled FlexAttention vs the gathered kernel, 8,192 tokens, random clusters\n\n" + _table(rows, [
+            ("density", "density", ".3f"), ("blocks_computed", "128-blocks computed", ".2f"),
+            ("dense_s", "dense (s)", ".3f"), ("block_mask_s", "BlockMask build (s)", ".2f"),
+            ("flex_s", "FlexAttention (s)", ".3f"), ("gathered_s", "gathered (s)", ".3f"),
+            ("flex_of_ideal", "flex of ideal", ".2f"), ("gathered_of_ideal", "gathered of ideal", ".2f")]) + "\n",
+            flush=True)
     if "medium" not in args.skip:
         results["medium_wan"] = rows = medium_wan(args.repeats)
         print("## (b) medium random-weight Wan, 8,192 tokens, 5 steps\n\n" + _table(rows, [
