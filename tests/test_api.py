@@ -222,8 +222,8 @@ def test_apply_twice_is_refused_and_failed_apply_leaves_no_hooks():
     with pytest.raises(RuntimeError, match="already accelerated"):
         dit_accel.apply(pipe, dit_accel.RASConfig())
     handle.remove()
-    with pytest.raises(NotImplementedError, match="FlexDiTConfig"):
-        dit_accel.apply(pipe, dit_accel.FlexDiTConfig())
+    with pytest.raises(NotImplementedError, match="DyDiTConfig"):
+        dit_accel.apply(pipe, dit_accel.DyDiTConfig())
     assert model_state(pipe.transformer) == before
 
 
