@@ -6,7 +6,7 @@
     handle.remove()
 """
 
-from .api import AccelerationHandle, apply, calibrate, measure
+from .api import AccelerationHandle, PlanRun, apply, calibrate, compare, measure
 from .config import AccelerationConfig, ConfigError, Stage
 from .methods import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
 from .models import UnsupportedModelError, adapter_for, supported_families
@@ -18,6 +18,7 @@ __all__ = [
     "AccelerationHandle",
     "ConfigError",
     "DyDiTConfig",
+    "PlanRun",
     "FlexDiTConfig",
     "ProxyAttentionConfig",
     "RASConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "adapter_for",
     "apply",
     "calibrate",
+    "compare",
     "measure",
     "supported_families",
 ]

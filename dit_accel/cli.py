@@ -1,6 +1,6 @@
 """`dit-accel generate`: the dense pipeline and each acceleration plan on one seed, side by side.
 
-    dit-accel generate --model tiny:sd3 --steps 20 --accel ras:sample_ratio=0.5 --accel ras+fbcache:threshold=0.1
+    dit-accel generate --model tiny:sd3 --steps 20 --plan ras:sample_ratio=0.5 --plan ras+fbcache:threshold=0.1
 
 Writes `grid.png` (images) or `grid.gif` (videos) with every run labelled, one file per run, and
 `summary.json` / `summary.md` (time, speedup, FLOPs ratio, PSNR and SSIM vs dense); prints the table.
@@ -16,7 +16,6 @@ import inspect
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .api import apply, calibrate
-from .config import ConfigError
+from .api import PlanRun, compare
+from .config import AccelerationConfig, ConfigError
 from .models import UnsupportedModelError
 from .plans import describe, parse_plan
 from .runtime.registry import registration
@@ -48,26 +47,38 @@ class UsageError(ValueError):
     """A model or option the command cannot use; reported without a traceback."""
 
 
-@dataclasses.dataclass
-class Run:
-    """One generation: the dense baseline (no configs) or a plan."""
-
-    label: str
-    configs: list
-    output: torch.Tensor | None = None  # (B, 3, H, W) or (B, T, 3, H, W) in [0, 1], on the CPU
-    seconds: float = 0.0
-    report: dict[str, Any] | None = None
-
-
 # -- command line ----------------------------------------------------------------------------------
 
-def _plan_spec(spec: str) -> str:
-    """argparse type: reject a bad plan before any model is loaded."""
+def _plan_spec(text: str) -> str:
+    """argparse type: a plan spec, or a file holding one (one member per line, `#` comments), checked
+    (fields, combinations, a technique built for every member) before any model is loaded."""
+    path = Path(text)
+    spec = text
+    if path.is_file():
+        members = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        spec = "+".join(member for member in members if member)
     try:
-        parse_plan(spec)
+        configs = parse_plan(spec)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
+    for config in configs:
+        reg = registration(config)
+        if isinstance(config, AccelerationConfig) and reg.technique is None:
+            raise argparse.ArgumentTypeError(f"{reg.name} ({type(config).__name__}): technique not built yet")
     return spec
+
+
+def _at_least(low: float, kind: type):
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from error
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,16 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "else tiny:sd3)")
     gen.add_argument("--prompt", help="text prompt (DiT: a class name); default: the model's own")
     gen.add_argument("--seed", type=int, default=0, help="one seed for every run (default: 0)")
-    gen.add_argument("--steps", type=int, help="inference steps (default: the model's own)")
-    gen.add_argument("--height", type=int, help="pixels (default: the model's own)")
-    gen.add_argument("--width", type=int, help="pixels (default: the model's own)")
-    gen.add_argument("--frames", type=int, help="video frames")
-    gen.add_argument("--guidance", type=float, help="guidance scale")
-    gen.add_argument("--accel", action="append", type=_plan_spec, metavar="SPEC",
+    gen.add_argument("--steps", type=_at_least(1, int), help="inference steps (default: the model's own)")
+    gen.add_argument("--height", type=_at_least(1, int), help="pixels (default: the model's own)")
+    gen.add_argument("--width", type=_at_least(1, int), help="pixels (default: the model's own)")
+    gen.add_argument("--frames", type=_at_least(1, int), help="video frames")
+    gen.add_argument("--guidance", type=_at_least(0, float), help="guidance scale")
+    gen.add_argument("--plan", "--accel", dest="plans", action="append", type=_plan_spec, metavar="SPEC|FILE",
                      help="an acceleration plan, repeatable: technique:field=value,...[+technique:...], e.g. "
                      "ras:sample_ratio=0.5,warmup_steps=2 or ras+fbcache:threshold=0.1 (diffusers' caches: "
-                     "fbcache, taylorseer, magcache, pab, fastercache, ...); step schedules left out are "
-                     f"scaled to --steps, MagCache is calibrated first (default: {' and '.join(DEFAULT_PLANS)})")
+                     "fbcache, taylorseer, magcache, pab, fastercache, ...), proxy:preset=balanced, or a file "
+                     "holding one; step schedules left out are scaled to --steps, MagCache is calibrated first "
+                     f"(default: {' and '.join(DEFAULT_PLANS)})")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: %(default)s)")
@@ -149,10 +161,25 @@ def load_model(spec: str, device: str, dtype: torch.dtype):
         return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
     from diffusers import DiffusionPipeline
 
+    check_model_spec(spec)
     try:
         return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype).to(device), {}
     except OSError as error:
         raise UsageError(f"cannot load {spec!r} as a diffusers pipeline: {error}") from error
+
+
+def check_model_spec(spec: str) -> None:
+    """A hub id or an existing local folder, said before anything is loaded."""
+    kind, _, _ = spec.partition(":")
+    if kind in ("tiny", "reference") or Path(spec).is_dir():
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as error:
+        raise UsageError(f"--model {spec!r}: no such local folder, and not a valid hub id ({error})") from None
 
 
 def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -181,28 +208,7 @@ def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dic
 
 # -- running ---------------------------------------------------------------------------------------
 
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_once(pipe, run: Run, kwargs: dict[str, Any], seed: int, device: str) -> None:
-    """One generation of `run` on `seed`, timed from the call to the last kernel."""
-    handle = apply(pipe, *run.configs) if run.configs else None
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        output = pipe(**kwargs, generator=torch.Generator().manual_seed(seed))[0]
-        _synchronize(device)
-        run.seconds = time.perf_counter() - start
-    finally:
-        if handle is not None:
-            handle.remove()
-    run.output = output.float().cpu().clamp(0, 1)
-    run.report = None if handle is None else handle.report()
-
-
-def generate(args: argparse.Namespace) -> list[Run]:
+def generate(args: argparse.Namespace) -> list[PlanRun]:
     status = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
@@ -212,23 +218,7 @@ def generate(args: argparse.Namespace) -> list[Run]:
     pipe, defaults = load_model(model, device, dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     kwargs = call_kwargs(pipe, defaults, args)
-    steps = kwargs["num_inference_steps"]
-    runs = [Run("dense", [])] + [Run(spec, parse_plan(spec, steps)) for spec in args.accel or DEFAULT_PLANS]
-    for run in runs:
-        if any(getattr(config, "calibrate", False) is True for config in run.configs):
-            status(f"calibrating {run.label}")
-            run.configs = [calibrate(pipe, c, **kwargs) if getattr(c, "calibrate", False) is True else c
-                           for c in run.configs]
-
-    warmup_steps = min(steps, 2)
-    status(f"warm-up: every run once with {warmup_steps} steps, untimed")
-    for run in runs:
-        if not any(getattr(config, "num_inference_steps", None) for config in run.configs):  # not step-bound
-            run_once(pipe, run, {**kwargs, "num_inference_steps": warmup_steps}, args.seed, device)
-    for i, run in enumerate(runs, 1):
-        status(f"[{i}/{len(runs)}] {run.label}")
-        run_once(pipe, run, kwargs, args.seed, device)
-        status(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")
+    runs = compare(pipe, list(args.plans or DEFAULT_PLANS), seed=args.seed, progress=status, **kwargs)
 
     args.out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, kwargs, model=model, pipeline=type(pipe).__name__, seed=args.seed,
@@ -244,11 +234,6 @@ def generate(args: argparse.Namespace) -> list[Run]:
 
 # -- summary ---------------------------------------------------------------------------------------
 
-def _as_video(x: torch.Tensor) -> torch.Tensor:
-    """Pipelines give videos as (B, T, C, H, W); the metrics take (B, C, T, H, W)."""
-    return x.transpose(1, 2) if x.ndim == 5 else x
-
-
 def _plain_fields(config) -> dict[str, Any]:
     """A config's fields that JSON can hold (diffusers' configs carry callables and tensors)."""
     fields = {}
@@ -261,27 +246,20 @@ def _plain_fields(config) -> dict[str, Any]:
     return fields
 
 
-def summarize(runs: list[Run], kwargs: dict[str, Any], **info: Any) -> dict[str, Any]:
+def summarize(runs: list[PlanRun], kwargs: dict[str, Any], **info: Any) -> dict[str, Any]:
     """`info` and the call, then per run: time, speedup and FLOPs ratio vs dense, and PSNR/SSIM vs
     dense (null for dense itself, and PSNR null when identical)."""
-    from .metrics.quality import psnr, ssim
-
-    dense = runs[0]
     rows = []
     for run in runs:
-        row = {"label": run.label,
-               "configs": [{"technique": registration(c).name, **_plain_fields(c)} for c in run.configs],
-               "seconds": run.seconds, "speedup": dense.seconds / run.seconds,
-               "flops_ratio": 1.0, "dense_flops": None, "flops": None, "psnr_db": None, "ssim": None}
-        if run.configs:
-            reference, output = _as_video(dense.output), _as_video(run.output)
-            value = psnr(output, reference)
-            row.update(flops_ratio=run.report["flops_ratio"], dense_flops=run.report["dense_flops"],
-                       flops=run.report["flops"], psnr_db=value if math.isfinite(value) else None,
-                       ssim=ssim(output, reference))
-        rows.append(row)
+        report = run.report or {}
+        rows.append({"label": run.label,
+                     "configs": [{"technique": registration(c).name, **_plain_fields(c)} for c in run.configs],
+                     "seconds": run.seconds, "speedup": run.speedup, "flops_ratio": run.flops_ratio,
+                     "dense_flops": report.get("dense_flops"), "flops": report.get("flops"),
+                     "psnr_db": run.psnr if run.psnr is not None and math.isfinite(run.psnr) else None,
+                     "ssim": run.ssim})
     call = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, list)) and k != "output_type"}
-    return {**info, "call": call, "shape": list(dense.output.shape[1:]), "runs": rows}
+    return {**info, "call": call, "shape": list(runs[0].output.shape[1:]), "runs": rows}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -357,7 +335,7 @@ def labelled_row(tiles: list[Image.Image], captions: list[list[str]]) -> Image.I
     return canvas
 
 
-def write_outputs(runs: list[Run], rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+def write_outputs(runs: list[PlanRun], rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """`grid.png` or `grid.gif` plus one file per run (first sample of the batch); returns the names."""
     captions = _captions(rows)
     names = ["dense"] + [f"plan{i}" for i in range(1, len(runs))]

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffusers.hooks import FirstBlockCacheConfig
 
+import dit_accel
 from dit_accel import RASConfig, SVG2Config
 from dit_accel.cli import DEFAULT_PLANS, main
 from dit_accel.config import ConfigError
@@ -95,3 +96,52 @@ def test_generate_video_writes_gif(tmp_path):
     assert [run["label"] for run in summary["runs"]] == ["dense", *DEFAULT_PLANS]
     with Image.open(tmp_path / "grid.gif") as gif:
         assert gif.n_frames == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent"], "no such local folder, and not a valid hub id"),
+    (["--model", "tiny:sd3", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--model", "tiny:sd3", "--height", "tall"], "--height: expected an integer"),
+    (["--model", "tiny:sd3", "--plan", "dydit"], "dydit (DyDiTConfig): technique not built yet"),
+    (["--model", "tiny:sd3", "--accel", "svg2:top_p=2"], "top_p must be in"),
+])
+def test_bad_input_is_refused_by_name_before_any_model_work(argv, message, capsys, monkeypatch):
+    import dit_accel.cli as cli
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(cli, "compare", no_model_work)
+    monkeypatch.setattr("dit_accel.testing.tiny_pipeline", no_model_work)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_plan_file_is_a_plan(tmp_path):
+    plan = tmp_path / "fast.plan"
+    plan.write_text("# RAS, then a step cache\nras:sample_ratio=0.5,warmup_steps=1,error_reset_steps=()\n"
+                    "fbcache:threshold=0.1\n")
+    assert main(["generate", "--model", "tiny:dit", "--steps", "3", "--plan", str(plan), "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"][1]["label"] == "ras:sample_ratio=0.5,warmup_steps=1,error_reset_steps=()+fbcache:threshold=0.1"
+    assert [c["technique"] for c in summary["runs"][1]["configs"]] == ["ras", "fbcache"]
+
+
+def test_compare_runs_dense_then_each_plan_on_one_seed():
+    from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    call = tiny_call_kwargs("sd3", num_inference_steps=3)
+    with pytest.raises(ValueError, match="pass no generator"):
+        dit_accel.compare(pipe, [SPARSE_SPEC], **call)
+    del call["generator"]
+    runs = dit_accel.compare(pipe, [[SVG2Config.keep_all()], SPARSE_SPEC], seed=3, **call)
+    dense, keep_all, sparse = runs
+    assert (dense.label, dense.configs, dense.report, dense.psnr) == ("dense", [], None, None)
+    assert keep_all.label == "svg2" and keep_all.psnr > 60 and keep_all.ssim > 0.999
+    assert sparse.label == SPARSE_SPEC and sparse.flops_ratio < 1 and 10 < sparse.psnr < keep_all.psnr
+    assert all(run.seconds > 0 and run.output.shape == dense.output.shape for run in runs)
+    assert sparse.speedup == pytest.approx(dense.seconds / sparse.seconds)

@@ -55,6 +55,6 @@ def test_pooled_kv_attends_to_fewer_keys_and_composes(family):
 
 
 def test_stage_three_fields_are_refused_until_built():
-    pipe = tiny_pipeline("dit")
-    with pytest.raises(NotImplementedError, match="sparse_blocks"):
-        dit_accel.apply(pipe, dit_accel.FlexDiTConfig(sparse_blocks=(1, 1)))
+    for fields in (dict(sparse_blocks=(1, 1)), dict(min_density=0.5)):
+        with pytest.raises(dit_accel.ConfigError, match="not built yet"):
+            dit_accel.FlexDiTConfig(**fields)

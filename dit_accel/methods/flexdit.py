@@ -6,7 +6,7 @@ every self-attention attends to the image keys and values average-pooled over `p
 weighs it as the keys it stands for; text keys are never pooled, queries stay exact. With a token
 set (RAS without its K/V cache) the present keys are pooled by their grid position. Not built yet:
 the sparse-dense middle blocks and the temporal density schedule (`sparse_blocks`, `min_density`),
-which are refused when set.
+which a config refuses when set.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class FlexDiTConfig(AccelerationConfig):
         if self.sparse_blocks is not None and self.sparse_blocks[0] > self.sparse_blocks[1]:
             raise ConfigError(f"FlexDiTConfig.sparse_blocks must be (first, last) with first <= last, "
                               f"got {self.sparse_blocks!r}")
+        if Stage.TOKEN_TRANSFORM in self.stages():
+            raise ConfigError("FlexDiTConfig: the sparse-dense blocks (sparse_blocks) and the temporal density "
+                              "schedule (min_density < 1) are not built yet; pooled K/V (pooled_kv_blocks, "
+                              "pool_size) is")
 
     def stages(self) -> frozenset[Stage]:
         stages = set()
@@ -67,10 +71,6 @@ def _with_pooled(x: torch.Tensor, part: slice, pooled: torch.Tensor) -> torch.Te
 class FlexDiT(Technique):
     def __init__(self, config: FlexDiTConfig, session):
         super().__init__(config, session)
-        if Stage.TOKEN_TRANSFORM in config.stages():
-            raise NotImplementedError("FlexDiTConfig: the sparse-dense blocks (sparse_blocks) and the temporal "
-                                      "density schedule (min_density < 1) are not built yet; pooled K/V "
-                                      "(pooled_kv_blocks, pool_size) is")
         self._windows: dict[tuple, tuple[torch.Tensor, int]] = {}
 
     def begin_call(self, plan: CallPlan) -> None:
