@@ -274,14 +274,17 @@ def _label(plan: Any) -> str:
 
 
 def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
-            progress: Callable[[str], None] | None = None, **call_kwargs) -> list[PlanRun]:
+            progress: Callable[[str], None] | None = None, baseline: PlanRun | None = None,
+            **call_kwargs) -> list[PlanRun]:
     """Run `pipe(**call_kwargs)` dense and under each plan on one seed; return dense first, then each
     plan with its time, speedup, report and PSNR/SSIM vs dense (torchmetrics).
 
     A plan is a list of configs or a spec string (`"ras:sample_ratio=0.5+fbcache:threshold=0.1"`,
     step schedules scaled to the call's steps). MagCache configs in calibration mode are calibrated
     on this call first. Every run is warmed up once with `warmup_steps` steps, untimed (a run whose
-    config is bound to a step count is not). The CLI, the UI and the benchmarks share this function."""
+    config is bound to a step count is not). `baseline`, the dense run of an earlier comparison of
+    the same call and seed, is reused instead of running dense again (the UI caches it). The CLI,
+    the UI and the benchmarks share this function."""
     from .metrics.quality import psnr, ssim
     from .plans import parse_plan
 
@@ -292,7 +295,7 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     if steps is None:
         steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
     call = {**call_kwargs, "num_inference_steps": steps, "output_type": "pt"}
-    runs = [PlanRun("dense", [])]
+    runs = [baseline or PlanRun("dense", [])]
     for plan in plans:
         configs = parse_plan(plan, steps) if isinstance(plan, str) else list(plan)
         check_composable(configs)
@@ -303,10 +306,13 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
             run.configs = [calibrate(pipe, c, **call) if getattr(c, "calibrate", False) is True else c
                            for c in run.configs]
     say(f"warm-up: every run once with {min(steps, warmup_steps)} steps, untimed")
-    for run in runs:
+    todo = runs[1:] if baseline is not None else runs
+    for run in todo:
         if warmup_steps and not any(getattr(c, "num_inference_steps", None) for c in run.configs):
             _timed_run(pipe, run, {**call, "num_inference_steps": min(steps, warmup_steps)}, seed)
     for i, run in enumerate(runs, 1):
+        if run is baseline:
+            continue
         say(f"[{i}/{len(runs)}] {run.label}")
         _timed_run(pipe, run, call, seed)
         say(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")

@@ -25,14 +25,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .api import PlanRun, compare
 from .config import AccelerationConfig, ConfigError
+from .loading import UsageError, default_model, load_model
 from .models import UnsupportedModelError
 from .plans import describe, parse_plan
 from .runtime.registry import registration
 
 #: the plans shown when none is given: RAS alone, and RAS stacked with diffusers' FirstBlockCache
 DEFAULT_PLANS = ("ras:sample_ratio=0.5", "ras:sample_ratio=0.5+fbcache:threshold=0.12")
-#: the reference models generate a batch of this many captions by default (batches show the speedup)
-REFERENCE_BATCH = 8
 #: Used only when the model has no prompt of its own (hub models and local folders).
 FALLBACK_PROMPT = "a red fox sitting in fresh snow, photograph"
 #: CLI option -> pipeline call argument.
@@ -41,10 +40,6 @@ CALL_OPTIONS = {"prompt": "prompt", "steps": "num_inference_steps", "height": "h
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_TILE = 256  # pixels: small outputs are enlarged to at least this for the grid
 GIF_FRAME_MS = 120  # GIF stores centiseconds: about 8 frames a second
-
-
-class UsageError(ValueError):
-    """A model or option the command cannot use; reported without a traceback."""
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -110,12 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                      help="auto: bfloat16 on a GPU, float32 on a CPU")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    commands.add_parser("ui", help="serve the Gradio page: baseline and accelerated side by side (dit-accel ui "
+                        "--help)")
     commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
                         description="Every name a plan may use, its stages, and each field's type, range and doc.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ui"]:  # the UI parses its own options
+        from .ui import main as ui_main
+
+        return ui_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plans":
@@ -129,58 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- model and call arguments ----------------------------------------------------------------------
-
-def default_model() -> str:
-    """The trained reference model when its weights are installed: quality numbers then mean something."""
-    try:
-        from .testing.reference import REFERENCE_DIRS
-    except ImportError:
-        return "tiny:sd3"
-    return "reference:image" if (REFERENCE_DIRS["image"] / "model_index.json").exists() else "tiny:sd3"
-
-
-def load_model(spec: str, device: str, dtype: torch.dtype):
-    """The pipeline for `spec` and the call arguments it is meant to run with."""
-    kind, _, name = spec.partition(":")
-    if kind == "tiny":
-        from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
-
-        if name not in FAMILIES:
-            raise UsageError(f"unknown tiny family {name!r}; valid: {', '.join(FAMILIES)}")
-        pipe = tiny_pipeline(name).to(device)
-        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), tiny_call_kwargs(name)
-    if kind == "reference":
-        from .testing.reference import reference_call_kwargs, reference_pipeline
-
-        if name not in ("image", "video"):
-            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
-        from .metrics import procedural
-
-        batch = procedural.image_batch if name == "image" else procedural.video_batch
-        captions = [scene.caption for scene in batch(REFERENCE_BATCH, 0)[1]]
-        return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
-    from diffusers import DiffusionPipeline
-
-    check_model_spec(spec)
-    try:
-        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype).to(device), {}
-    except OSError as error:
-        raise UsageError(f"cannot load {spec!r} as a diffusers pipeline: {error}") from error
-
-
-def check_model_spec(spec: str) -> None:
-    """A hub id or an existing local folder, said before anything is loaded."""
-    kind, _, _ = spec.partition(":")
-    if kind in ("tiny", "reference") or Path(spec).is_dir():
-        return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(spec)
-    except HFValidationError as error:
-        raise UsageError(f"--model {spec!r}: no such local folder, and not a valid hub id ({error})") from None
-
 
 def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The model's defaults, overridden by the options given; an option the pipeline lacks is an error."""

@@ -99,7 +99,7 @@ def test_generate_video_writes_gif(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "/nonexistent"], "no such local folder, and not a valid hub id"),
+    (["--model", "/nonexistent"], "model '/nonexistent': no such local folder, and not a valid hub id"),
     (["--model", "tiny:sd3", "--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--model", "tiny:sd3", "--height", "tall"], "--height: expected an integer"),
     (["--model", "tiny:sd3", "--plan", "dydit"], "dydit (DyDiTConfig): technique not built yet"),

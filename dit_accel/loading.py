@@ -1,0 +1,69 @@
+"""Which model a spec names and how to load it: `tiny:<family>`, `reference:image|video`, a hub id or a
+local folder. Shared by the command line and the UI; a bad spec is refused before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: the reference models generate a batch of this many captions by default (batches show the speedup)
+REFERENCE_BATCH = 8
+
+
+class UsageError(ValueError):
+    """A model or option that cannot be used; reported as one line, without a traceback."""
+
+
+def default_model() -> str:
+    """The trained reference model when its weights are installed: quality numbers then mean something."""
+    try:
+        from .testing.reference import REFERENCE_DIRS
+    except ImportError:
+        return "tiny:sd3"
+    return "reference:image" if (REFERENCE_DIRS["image"] / "model_index.json").exists() else "tiny:sd3"
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, safetensors_only: bool = False):
+    """The pipeline for `spec` and the call arguments it is meant to run with (hub and local models
+    load their weights from safetensors only with `safetensors_only`; never with remote code)."""
+    kind, _, name = spec.partition(":")
+    if kind == "tiny":
+        from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+        if name not in FAMILIES:
+            raise UsageError(f"unknown tiny family {name!r}; valid: {', '.join(FAMILIES)}")
+        pipe = tiny_pipeline(name).to(device)
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), tiny_call_kwargs(name)
+    if kind == "reference":
+        from .testing.reference import reference_call_kwargs, reference_pipeline
+
+        if name not in ("image", "video"):
+            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
+        from .metrics import procedural
+
+        batch = procedural.image_batch if name == "image" else procedural.video_batch
+        captions = [scene.caption for scene in batch(REFERENCE_BATCH, 0)[1]]
+        return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
+    from diffusers import DiffusionPipeline
+
+    check_model_spec(spec)
+    options = {"use_safetensors": True} if safetensors_only else {}
+    try:
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, **options).to(device), {}
+    except OSError as error:
+        raise UsageError(f"cannot load {spec!r} as a diffusers pipeline: {error}") from error
+
+
+def check_model_spec(spec: str) -> None:
+    """A hub id or an existing local folder, said before anything is loaded."""
+    kind, _, _ = spec.partition(":")
+    if kind in ("tiny", "reference") or Path(spec).is_dir():
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as error:
+        raise UsageError(f"model {spec!r}: no such local folder, and not a valid hub id ({error})") from None
