@@ -69,12 +69,29 @@ def test_forms_come_from_every_built_config_and_round_trip():
 
 
 def test_a_run_shows_both_sides_their_numbers_and_what_was_skipped(server):
-    baseline, accelerated, table, skipped = server.predict(*_inputs(), api_name="/run")
+    baseline, accelerated, table, gallery, skipped = server.predict(*_inputs(), api_name="/run")
     assert _pixels(baseline).shape == _pixels(accelerated).shape == (64, 64, 3)
     assert "| dense |" in table and "| ras |" in table and "x |" in table
     assert len(skipped) == 3 and skipped[-1]["image_tokens"] < skipped[-1]["total_image_tokens"]
+    [ras_map] = gallery
+    assert "recomputed" in ras_map["caption"] and _pixels(ras_map["image"]).shape[0] >= 256
     again = server.predict(*_inputs(), api_name="/run")  # the cached baseline: the same picture
     assert np.array_equal(_pixels(again[0]), _pixels(baseline))
+
+
+def test_sparse_attention_runs_draw_clusters_and_density(server):
+    values = _inputs(ras=False)
+    at = 11  # after the call's inputs and the step cache
+    for form in technique_forms():
+        if form.name == "svg2":
+            values[at] = True
+            for i, field in enumerate(form.fields):
+                values[at + 1 + i] = {"query_clusters": "4", "key_clusters": "8", "dense_warmup": 0.0}.get(
+                    field.name, values[at + 1 + i])
+        at += 1 + len(form.fields)
+    gallery = server.predict(*values, api_name="/run")[3]
+    assert [item["caption"].split(":")[0] for item in gallery] == [
+        "SVG2", "attention density per call (rows, in order) and block (columns)"]
 
 
 def test_concurrent_clients_each_get_their_solo_result(server):

@@ -274,5 +274,11 @@ class RAS(Technique):
 
     # -- report --------------------------------------------------------------------------------
     def call_stats(self, plan: CallPlan) -> dict[str, Any]:
+        """Token counts, and which tokens of the first sample were computed (None: all), for the UI."""
         total = plan.grid.num_tokens
-        return {"image_tokens": total if plan.tokens is None else plan.tokens.count, "total_image_tokens": total}
+        computed = None
+        if plan.tokens is not None:
+            index = plan.tokens.index if plan.tokens.shared else plan.tokens.index[0]
+            computed = index.tolist()
+        return {"image_tokens": total if plan.tokens is None else plan.tokens.count, "total_image_tokens": total,
+                "computed_tokens": computed, "grid": [plan.grid.frames, plan.grid.rows, plan.grid.cols]}

@@ -118,11 +118,59 @@ def skipped(report: dict | None) -> list[dict[str, Any]]:
         call = step["calls"][0]
         row = {"step": step["step"], "flops_ratio": round(step["flops_ratio"], 4)}
         for key in ("image_tokens", "total_image_tokens", "attention_density", "attention_density_by_block",
-                    "pooled_kv_blocks"):
+                    "pooled_kv_blocks"):  # token lists and cluster maps are drawn, not listed
             if key in call:
-                row[key] = call[key]
+                value = call[key]
+                row[key] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
         rows.append(row)
     return rows
+
+
+def _first_frame(output: torch.Tensor) -> np.ndarray:
+    sample = output[0] if output[0].ndim == 3 else output[0][0]
+    return (sample.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _over(image: np.ndarray, colours: np.ndarray) -> Image.Image:
+    """A (rows, cols, 3) map enlarged onto the image and blended half and half."""
+    size = (image.shape[1], image.shape[0])
+    layer = Image.fromarray(colours.astype(np.uint8)).resize(size, Image.NEAREST)
+    blended = Image.blend(Image.fromarray(image), layer, 0.5)
+    return blended.resize((max(256, size[0]), max(256, size[0]) * size[1] // size[0]), Image.NEAREST)
+
+
+def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Image, str]]:
+    """What the plan skipped, drawn: RAS's recomputed regions, SVG2's query clusters, attention density
+    per step and block (first sample, first frame)."""
+    if report is None:
+        return []
+    calls = [call for step in report["steps"] for call in step["calls"]]
+    image, drawn = _first_frame(baseline), []
+    ras = [call for call in calls if "computed_tokens" in call]
+    if ras and any(call["computed_tokens"] is not None for call in ras):
+        frames, rows, cols = ras[0]["grid"]
+        counts = np.zeros(frames * rows * cols)
+        for call in ras:
+            counts[call["computed_tokens"] if call["computed_tokens"] is not None else slice(None)] += 1
+        share = (counts / len(ras)).reshape(frames, rows, cols)[0]
+        colours = np.stack([255 * share, 64 * np.ones_like(share), 255 * (1 - share)], -1)
+        drawn.append((_over(image, colours), "RAS: how often each region was recomputed (red: every call, "
+                                             "blue: rarely)"))
+    clusters = [call["svg2_query_clusters"] for call in calls if "svg2_query_clusters" in call]
+    if clusters:
+        labels = np.array(clusters[-1]["labels"])[0]
+        palette = np.random.default_rng(0).integers(0, 256, (int(labels.max()) + 2, 3))
+        drawn.append((_over(image, palette[labels + 1]),
+                      f"SVG2: query clusters of one head in block {clusters[-1]['block']}, last step"))
+    density = [[call["attention_density_by_block"].get(str(b), call["attention_density_by_block"].get(b, 1.0))
+                for b in range(max(len(c["attention_density_by_block"]) for c in calls
+                                   if "attention_density_by_block" in c))]
+               for call in calls if "attention_density_by_block" in call]
+    if density:
+        cells = (np.array(density) * 255).astype(np.uint8)
+        grid = Image.fromarray(cells).resize((cells.shape[1] * 24, cells.shape[0] * 8), Image.NEAREST)
+        drawn.append((grid, "attention density per call (rows, in order) and block (columns): white = dense"))
+    return drawn
 
 
 def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: str = "cpu",
@@ -167,6 +215,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             baseline_out = gr.Image(label="baseline", type="filepath")
             accelerated_out = gr.Image(label="accelerated", type="filepath")
         table = gr.Markdown()
+        gallery = gr.Gallery(label="what was skipped", columns=3)
         what = gr.JSON(label="what was skipped, per step")
 
         def run(model_spec, prompt_text, negative_text, seed_value, steps_value, guidance_value, height_value,
@@ -197,10 +246,10 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             folder = Path(tempfile.mkdtemp(dir=outputs_dir))
             dense, accelerated = runs
             return (_save(dense.output, folder, "baseline"), _save(accelerated.output, folder, "accelerated"),
-                    _table(runs), skipped(accelerated.report))
+                    _table(runs), pictures(accelerated.report, dense.output), skipped(accelerated.report))
 
         button.click(run, [model, prompt, negative, seed, steps, guidance, height, width, frames, cache, cache_fields,
-                           *technique_inputs], [baseline_out, accelerated_out, table, what], api_name="run")
+                           *technique_inputs], [baseline_out, accelerated_out, table, gallery, what], api_name="run")
     app.queue(default_concurrency_limit=1)
     return app
 
