@@ -35,6 +35,7 @@ from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
 from dit_accel.attention import block_sparse, kmeans, proxy
+from dit_accel.benchmarks.common import channels_first, in_turn, markdown_table, medians, timed
 from dit_accel.methods.svg2 import _keep
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
@@ -213,43 +214,17 @@ def proxy_profile(repeats: int) -> dict:
     }
 
 
-def _run(pipe, call: dict, configs: list | None, seed: int) -> tuple[float, torch.Tensor, dict | None]:
-    handle = dit_accel.apply(pipe, *configs) if configs is not None else None
-    try:
-        start = time.perf_counter()
-        out = pipe(**call, generator=torch.Generator().manual_seed(seed))
-        seconds = time.perf_counter() - start
-        report = handle.report() if handle is not None else None
-    finally:
-        if handle is not None:
-            handle.remove()
-    samples = out.frames
-    return seconds, (samples.transpose(1, 2).float().clamp(0, 1) if samples.ndim == 5 else samples), report
-
-
-def _density(report: dict) -> float:
-    calls = [c for s in report["steps"] for c in s["calls"] if "attention_density" in c]
+def _density(run) -> float:
+    calls = [c for s in run.report["steps"] for c in s["calls"] if "attention_density" in c] if run.report else []
     return statistics.mean(c["attention_density"] for c in calls) if calls else 1.0
 
 
 def _compare(pipe, call: dict, members: dict[str, list], repeats: int, seed: int) -> tuple[list[dict], dict]:
-    times = {"dense": [], **{label: [] for label in members}}
-    speedups: dict[str, list[float]] = {label: [] for label in members}
-    outputs, reports = {}, {}
-    for _ in range(repeats):
-        dense_seconds, outputs["dense"], _ = _run(pipe, call, None, seed)
-        times["dense"].append(dense_seconds)
-        for label, configs in members.items():
-            seconds, outputs[label], reports[label] = _run(pipe, call, configs, seed)
-            times[label].append(seconds)
-            speedups[label].append(dense_seconds / seconds)
-    rows = [{"plan": "dense", "seconds": statistics.median(times["dense"]), "speedup": 1.0, "flops_ratio": 1.0,
-             "density": 1.0}]
-    for label in members:
-        rows.append({"plan": label, "seconds": statistics.median(times[label]),
-                     "speedup": statistics.median(speedups[label]), "flops_ratio": reports[label]["flops_ratio"],
-                     "density": _density(reports[label])})
-    return rows, outputs
+    runs = in_turn(pipe, call, members, repeats, seed)
+    rows = medians(runs)
+    for row in rows:
+        row["density"] = _density(runs[row["plan"]][-1])
+    return rows, {label: channels_first(rounds[-1].output) for label, rounds in runs.items()}
 
 
 def medium_wan(repeats: int) -> list[dict]:
@@ -275,7 +250,7 @@ def reference_video(repeats: int, count: int, seed: int) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     _, scenes = procedural.video_batch(count, seed)
     call = reference_call_kwargs("video", prompt=[s.caption for s in scenes], output_type="pt")
-    _run(pipe, {**call, "num_inference_steps": 2}, None, seed)
+    timed(pipe, {**call, "num_inference_steps": 2}, [], seed)
     steps = call["num_inference_steps"]
     ras = dit_accel.RASConfig.for_steps(steps, sample_ratio=0.5)
     magcache = dit_accel.calibrate(pipe, MagCacheConfig(threshold=0.06, max_skip_steps=2, calibrate=True), **call)
@@ -300,17 +275,6 @@ def reference_video(repeats: int, count: int, seed: int) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row.get(key)
-            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -328,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, object] = {}
     if "kernels" not in args.skip:
         results["kernels"] = rows = kernels(args.repeats)
-        print("## (a) kernels\n\n" + _table(rows, [
+        print("## (a) kernels\n\n" + markdown_table(rows, [
             ("kernel", "kernel", ""), ("inputs", "inputs", ""), ("tokens", "tokens", "d"), ("setting", "setting", ""),
             ("density", "density", ".3f"), ("dense_s", "dense (s)", ".3f"), ("seconds", "sparse (s)", ".3f"),
             ("speedup", "speedup", ".2f"), ("of_ideal", "of ideal", ".2f"), ("gathered_s", "gathered (s)", ".3f"),
@@ -338,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         print("proxy profile (8,192 tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in profile.items()) + "\n", flush=True)
     if "flex" not in args.skip:
         results["flex_attention"] = rows = flex_attention_check(args.repeats)
-        print("## (a') compiled FlexAttention vs the gathered kernel, 8,192 tokens, random clusters\n\n" + _table(rows, [
+        print("## (a') compiled FlexAttention vs the gathered kernel, 8,192 tokens, random clusters\n\n" + markdown_table(rows, [
             ("density", "density", ".3f"), ("blocks_computed", "128-blocks computed", ".2f"),
             ("dense_s", "dense (s)", ".3f"), ("block_mask_s", "BlockMask build (s)", ".2f"),
             ("flex_s", "FlexAttention (s)", ".3f"), ("gathered_s", "gathered (s)", ".3f"),
@@ -346,12 +310,12 @@ def main(argv: list[str] | None = None) -> None:
             flush=True)
     if "medium" not in args.skip:
         results["medium_wan"] = rows = medium_wan(args.repeats)
-        print("## (b) medium random-weight Wan, 8,192 tokens, 5 steps\n\n" + _table(rows, [
+        print("## (b) medium random-weight Wan, 8,192 tokens, 5 steps\n\n" + markdown_table(rows, [
             ("plan", "plan", ""), ("seconds", "time (s)", ".2f"), ("speedup", "speedup", ".2f"),
             ("flops_ratio", "FLOPs ratio", ".3f"), ("density", "attention density", ".2f")]) + "\n", flush=True)
     if "reference" not in args.skip:
         results["reference_video"] = rows = reference_video(args.repeats, args.videos, args.seed)
-        print(f"## (c) reference video model, {args.videos} captions, CFG 4, 20 steps\n\n" + _table(rows, [
+        print(f"## (c) reference video model, {args.videos} captions, CFG 4, 20 steps\n\n" + markdown_table(rows, [
             ("plan", "plan", ""), ("seconds", "time (s)", ".2f"), ("speedup", "speedup", ".2f"),
             ("flops_ratio", "FLOPs ratio", ".3f"), ("density", "attention density", ".2f"),
             ("psnr", "PSNR (dB)", ".1f"), ("ssim", "SSIM", ".3f"), ("caption_accuracy", "caption acc.", ".2f"),

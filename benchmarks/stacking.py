@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCac
 from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
+from dit_accel.benchmarks.common import channels_first, in_turn, markdown_table, medians, timed
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import psnr, ssim
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
@@ -58,48 +58,19 @@ def plans(pipe, kind: str, call: dict, steps: int) -> dict[str, Callable[[], lis
     }
 
 
-def _generate(pipe, kind: str, call: dict, seed: int) -> torch.Tensor:
-    out = pipe(**call, generator=torch.Generator().manual_seed(seed))
-    samples = out.images if kind == "image" else out.frames.transpose(1, 2)
-    return samples.float().clamp(0, 1)
-
-
-def _timed(pipe, kind: str, call: dict, seed: int, configs: list | None) -> tuple[float, torch.Tensor, dict | None]:
-    handle = dit_accel.apply(pipe, *configs) if configs is not None else None
-    try:
-        start = time.perf_counter()
-        samples = _generate(pipe, kind, call, seed)
-        seconds = time.perf_counter() - start
-        report = handle.report() if handle is not None else None
-    finally:
-        if handle is not None:
-            handle.remove()
-    return seconds, samples, report
-
-
 def quality(kind: str, count: int, repeats: int, seed: int) -> list[dict]:
     pipe = reference_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     _, scenes = (procedural.image_batch if kind == "image" else procedural.video_batch)(count, seed)
     call = reference_call_kwargs(kind, prompt=[s.caption for s in scenes], output_type="pt")
-    _timed(pipe, kind, {**call, "num_inference_steps": 2}, seed, None)  # warm-up
+    timed(pipe, {**call, "num_inference_steps": 2}, [], seed)  # warm-up
     members = {label: make() for label, make in plans(pipe, kind, call, STEPS).items()}
-    times: dict[str, list[float]] = {"dense": [], **{label: [] for label in members}}
-    speedups: dict[str, list[float]] = {label: [] for label in members}
-    outputs, reports = {}, {}
-    for _ in range(repeats):
-        dense_seconds, outputs["dense"], _ = _timed(pipe, kind, call, seed, None)
-        times["dense"].append(dense_seconds)
-        for label, configs in members.items():
-            seconds, outputs[label], reports[label] = _timed(pipe, kind, call, seed, configs)
-            times[label].append(seconds)
-            speedups[label].append(dense_seconds / seconds)
-    rows = [{"plan": "dense", "seconds": statistics.median(times["dense"]), "speedup": 1.0, "flops_ratio": 1.0,
-             "psnr": None, "ssim": 1.0}]
-    for label in members:
-        rows.append({"plan": label, "seconds": statistics.median(times[label]),
-                     "speedup": statistics.median(speedups[label]), "flops_ratio": reports[label]["flops_ratio"],
-                     "psnr": psnr(outputs[label], outputs["dense"]), "ssim": ssim(outputs[label], outputs["dense"])})
+    runs = in_turn(pipe, call, members, repeats, seed)
+    dense = channels_first(runs["dense"][-1].output)
+    rows = medians(runs)
+    for row in rows:
+        output = channels_first(runs[row["plan"]][-1].output)
+        row.update(psnr=psnr(output, dense) if row["plan"] != "dense" else None, ssim=ssim(output, dense))
     return rows
 
 
@@ -110,35 +81,14 @@ def overhead(kind: str, batch: int, repeats: int, steps: int) -> list[dict]:
     size = {} if kind == "image" else {"height": 128, "width": 128, "num_frames": 7}  # 4 x 32 x 32 tokens
     call = reference_call_kwargs(kind, prompt=["a large red circle moving right, blue plain background"] * batch,
                                  num_inference_steps=steps, output_type="latent", **size)
-    _timed(pipe, kind, {**call, "num_inference_steps": 2}, 0, None)
+    timed(pipe, {**call, "num_inference_steps": 2}, [], 0)
     members = {"measure-only handle": []}
     members.update({label: make() for label, make in plans(pipe, kind, call, steps).items() if "MagCache" not in label})
-    tokens = None
-    ratios: dict[str, list[float]] = {label: [] for label in members}
-    speedups: dict[str, list[float]] = {label: [] for label in members}
-    flops: dict[str, float] = {}
-    for _ in range(repeats):
-        dense_seconds, _, _ = _timed(pipe, kind, call, 0, None)
-        for label, configs in members.items():
-            seconds, _, report = _timed(pipe, kind, call, 0, configs)
-            tokens = report["steps"][0]["calls"][0].get("total_image_tokens") or tokens
-            flops[label] = report["flops_ratio"]
-            speedups[label].append(dense_seconds / seconds)
-            ratios[label].append(dense_seconds / seconds * report["flops_ratio"])
-    return [{"model": kind, "batch": batch, "plan": label, "flops_ratio": flops[label],
-             "speedup": statistics.median(speedups[label]), "overhead_ratio": statistics.median(ratios[label])}
+    runs = in_turn(pipe, call, members, repeats, 0)
+    return [{"model": kind, "batch": batch, "plan": label, "flops_ratio": runs[label][-1].flops_ratio,
+             "speedup": statistics.median(r.speedup for r in runs[label]),
+             "overhead_ratio": statistics.median(r.speedup * r.flops_ratio for r in runs[label])}
             for label in members]
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row[key]
-            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind, count in (("image", args.images), ("video", args.videos)):
             results[kind] = quality(kind, count, args.repeats, args.seed)
             print(f"## {kind}: {count} captions per batch, CFG 4, {STEPS} steps\n")
-            print(_table(results[kind], [("plan", "plan", ""), ("seconds", "time (s)", ".2f"),
+            print(markdown_table(results[kind], [("plan", "plan", ""), ("seconds", "time (s)", ".2f"),
                                          ("speedup", "speedup", ".2f"), ("flops_ratio", "FLOPs ratio", ".3f"),
                                          ("psnr", "PSNR vs dense (dB)", ".1f"), ("ssim", "SSIM", ".3f")]) + "\n",
                   flush=True)
@@ -171,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += overhead(kind, batch, args.repeats if batch == 1 or kind == "image" else 2, steps)
         results["overhead"] = rows
         print("## overhead: wall-clock speedup / FLOPs speedup (image model 256 tokens, video model 4,096)\n")
-        print(_table(rows, [("model", "model", ""), ("batch", "batch", "d"), ("plan", "plan", ""),
+        print(markdown_table(rows, [("model", "model", ""), ("batch", "batch", "d"), ("plan", "plan", ""),
                             ("flops_ratio", "FLOPs ratio", ".3f"), ("speedup", "speedup", ".2f"),
                             ("overhead_ratio", "speedup / FLOPs speedup", ".2f")]), flush=True)
     if args.json:

@@ -309,12 +309,12 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     todo = runs[1:] if baseline is not None else runs
     for run in todo:
         if warmup_steps and not any(getattr(c, "num_inference_steps", None) for c in run.configs):
-            _timed_run(pipe, run, {**call, "num_inference_steps": min(steps, warmup_steps)}, seed)
+            timed_run(pipe, run, {**call, "num_inference_steps": min(steps, warmup_steps)}, seed)
     for i, run in enumerate(runs, 1):
         if run is baseline:
             continue
         say(f"[{i}/{len(runs)}] {run.label}")
-        _timed_run(pipe, run, call, seed)
+        timed_run(pipe, run, call, seed)
         say(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")
     dense = runs[0]
     as_video = lambda x: x.transpose(1, 2) if x.ndim == 5 else x  # noqa: E731  (metrics take B, C, T, H, W)
@@ -325,8 +325,9 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     return runs
 
 
-def _timed_run(pipe: Any, run: PlanRun, call: dict[str, Any], seed: int) -> None:
-    """One generation of `run` on `seed`, timed from the call to the last kernel."""
+def timed_run(pipe: Any, run: PlanRun, call: dict[str, Any], seed: int) -> None:
+    """One generation of `run` on `seed`, timed from the call to the last kernel: fills its output,
+    seconds and report (`compare` and the benchmarks' repetitions call this)."""
     handle = apply(pipe, *run.configs) if run.configs else None
     device = getattr(pipe, "device", None)
     try:

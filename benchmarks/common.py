@@ -1,0 +1,54 @@
+"""What the benchmarks share: runs repeated in turn, their medians, and markdown tables."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from dit_accel.api import PlanRun, timed_run
+
+
+def timed(pipe, call: dict, configs: list, seed: int) -> PlanRun:
+    """One timed generation (`configs` empty: dense)."""
+    run = PlanRun("plan" if configs else "dense", list(configs))
+    timed_run(pipe, run, call, seed)
+    return run
+
+
+def in_turn(pipe, call: dict, members: dict[str, list], repeats: int, seed: int) -> dict[str, list[PlanRun]]:
+    """`repeats` rounds of dense, then every plan (dense, plan, dense, plan, ...), so a drift of the
+    machine's speed hits all plans alike; per label, the runs of every round."""
+    runs: dict[str, list[PlanRun]] = {"dense": [], **{label: [] for label in members}}
+    for _ in range(repeats):
+        dense = timed(pipe, call, [], seed)
+        runs["dense"].append(dense)
+        for label, configs in members.items():
+            run = timed(pipe, call, configs, seed)
+            run.speedup = dense.seconds / run.seconds
+            runs[label].append(run)
+    return runs
+
+
+def medians(runs: dict[str, list[PlanRun]]) -> list[dict]:
+    """Per label: median time, median of the per-round speedups, the FLOPs ratio of the last round."""
+    return [{"plan": label, "seconds": statistics.median(r.seconds for r in rounds),
+             "speedup": statistics.median(r.speedup for r in rounds), "flops_ratio": rounds[-1].flops_ratio}
+            for label, rounds in runs.items()]
+
+
+def channels_first(output: torch.Tensor) -> torch.Tensor:
+    """Pipelines give videos as (B, T, C, H, W); metrics and the judge take (B, C, T, H, W)."""
+    return output.transpose(1, 2) if output.ndim == 5 else output
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as a markdown table; columns are (key, title, format), "-" where a value is missing."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, fmt) if fmt else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
