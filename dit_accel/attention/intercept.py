@@ -80,6 +80,21 @@ def routed_sdpa(handler: Handler) -> Iterator[list[int]]:
                 F.scaled_dot_product_attention = _SDPA
 
 
+def per_key(mask: torch.Tensor | None) -> bool:
+    """Whether an attention mask is the same for every query (e.g. text padding), so that it can travel
+    with the keys when they are pooled, permuted or windowed."""
+    return mask is None or mask.ndim < 2 or mask.shape[-2] == 1
+
+
+def resize_key_mask(mask: torch.Tensor | None, keys: int, image: slice, image_keys: int) -> torch.Tensor | None:
+    """A per-key mask over `keys` keys for a key set whose image part `image` now holds `image_keys`
+    keys (cached or pooled ones); the image keys keep the mask's value for the first image key."""
+    if mask is None or mask.shape[-1] != keys:
+        return mask
+    columns = mask[..., image][..., :1].expand(*mask.shape[:-1], image_keys)
+    return torch.cat([mask[..., : image.start], columns, mask[..., image.stop:]], -1)
+
+
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An attention mask as additive logits: a bool mask (True = attend) becomes 0 / -inf."""
     if mask.dtype != torch.bool:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import pooling
+from ..attention.intercept import per_key, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
-from ..runtime.plan import CallPlan, TokenSet
+from ..runtime.plan import CallPlan
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -79,12 +80,10 @@ class FlexDiT(Technique):
     def _pool_windows(self, plan: CallPlan, count: int, device) -> tuple[torch.Tensor, int] | None:
         """((S, count) pooling window of every image key, windows), or None if the keys cannot be placed."""
         grid, size = plan.grid, self.config.pool_size
-        if count == grid.num_tokens:
-            cache_key, tokens = ("grid", grid), TokenSet(torch.arange(count, device=device), grid)
-        elif plan.tokens is not None and plan.tokens.count == count:
-            cache_key, tokens = ("call", id(plan.tokens)), plan.tokens
-        else:
+        placed = plan.placed(count)
+        if placed is None:
             return None
+        cache_key, tokens = placed
         if cache_key not in self._windows:
             coordinates = tokens.coordinates()
             coordinates = coordinates.unsqueeze(0) if coordinates.ndim == 2 else coordinates
@@ -94,8 +93,7 @@ class FlexDiT(Technique):
         return self._windows[cache_key]
 
     def kv_source(self, plan, call, query, key, value, attn_mask):
-        per_key_mask = attn_mask is None or attn_mask.ndim < 2 or attn_mask.shape[-2] == 1
-        if call.block_index >= self.config.pooled_kv_blocks or not per_key_mask:
+        if call.block_index >= self.config.pooled_kv_blocks or not per_key(attn_mask):
             return key, value, None, attn_mask
         part = call.image_slice(key.shape[2])
         image_keys = part.stop - part.start
@@ -115,9 +113,7 @@ class FlexDiT(Technique):
                              image_keys)
         text = log_size.new_zeros(*log_size.shape[:3], key.shape[2])  # text keys: no bias
         bias = torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1)
-        if attn_mask is not None and attn_mask.shape[-1] == key.shape[2]:
-            image_columns = attn_mask[..., part][..., :1].expand(*attn_mask.shape[:-1], windows)
-            attn_mask = torch.cat([attn_mask[..., : part.start], image_columns, attn_mask[..., part.stop:]], -1)
+        attn_mask = resize_key_mask(attn_mask, key.shape[2], part, windows)
         return _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v), bias, attn_mask
 
     def call_stats(self, plan: CallPlan) -> dict:

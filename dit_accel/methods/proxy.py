@@ -18,7 +18,7 @@ import torch
 from ..attention import proxy
 from ..attention.intercept import dense_attention
 from ..config import AccelerationConfig, ConfigError, Stage, param
-from ..runtime.plan import CallPlan, TokenSet
+from ..runtime.plan import CallPlan
 from ..runtime.registry import register_technique
 from .sparse_attention import SparseAttention
 
@@ -80,16 +80,15 @@ class ProxyAttention(SparseAttention):
     def end_run(self) -> None:
         self._layouts.clear()
 
-    def _coordinates(self, plan: CallPlan, count: int) -> tuple[object, torch.Tensor] | None:
+    @staticmethod
+    def _coordinates(plan: CallPlan, count: int) -> tuple[tuple, torch.Tensor] | None:
         """(cache key, (S, count, 3) coordinates) of `count` image tokens, or None if they cannot be placed."""
-        grid = plan.grid
-        if count == grid.num_tokens:
-            return ("grid", grid), TokenSet(torch.arange(count), grid).coordinates().unsqueeze(0)
-        tokens = plan.tokens
-        if tokens is not None and tokens.count == count:
-            coordinates = tokens.coordinates()
-            return ("call", id(tokens)), coordinates.unsqueeze(0) if tokens.shared else coordinates
-        return None
+        placed = plan.placed(count)
+        if placed is None:
+            return None
+        key, tokens = placed
+        coordinates = tokens.coordinates()
+        return key, coordinates.unsqueeze(0) if tokens.shared else coordinates
 
     def _prepared(self, plan: CallPlan, call, queries: int, keys: int, text: int, dtype, device) -> proxy.Prepared | None:
         q_place, k_place = self._coordinates(plan, queries), self._coordinates(plan, keys)

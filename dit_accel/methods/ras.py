@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention.intercept import AttentionCall
+from ..attention.intercept import AttentionCall, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import gather_tokens, scatter_tokens
 from ..runtime.context import StepContext
@@ -251,11 +251,7 @@ class RAS(Technique):
                 cache[:, :, : cached_image.start].copy_(fresh[:, :, : fresh_image.start])
             if cached_image.stop < length:
                 cache[:, :, cached_image.stop:].copy_(fresh[:, :, fresh_image.stop:])
-        if attn_mask is not None and attn_mask.shape[-1] == key.shape[2]:
-            columns = cached_image.stop - cached_image.start
-            image_columns = attn_mask[..., fresh_image][..., :1].expand(*attn_mask.shape[:-1], columns)
-            attn_mask = torch.cat([attn_mask[..., : fresh_image.start], image_columns,
-                                   attn_mask[..., fresh_image.stop:]], -1)
+        attn_mask = resize_key_mask(attn_mask, key.shape[2], fresh_image, cached_image.stop - cached_image.start)
         return cached[0], cached[1], None, attn_mask
 
     def _kv_index(self, tokens: TokenSet, cache: torch.Tensor, offset: int, heads_first: bool) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..attention.intercept import AttentionCall, dense_attention, mask_bias
+from ..attention.intercept import AttentionCall, dense_attention, mask_bias, per_key
 from ..runtime.plan import CallPlan
 from ..runtime.technique import Technique
 
@@ -54,13 +54,12 @@ class SparseAttention(Technique):
 
     def attend(self, plan, call, query, key, value, bias, **sdpa_kwargs):
         mask = sdpa_kwargs.pop("attn_mask", None)
-        per_key = mask is None or mask.ndim < 2 or mask.shape[-2] == 1
         simple = not sdpa_kwargs.get("is_causal") and not sdpa_kwargs.get("dropout_p") and \
             key.shape[1] == query.shape[1]
         dense_pairs = query.shape[2] * key.shape[2]
         counts = self._pairs[call.block_index]
         counts[1] += dense_pairs
-        if per_key and simple and not self.dense_here(plan, call):
+        if per_key(mask) and simple and not self.dense_here(plan, call):
             result = self.sparse(plan, call, query, key, value, per_key_bias(bias, mask, query.dtype),
                                  sdpa_kwargs.get("scale"))
             if result is not None:

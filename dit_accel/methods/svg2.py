@@ -113,10 +113,9 @@ class SVG2(SparseAttention):
         over the grid (-1 where a token was not computed), for the UI."""
         grid = plan.grid
         cluster_map = torch.full((grid.num_tokens,), -1, dtype=torch.long)
-        if labels.shape[1] == grid.num_tokens:
-            cluster_map = labels[0].cpu()
-        elif plan.tokens is not None and plan.tokens.count == labels.shape[1]:
-            index = plan.tokens.index if plan.tokens.shared else plan.tokens.index[0]
+        placed = plan.placed(labels.shape[1])
+        if placed is not None:
+            index = placed[1].index if placed[1].shared else placed[1].index[0]
             cluster_map[index.cpu()] = labels[0].cpu()
         self._cluster_map = {"block": call.block_index,
                              "labels": cluster_map.view(grid.frames, grid.rows, grid.cols).tolist()}

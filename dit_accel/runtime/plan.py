@@ -64,6 +64,17 @@ class CallPlan:
     def text_tokens(self) -> int:
         return self.ctx.call.text_tokens
 
+    def placed(self, count: int) -> tuple[tuple, TokenSet] | None:
+        """Which image tokens a sequence of `count` of them holds, with a cache key: the whole grid
+        (key ("grid", grid), the same in every call), this call's token set (key ("call", id)), or
+        None when they cannot be placed (pooled tokens)."""
+        grid = self.grid
+        if count == grid.num_tokens:
+            return ("grid", grid), TokenSet(torch.arange(count), grid)
+        if self.tokens is not None and self.tokens.count == count:
+            return ("call", id(self.tokens)), self.tokens
+        return None
+
     def record(self, work: Work) -> None:
         self.ledger.append(work)
 
