@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from dit_accel.api import PlanRun, timed_run
 
 
@@ -35,11 +33,6 @@ def medians(runs: dict[str, list[PlanRun]]) -> list[dict]:
     return [{"plan": label, "seconds": statistics.median(r.seconds for r in rounds),
              "speedup": statistics.median(r.speedup for r in rounds), "flops_ratio": rounds[-1].flops_ratio}
             for label, rounds in runs.items()]
-
-
-def channels_first(output: torch.Tensor) -> torch.Tensor:
-    """Pipelines give videos as (B, T, C, H, W); metrics and the judge take (B, C, T, H, W)."""
-    return output.transpose(1, 2) if output.ndim == 5 else output
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -35,11 +35,11 @@ from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
 from dit_accel.attention import block_sparse, kmeans, proxy
-from dit_accel.benchmarks.common import channels_first, in_turn, markdown_table, medians, timed
+from dit_accel.benchmarks.common import in_turn, markdown_table, medians, timed
 from dit_accel.methods.svg2 import _keep
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
-from dit_accel.metrics.quality import psnr, ssim
+from dit_accel.metrics.quality import channels_first, psnr, ssim
 from dit_accel.testing import tiny_pipeline
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 

@@ -29,9 +29,9 @@ from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCac
 from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
-from dit_accel.benchmarks.common import channels_first, in_turn, markdown_table, medians, timed
+from dit_accel.benchmarks.common import in_turn, markdown_table, medians, timed
 from dit_accel.metrics import procedural
-from dit_accel.metrics.quality import psnr, ssim
+from dit_accel.metrics.quality import channels_first, psnr, ssim
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 
 STEPS = 20

@@ -285,7 +285,7 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     config is bound to a step count is not). `baseline`, the dense run of an earlier comparison of
     the same call and seed, is reused instead of running dense again (the UI caches it). The CLI,
     the UI and the benchmarks share this function."""
-    from .metrics.quality import psnr, ssim
+    from .metrics.quality import channels_first, psnr, ssim
     from .plans import parse_plan
 
     if "generator" in call_kwargs:
@@ -317,11 +317,10 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
         timed_run(pipe, run, call, seed)
         say(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")
     dense = runs[0]
-    as_video = lambda x: x.transpose(1, 2) if x.ndim == 5 else x  # noqa: E731  (metrics take B, C, T, H, W)
     for run in runs[1:]:
         run.speedup = dense.seconds / run.seconds
-        run.psnr = psnr(as_video(run.output), as_video(dense.output))
-        run.ssim = ssim(as_video(run.output), as_video(dense.output))
+        run.psnr = psnr(channels_first(run.output), channels_first(dense.output))
+        run.ssim = ssim(channels_first(run.output), channels_first(dense.output))
     return runs
 
 

@@ -12,6 +12,11 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
+def channels_first(output: torch.Tensor) -> torch.Tensor:
+    """Pipelines give videos as (B, T, C, H, W); these metrics and the judge take (B, C, T, H, W)."""
+    return output.transpose(1, 2) if output.ndim == 5 else output
+
+
 def _frames(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if x.dim() == 5:
