@@ -18,6 +18,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers every technique and diffusers cache)
 from .config import ConfigError
 from .methods.diffusers_caches import logged_mag_ratios
+from .methods.dydit import DyDiTConfig, DyDiTScores, save_calibration
 from .models import adapter_for
 from .runtime.context import StepTracker
 from .runtime.hooks import HOOK_PREFIX
@@ -232,11 +233,19 @@ def measure(pipe_or_transformer: Any) -> AccelerationHandle:
     return apply(pipe_or_transformer)
 
 
-def calibrate(pipe: Any, config: Any, **call_kwargs) -> Any:
-    """`config` completed with what it must learn from one run of `pipe(**call_kwargs)`: MagCache's
-    per-step magnitude ratios (diffusers' own calibration mode), for the run's number of steps."""
+def calibrate(pipe: Any, config: Any, *, path: str | None = None, **call_kwargs) -> Any:
+    """`config` completed with what it must learn from one run of `pipe(**call_kwargs)`.
+
+    MagCache: its per-step magnitude ratios (diffusers' own calibration mode), for the run's steps.
+    DyDiT: every attention head's and MLP channel group's mean contribution to its block's output,
+    per bucket of steps, over the run (give a list of prompts to calibrate on several), written to
+    `path` as safetensors with the transformer's identity; the config returned reads that file.
+    """
+    if isinstance(config, DyDiTConfig):
+        return _calibrate_dydit(pipe, config, path, call_kwargs)
     if not isinstance(config, MagCacheConfig):
-        raise ConfigError(f"{type(config).__name__} needs no calibration (calibrate takes a MagCacheConfig)")
+        raise ConfigError(f"{type(config).__name__} needs no calibration (calibrate takes a MagCacheConfig "
+                          "or a DyDiTConfig)")
     steps = call_kwargs.get("num_inference_steps")
     if steps is None:
         steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
@@ -246,6 +255,28 @@ def calibrate(pipe: Any, config: Any, **call_kwargs) -> Any:
     if not ratios:
         raise RuntimeError(f"MagCache calibration over {steps} steps reported no ratios")
     return dataclasses.replace(config, calibrate=False, mag_ratios=ratios[0], num_inference_steps=steps)
+
+
+def _calibrate_dydit(pipe: Any, config: DyDiTConfig, path: str | None, call_kwargs: dict) -> DyDiTConfig:
+    if path is None:
+        raise ConfigError("calibrate(pipe, DyDiTConfig(...), path=...): name the safetensors file to write")
+    probe = dataclasses.replace(DyDiTConfig.keep_all(), buckets=config.buckets)
+    with apply(pipe, probe) as handle:
+        if len(handle.sessions) != 1:
+            raise ConfigError(f"DyDiT calibration scores one transformer; this pipeline has {len(handle.sessions)} "
+                              "(apply it to each transformer on its own)")
+        session = handle.sessions[0]
+        technique = session.techniques[0]
+        technique.scores = scores = DyDiTScores(config.buckets)
+        pipe(**call_kwargs)
+    means = scores.means()
+    if not means:
+        raise RuntimeError("DyDiT calibration saw no transformer call")
+    prompts = call_kwargs.get("prompt")
+    details = {"buckets": config.buckets, "num_inference_steps": call_kwargs.get("num_inference_steps"),
+               "prompts": len(prompts) if isinstance(prompts, list) else 1}
+    save_calibration(path, means, session.transformer, details)
+    return dataclasses.replace(config, calibration=str(path))
 
 
 @dataclasses.dataclass
@@ -299,6 +330,7 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     for plan in plans:
         configs = parse_plan(plan, steps) if isinstance(plan, str) else list(plan)
         check_composable(configs)
+        apply(pipe, *configs).remove()  # what only the model can refuse (a calibration file for another), first
         runs.append(PlanRun(_label(plan), configs))
     for run in runs:
         if any(getattr(c, "calibrate", False) is True for c in run.configs):

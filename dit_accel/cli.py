@@ -24,8 +24,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .api import PlanRun, compare
-from .config import AccelerationConfig, ConfigError
+from .api import calibrate as dit_calibrate
+from .config import ConfigError
 from .loading import UsageError, default_model, load_model
+from .methods.dydit import DyDiTConfig
 from .models import UnsupportedModelError
 from .plans import describe, parse_plan
 from .runtime.registry import registration
@@ -46,20 +48,16 @@ GIF_FRAME_MS = 120  # GIF stores centiseconds: about 8 frames a second
 
 def _plan_spec(text: str) -> str:
     """argparse type: a plan spec, or a file holding one (one member per line, `#` comments), checked
-    (fields, combinations, a technique built for every member) before any model is loaded."""
+    (fields, combinations) before any model is loaded."""
     path = Path(text)
     spec = text
     if path.is_file():
         members = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
         spec = "+".join(member for member in members if member)
     try:
-        configs = parse_plan(spec)
+        parse_plan(spec)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
-    for config in configs:
-        reg = registration(config)
-        if isinstance(config, AccelerationConfig) and reg.technique is None:
-            raise argparse.ArgumentTypeError(f"{reg.name} ({type(config).__name__}): technique not built yet")
     return spec
 
 
@@ -83,16 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser(
         "generate", help="run the dense pipeline and each plan on one seed; write a grid and a summary",
         description="Run the dense pipeline and each acceleration plan on the same seed and compare them.")
-    gen.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family> "
-                     "or reference:image|video (default: reference:image if its weights are installed, "
-                     "else tiny:sd3)")
+    _model_options(gen)
     gen.add_argument("--prompt", help="text prompt (DiT: a class name); default: the model's own")
-    gen.add_argument("--seed", type=int, default=0, help="one seed for every run (default: 0)")
-    gen.add_argument("--steps", type=_at_least(1, int), help="inference steps (default: the model's own)")
-    gen.add_argument("--height", type=_at_least(1, int), help="pixels (default: the model's own)")
-    gen.add_argument("--width", type=_at_least(1, int), help="pixels (default: the model's own)")
-    gen.add_argument("--frames", type=_at_least(1, int), help="video frames")
-    gen.add_argument("--guidance", type=_at_least(0, float), help="guidance scale")
+    _call_options(gen)
     gen.add_argument("--plan", "--accel", dest="plans", action="append", type=_plan_spec, metavar="SPEC|FILE",
                      help="an acceleration plan, repeatable: technique:field=value,...[+technique:...], e.g. "
                      "ras:sample_ratio=0.5,warmup_steps=2 or ras+fbcache:threshold=0.1 (diffusers' caches: "
@@ -100,16 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
                      "holding one; step schedules left out are scaled to --steps, MagCache is calibrated first "
                      f"(default: {' and '.join(DEFAULT_PLANS)})")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="torch device (default: %(default)s)")
-    gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                     help="auto: bfloat16 on a GPU, float32 on a CPU")
-    gen.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    cal = commands.add_parser(
+        "calibrate", help="score DyDiT's attention heads and MLP channel groups per bucket of steps on prompts",
+        description="Run the dense pipeline on calibration prompts, score every attention head and MLP channel "
+                    "group by its contribution to its block's output per bucket of steps, and write them as "
+                    "safetensors with the model's identity, for DyDiTConfig(calibration=FILE) "
+                    "(plans: dydit:calibration=FILE).")
+    _model_options(cal)
+    cal.add_argument("--prompt", dest="prompts", action="append", metavar="PROMPT",
+                     help="a calibration prompt (DiT: a class name), repeatable; default: the model's own")
+    cal.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
+                     help="a file of calibration prompts, one per line")
+    _call_options(cal)
+    cal.add_argument("--buckets", type=_at_least(1, int), default=4,
+                     help="equal parts of the steps, each scored on its own (default: %(default)s)")
+    cal.add_argument("--output", type=Path, required=True, help="the safetensors file to write")
     commands.add_parser("ui", help="serve the Gradio page: baseline and accelerated side by side (dit-accel ui "
                         "--help)")
     commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
                         description="Every name a plan may use, its stages, and each field's type, range and doc.")
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family> "
+                        "or reference:image|video (default: reference:image if its weights are installed, "
+                        "else tiny:sd3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
+def _call_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="one seed for every run (default: 0)")
+    parser.add_argument("--steps", type=_at_least(1, int), help="inference steps (default: the model's own)")
+    parser.add_argument("--height", type=_at_least(1, int), help="pixels (default: the model's own)")
+    parser.add_argument("--width", type=_at_least(1, int), help="pixels (default: the model's own)")
+    parser.add_argument("--frames", type=_at_least(1, int), help="video frames")
+    parser.add_argument("--guidance", type=_at_least(0, float), help="guidance scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(), end="")
         return 0
     try:
-        generate(args)
+        calibrate(args) if args.command == "calibrate" else generate(args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
         parser.exit(2, f"dit-accel: error: {error}\n")
     return 0
@@ -158,15 +179,55 @@ def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dic
 
 # -- running ---------------------------------------------------------------------------------------
 
-def generate(args: argparse.Namespace) -> list[PlanRun]:
-    status = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-    device = args.device
+def _status(args: argparse.Namespace):
+    return (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+
+
+def _load(args: argparse.Namespace, status) -> tuple[Any, dict[str, Any], str, torch.dtype]:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
     model = args.model or default_model()
     status(f"loading {model}")
-    pipe, defaults = load_model(model, device, dtype)
+    pipe, defaults = load_model(model, args.device, dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
+    return pipe, defaults, model, dtype
+
+
+def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
+    prompts = list(args.prompts or [])
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UsageError(f"--prompts {args.prompt_file}: no such file")
+        prompts += [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    return prompts or None
+
+
+def calibrate(args: argparse.Namespace) -> Path:
+    """`dit-accel calibrate`: DyDiT's head and group scores over the prompts, in one batch, to --output."""
+    status = _status(args)
+    prompts = _calibration_prompts(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    pipe, defaults, model, _ = _load(args, status)
+    kwargs = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
+    if prompts is not None:
+        if "prompt" in inspect.signature(pipe.__call__).parameters:
+            kwargs["prompt"] = prompts
+        else:
+            try:
+                kwargs["class_labels"] = pipe.get_label_ids(prompts)
+            except ValueError as error:
+                raise UsageError(f"{type(pipe).__name__} takes class names as --prompt: {error}") from error
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
+    status(f"calibrating DyDiT on {len(prompts) if prompts else 1} prompt(s), {kwargs['num_inference_steps']} steps")
+    dit_calibrate(pipe, DyDiTConfig(buckets=args.buckets), path=str(args.output), **kwargs)
+    print(f"wrote {args.output} (DyDiT calibration of {model}); use it with --plan dydit:calibration={args.output}")
+    return args.output
+
+
+def generate(args: argparse.Namespace) -> list[PlanRun]:
+    status = _status(args)
+    device = args.device
+    pipe, defaults, model, dtype = _load(args, status)
     kwargs = call_kwargs(pipe, defaults, args)
     runs = compare(pipe, list(args.plans or DEFAULT_PLANS), seed=args.seed, progress=status, **kwargs)
 

@@ -138,8 +138,7 @@ def describe() -> str:
         ours = issubclass(cls, AccelerationConfig)
         # diffusers' caches occupy stage 1 whatever their fields; ours are shown at their defaults
         stages = ", ".join(str(int(s)) for s in sorted(reg.stages(cls() if ours else None)))
-        built = "" if reg.technique is not None else "  (technique not built yet)"
-        lines.append(f"{reg.name}: {cls.__name__}, stage {stages}: {reg.summary}{built}")
+        lines.append(f"{reg.name}: {cls.__name__}, stage {stages}: {reg.summary}")
         if ours:
             for preset, values in cls.presets.items():
                 lines.append(f"    preset={preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 from helpers import RecordingConfig, model_state, run
 
 import dit_accel
-from dit_accel.config import Stage, config_fields
+from dit_accel.config import ConfigError, Stage, config_fields
 from dit_accel.plans import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
@@ -122,7 +122,7 @@ def test_not_a_pipeline():
     (lambda: dit_accel.RASConfig(error_reset_steps=3), "error_reset_steps must be tuple of int"),
     (lambda: dit_accel.RASConfig(error_reset_steps=(3, -1)), r"error_reset_steps\[1\] must be >= 0"),
     (lambda: dit_accel.RASConfig(cache_kv="no"), "cache_kv must be True or False"),
-    (lambda: dit_accel.FlexDiTConfig(min_density=0), "min_density must be in"),
+    (lambda: dit_accel.FlexDiTConfig(schedule=(0, 0.5)), r"schedule\[0\] must be in"),
     (lambda: dit_accel.FlexDiTConfig(sparse_blocks=5), "sparse_blocks must be"),
     (lambda: dit_accel.FlexDiTConfig(sparse_blocks=(3, 1)), "first <= last"),
     (lambda: dit_accel.DyDiTConfig(width_ratio=2), "width_ratio must be in"),
@@ -222,9 +222,18 @@ def test_apply_twice_is_refused_and_failed_apply_leaves_no_hooks():
     with pytest.raises(RuntimeError, match="already accelerated"):
         dit_accel.apply(pipe, dit_accel.RASConfig())
     handle.remove()
-    with pytest.raises(NotImplementedError, match="DyDiTConfig"):
-        dit_accel.apply(pipe, dit_accel.DyDiTConfig())
     assert model_state(pipe.transformer) == before
+
+    class Skipper(ModelHook):  # a foreign step cache on a block's MLP, which stage 2 refuses at attach
+        def new_forward(self, module, *args, **kwargs):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer.transformer_blocks[0].ff).register_hook(
+        Skipper(), "skipper")
+    with_cache = model_state(pipe.transformer)
+    with pytest.raises(ConfigError, match="cannot be combined"):  # after DyDiT attached its hooks
+        dit_accel.apply(pipe, dit_accel.DyDiTConfig(width_ratio=0.5), dit_accel.RASConfig())
+    assert model_state(pipe.transformer) == with_cache
 
 
 def test_dense_attention_counts_a_pooled_key_by_its_log_count_bias():

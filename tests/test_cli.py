@@ -62,7 +62,21 @@ def test_plans_lists_every_member_with_its_fields(capsys):
     out = capsys.readouterr().out
     assert "ras: RASConfig, stage 2, 5:" in out and "fbcache: FirstBlockCacheConfig, stage 1:" in out
     assert "sample_ratio (float, default 0.5, in (0, 1]): fraction of image tokens recomputed" in out
-    assert "svg2: SVG2Config, stage 6:" in out and "(technique not built yet)" in out
+    assert "svg2: SVG2Config, stage 6:" in out and "dydit: DyDiTConfig, stage 4:" in out
+
+
+def test_calibrate_writes_a_file_that_plans_read_and_other_models_refuse(tmp_path, capsys):
+    path = tmp_path / "sd3.safetensors"
+    assert main(["calibrate", "--model", "tiny:sd3", "--steps", "2", "--prompt", "a red circle", "--prompt",
+                 "a blue square", "--buckets", "2", "--output", str(path), "--quiet"]) == 0
+    assert path.is_file() and f"dydit:calibration={path}" in capsys.readouterr().out
+    plan = f"dydit:calibration={path},width_ratio=0.5"
+    assert main(["generate", "--model", "tiny:sd3", "--steps", "2", "--plan", plan, "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][1]["flops_ratio"] < 0.9
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "tiny:flux", "--steps", "2", "--plan", plan, "--out", str(tmp_path), "--quiet"])
+    assert "does not fit this transformer" in capsys.readouterr().err
 
 
 def test_bad_spec_fails_before_loading_a_model(capsys):
@@ -102,7 +116,7 @@ def test_generate_video_writes_gif(tmp_path):
     (["--model", "/nonexistent"], "model '/nonexistent': no such local folder, and not a valid hub id"),
     (["--model", "tiny:sd3", "--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--model", "tiny:sd3", "--height", "tall"], "--height: expected an integer"),
-    (["--model", "tiny:sd3", "--plan", "dydit"], "dydit (DyDiTConfig): technique not built yet"),
+    (["--model", "tiny:sd3", "--plan", "svg2+proxy"], "stage 6"),
     (["--model", "tiny:sd3", "--accel", "svg2:top_p=2"], "top_p must be in"),
 ])
 def test_bad_input_is_refused_by_name_before_any_model_work(argv, message, capsys, monkeypatch):

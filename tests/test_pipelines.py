@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
-from dit_accel import DyDiTConfig, RASConfig
+from dit_accel import ProxyAttentionConfig, RASConfig, SVG2Config
+from dit_accel.config import ConfigError
 from dit_accel.runtime.hooks import HOOK_PREFIX
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
 from dit_accel.pipelines import (
@@ -121,15 +122,15 @@ def test_standing_plan_survives_per_call_plans_and_errors():
 
     dense = first_output(pipe(**quick_kwargs("flux"), acceleration=[]))
     assert pipe.acceleration_report() is None and not torch.equal(dense, sparse)
-    with pytest.raises(NotImplementedError):
-        pipe(**quick_kwargs("flux"), acceleration=DyDiTConfig())
+    with pytest.raises(ConfigError, match="stage 6"):
+        pipe(**quick_kwargs("flux"), acceleration=[SVG2Config(), ProxyAttentionConfig()])
     with pytest.raises(RuntimeError, match="stop mid-run"):
         pipe(**quick_kwargs("flux", callback_on_step_end=stop_mid_run), acceleration=RASConfig(sample_ratio=0.25))
     assert pipe.acceleration == [SPARSE] and has_dit_accel_hooks(pipe)
     assert torch.equal(first_output(pipe(**quick_kwargs("flux"))), sparse)
 
-    with pytest.raises(NotImplementedError):
-        pipe.set_acceleration([DyDiTConfig()])
+    with pytest.raises(ConfigError, match="stage 6"):
+        pipe.set_acceleration([SVG2Config(), ProxyAttentionConfig()])
     assert pipe.acceleration == [SPARSE] and has_dit_accel_hooks(pipe)
     pipe.set_acceleration(None)
     assert not has_dit_accel_hooks(pipe) and "set_timesteps" not in vars(pipe.scheduler)

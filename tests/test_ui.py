@@ -57,7 +57,7 @@ def _pixels(path: str) -> np.ndarray:
 
 def test_forms_come_from_every_built_config_and_round_trip():
     forms = {form.name: form for form in technique_forms()}
-    assert {"ras", "svg2", "proxy", "flexdit"} <= set(forms) and "dydit" not in forms  # dydit: not built
+    assert {"ras", "svg2", "proxy", "flexdit", "dydit"} <= set(forms)
     for form in forms.values():
         assert config_from(form, form.values_of(None)) == form.config_class()
         for preset in form.presets:

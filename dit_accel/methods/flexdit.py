@@ -1,16 +1,33 @@
 """FlexDiT token density (after FlexDiT / SparseDiT, arXiv 2412.06028), training-free.
 
-Built so far: pooled K/V in the bottom blocks (stage 5). In the first `pooled_kv_blocks` blocks,
-every self-attention attends to the image keys and values average-pooled over `pool_size` x
-`pool_size` windows of each frame, each pooled key biased by log(its window's size) so the softmax
-weighs it as the keys it stands for; text keys are never pooled, queries stay exact. With a token
-set (RAS without its K/V cache) the present keys are pooled by their grid position. Not built yet:
-the sparse-dense middle blocks and the temporal density schedule (`sparse_blocks`, `min_density`),
-which a config refuses when set.
+Image tokens are pooled into groups over windows of `pool_frames` x `pool_size` x `pool_size`
+tokens of the grid, in two places, as densely as the temporal schedule says:
+
+- Sparse-dense blocks (stage 3, `sparse_blocks`): every block of the range runs on the groups' mean
+  tokens, with rotary tables at the groups' mean positions, and each token gets its group's change
+  back at the block's exit (`runtime/token_transform.py`). Text tokens are never pooled.
+- Pooled K/V (stage 5, `pooled_kv_blocks`): in the first blocks every self-attention attends to the
+  image keys and values pooled into groups, each pooled key biased by log(its group's size) so that
+  the softmax weighs it as the keys it stands for; text keys are never pooled, queries stay exact.
+  In a block that runs on pooled tokens the keys are pooled already and are not pooled again (the
+  runtime cannot place them; at one token per group they are the tokens and are pooled as usual).
+- The schedule: a step's density d gives M = round(d * n) groups over the n image tokens present,
+  at least ceil(n / window size) (the number of windows on the full grid) and at most n. `schedule`
+  None: full windows at every step (also when the run's step count is unknown); (start, end):
+  linear from `start` at the noisiest step to `end` where the last `dense_fraction` of the steps
+  begins, and those run dense (nothing pooled); a longer tuple: each step's density, 1.0 = dense.
+
+Groups: on the full grid at the least density, the windows themselves (partial at the grid's edges).
+Otherwise (a higher density, or stage 2's token subset) the present tokens, window by window and by
+position within a window, are cut into M runs of equal size (within one token), so every sample has
+M groups (static shapes); the groups are per sample under a per-sample subset and shared where it is
+(families with batch-shared rotary tables). Groups are numbered by their first token, so M = n gives
+the tokens in their own order, which stages 5 and 6 can place.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +35,8 @@ import torch
 from ..attention import pooling
 from ..attention.intercept import per_key, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
-from ..runtime.plan import CallPlan
+from ..models.base import TokenGrid
+from ..runtime.plan import CallPlan, TokenSet
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -27,40 +45,114 @@ from ..runtime.technique import Technique
 class FlexDiTConfig(AccelerationConfig):
     """Spatial and temporal token density."""
 
-    pooled_kv_blocks: int = param(2, "the first blocks attend to K/V average-pooled over pool_size x pool_size "
-                                     "windows of the token grid", low=0)
-    pool_size: int = param(2, "side of the pooling window on the token grid", low=1)
-    sparse_blocks: tuple[int, int] | None = param(None, "(first, last) block range that runs on pooled tokens "
-                                                        "(pool -> blocks -> unpool residual); None for none", low=0)
-    min_density: float = param(1.0, "token density at the noisiest step of the temporal schedule; 1.0 disables it",
-                               low=0.0, high=1.0, low_open=True)
-    dense_fraction: float = param(0.25, "last fraction of the steps that always runs at full density",
+    pooled_kv_blocks: int = param(2, "the first blocks attend to K/V average-pooled over the pooling windows of the "
+                                     "token grid", low=0)
+    pool_size: int = param(2, "side (rows and cols) of the pooling window on the token grid", low=1)
+    pool_frames: int = param(1, "frames of the pooling window (1: each frame on its own, 2: pairs of frames)", low=1)
+    sparse_blocks: tuple[int, int] | None = param(None, "(first, last) block range, inclusive, whose blocks run on "
+                                                        "pooled tokens (pool -> block -> unpool residual); last is "
+                                                        "clamped to the model's last block; None for none", low=0)
+    schedule: tuple[float, ...] | None = param(None, "token density per step: None = full windows at every step; "
+                                                     "(start, end) = linear from the noisiest step to the dense "
+                                                     "last steps; longer = one density per step", low=0.0, high=1.0,
+                                               low_open=True)
+    dense_fraction: float = param(0.25, "last fraction of the steps that runs dense under a (start, end) schedule",
                                   low=0.0, high=1.0)
 
     name = "flexdit"
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        """(frames, rows, cols) of the pooling window."""
+        return (self.pool_frames, self.pool_size, self.pool_size)
 
     def validate(self) -> None:
         if self.sparse_blocks is not None and self.sparse_blocks[0] > self.sparse_blocks[1]:
             raise ConfigError(f"FlexDiTConfig.sparse_blocks must be (first, last) with first <= last, "
                               f"got {self.sparse_blocks!r}")
-        if Stage.TOKEN_TRANSFORM in self.stages():
-            raise ConfigError("FlexDiTConfig: the sparse-dense blocks (sparse_blocks) and the temporal density "
-                              "schedule (min_density < 1) are not built yet; pooled K/V (pooled_kv_blocks, "
-                              "pool_size) is")
+        if self.schedule is not None:
+            if len(self.schedule) < 2:
+                raise ConfigError(f"FlexDiTConfig.schedule must be (start, end) or one density per step, got "
+                                  f"{self.schedule!r}")
+            size = math.prod(self.window)
+            if min(self.schedule) < 1.0 / size:
+                raise ConfigError(f"FlexDiTConfig.schedule densities must lie in [1/{size}, 1] (one group per "
+                                  f"{'x'.join(map(str, self.window))} pooling window at the least), got "
+                                  f"{min(self.schedule)!r}")
 
     def stages(self) -> frozenset[Stage]:
         stages = set()
-        if self.sparse_blocks is not None or self.min_density < 1.0:
+        if self.sparse_blocks is not None:
             stages.add(Stage.TOKEN_TRANSFORM)
         if self.pooled_kv_blocks > 0:
             stages.add(Stage.KV_SOURCE)
         return frozenset(stages)
 
     @classmethod
-    def keep_all(cls) -> "FlexDiTConfig":
-        """Every block pools K/V over 1 x 1 windows: pooling, the log-count bias and the new key set all
-        run, and the attention is the dense one."""
-        return cls(pooled_kv_blocks=1 << 16, pool_size=1, sparse_blocks=None, min_density=1.0)
+    def keep_all(cls) -> FlexDiTConfig:
+        """Every block runs on pooled tokens and pools its K/V, over 1 x 1 x 1 windows: pooling, rotary
+        pooling, unpooling, the log-count bias and the new key set all run, and the result is dense."""
+        return cls(pooled_kv_blocks=1 << 16, pool_size=1, pool_frames=1, sparse_blocks=(0, 1 << 16), schedule=None)
+
+    def density_at(self, step: int, num_steps: int | None) -> float | None:
+        """The token density at `step` of `num_steps`, for stage 3's groups and stage 5's pooled keys;
+        None: the step runs dense. Full windows without a schedule or without a known step count."""
+        if self.schedule is None or num_steps is None:
+            return 1.0 / math.prod(self.window)
+        if len(self.schedule) > 2:
+            if len(self.schedule) != num_steps:
+                raise ConfigError(f"FlexDiTConfig.schedule gives {len(self.schedule)} densities, one per step, but "
+                                  f"this run has {num_steps} steps")
+            density = self.schedule[step]
+        else:
+            progress, pooled = step / num_steps, 1.0 - self.dense_fraction
+            if progress >= pooled - 1e-9:
+                return None
+            start, end = self.schedule
+            density = start + (end - start) * progress / pooled
+        return None if density >= 1.0 else density
+
+    def tokens_at(self, step: int, num_steps: int | None, tokens: int, windows: int | None = None) -> int:
+        """The promise: image tokens a pooled block runs on (and image keys a pooled-K/V attention keeps)
+        at `step` of `num_steps` when `tokens` are present; `windows`: the number of pooling windows when
+        they are the full grid (partial windows at its edges count)."""
+        density = self.density_at(step, num_steps)
+        if density is None:
+            return tokens
+        return group_count(density, tokens, windows if windows is not None else -(-tokens // math.prod(self.window)))
+
+
+def group_count(density: float, tokens: int, least: int) -> int:
+    """round(density * tokens) groups, at least `least` and at most one per token."""
+    return min(max(round(density * tokens), least), tokens)
+
+
+def window_count(grid: TokenGrid, window: tuple[int, int, int]) -> int:
+    """Pooling windows that cover the grid, partial ones at its edges included."""
+    return math.prod(-(-extent // side) for extent, side in zip((grid.frames, grid.rows, grid.cols), window))
+
+
+def token_groups(grid: TokenGrid, window: tuple[int, int, int], density: float,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(every present token's group, (n,) or (B, n) like `index`; the number of groups M) at `density`:
+    the whole grid (`index` None) or a token subset (sorted indices, shared or per sample)."""
+    full = index is None
+    positions = torch.arange(grid.num_tokens) if full else index
+    frame, row, col = TokenSet(positions, grid).coordinates().unbind(-1)
+    rows, cols = -(-grid.rows // window[1]), -(-grid.cols // window[2])
+    windows = ((frame // window[0]) * rows + row // window[1]) * cols + col // window[2]
+    tokens = positions.shape[-1]
+    least = window_count(grid, window) if full else -(-tokens // math.prod(window))
+    count = group_count(density, tokens, least)
+    if full and count == least:  # the windows, numbered in window order = by their first token
+        return windows, count
+    order = (windows * grid.num_tokens + positions).argsort(-1)  # window by window, by position within one
+    ranks = torch.arange(tokens, device=positions.device).expand_as(order)
+    groups = torch.empty_like(order).scatter_(-1, order, ranks) * count // tokens
+    first = positions.new_full((*positions.shape[:-1], count), grid.num_tokens)
+    first = first.scatter_reduce(-1, groups, positions, "amin")
+    numbers = torch.arange(count, device=positions.device).expand_as(first)
+    return torch.empty_like(first).scatter_(-1, first.argsort(-1), numbers).gather(-1, groups), count
 
 
 def _with_pooled(x: torch.Tensor, part: slice, pooled: torch.Tensor) -> torch.Tensor:
@@ -68,54 +160,99 @@ def _with_pooled(x: torch.Tensor, part: slice, pooled: torch.Tensor) -> torch.Te
     return torch.cat([x[:, :, : part.start], pooled, x[:, :, part.stop:]], 2)
 
 
-@register_technique(FlexDiTConfig, "FlexDiT token density: pooled K/V in the bottom blocks")
+@register_technique(FlexDiTConfig, "FlexDiT token density: sparse-dense blocks, pooled K/V in the bottom blocks, "
+                                   "a density schedule")
 class FlexDiT(Technique):
     def __init__(self, config: FlexDiTConfig, session):
         super().__init__(config, session)
-        self._windows: dict[tuple, tuple[torch.Tensor, int]] = {}
+        #: (placement key, density) -> (groups, M); full-grid ones are kept for the run, subset ones for a call
+        self._groups: dict[tuple, tuple[torch.Tensor, int]] = {}
+        #: this call's density; None: a dense step
+        self._density: float | None = None
+        #: block -> (groups, tokens present) of the blocks that ran pooled this call
+        self._pooled: dict[int, tuple[int, int]] = {}
+
+    def attach(self) -> None:
+        blocks = len(self.adapter.blocks())
+        sparse = self.config.sparse_blocks
+        if sparse is not None and sparse[0] >= blocks:
+            raise ConfigError(f"FlexDiTConfig.sparse_blocks {sparse!r} starts past the model's last block "
+                              f"({blocks - 1})")
+        kv_source = self.session.by_stage.get(Stage.KV_SOURCE)
+        if Stage.TOKEN_TRANSFORM in self.stages and kv_source is not None and kv_source is not self:
+            raise ConfigError(f"FlexDiTConfig.sparse_blocks cannot be combined with {kv_source.label}'s K/V source "
+                              "(stage 5): the keys of a pooled block change length with the density")
+
+    def transformed_blocks(self) -> frozenset[int]:
+        first, last = self.config.sparse_blocks
+        return frozenset(range(first, min(last, len(self.adapter.blocks()) - 1) + 1))
 
     def begin_call(self, plan: CallPlan) -> None:
-        self._windows = {k: v for k, v in self._windows.items() if k[0] == "grid"}
+        self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
+        self._density = self.config.density_at(plan.ctx.step_index, plan.ctx.num_steps)
+        self._pooled = {}
 
-    def _pool_windows(self, plan: CallPlan, count: int, device) -> tuple[torch.Tensor, int] | None:
-        """((S, count) pooling window of every image key, windows), or None if the keys cannot be placed."""
-        grid, size = plan.grid, self.config.pool_size
+    def end_run(self) -> None:
+        self._groups = {}
+
+    def _groups_of(self, plan: CallPlan, count: int, device) -> tuple[torch.Tensor, int] | None:
+        """(groups, M) of a sequence of `count` image tokens at this call's density, or None when they
+        cannot be placed (pooled tokens)."""
         placed = plan.placed(count)
         if placed is None:
             return None
         cache_key, tokens = placed
-        if cache_key not in self._windows:
-            coordinates = tokens.coordinates()
-            coordinates = coordinates.unsqueeze(0) if coordinates.ndim == 2 else coordinates
-            rows, cols = -(-grid.rows // size), -(-grid.cols // size)
-            ids = (coordinates[..., 0] * rows + coordinates[..., 1] // size) * cols + coordinates[..., 2] // size
-            self._windows[cache_key] = (ids.to(device), grid.frames * rows * cols)
-        return self._windows[cache_key]
+        key = (cache_key, self._density)
+        if key not in self._groups:
+            index = None if cache_key[0] == "grid" else tokens.index
+            groups, groups_count = token_groups(plan.grid, self.config.window, self._density, index)
+            self._groups[key] = (groups.to(device), groups_count)
+        return self._groups[key]
 
+    # -- stage 3: sparse-dense blocks ----------------------------------------------------------------
+    def token_groups(self, plan: CallPlan, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
+        if self._density is None:
+            return None
+        groups = self._groups_of(plan, tokens, plan.ctx.call.latents.device)
+        if groups is not None:
+            self._pooled[block_index] = (groups[1], tokens)
+        return groups
+
+    # -- stage 5: pooled K/V -------------------------------------------------------------------------
     def kv_source(self, plan, call, query, key, value, attn_mask):
-        if call.block_index >= self.config.pooled_kv_blocks or not per_key(attn_mask):
+        if call.block_index >= self.config.pooled_kv_blocks or self._density is None or not per_key(attn_mask):
             return key, value, None, attn_mask
         part = call.image_slice(key.shape[2])
         image_keys = part.stop - part.start
-        placed = self._pool_windows(plan, image_keys, key.device)
-        if placed is None:
+        groups = self._groups_of(plan, image_keys, key.device)
+        if groups is None:  # a pooled block's keys: pooled already
             return key, value, None, attn_mask
-        ids, windows = placed
-        size, grid = self.config.pool_size, plan.grid
-        if image_keys == grid.num_tokens and grid.rows % size == 0 and grid.cols % size == 0:
-            extent, window = (grid.frames, grid.rows, grid.cols), (1, size, size)
+        ids, count = groups
+        grid, window = plan.grid, self.config.window
+        extent = (grid.frames, grid.rows, grid.cols)
+        if image_keys == grid.num_tokens and count == window_count(grid, window) and \
+                all(e % w == 0 for e, w in zip(extent, window)):  # windows that tile the grid: successive sums
             pooled_k = pooling.tiled_mean(key[:, :, part], extent, window)
             pooled_v = pooling.tiled_mean(value[:, :, part], extent, window)
-            log_size = key.new_full((1, 1, 1, windows), float(size * size)).log()
+            log_size = key.new_full((1, 1, 1, count), float(math.prod(window))).log()
         else:
-            pooled_k, pooled_v, log_size = pooling.pool(key[:, :, part], value[:, :, part], ids, windows)
+            pooled_k, pooled_v, log_size = pooling.pool(key[:, :, part], value[:, :, part],
+                                                        ids if ids.ndim == 2 else ids.unsqueeze(0), count)
         plan.record_overhead("flexdit K/V pooling", 2.0 * key.shape[0] * key.shape[1] * image_keys * key.shape[-1],
                              image_keys)
         text = log_size.new_zeros(*log_size.shape[:3], key.shape[2])  # text keys: no bias
         bias = torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1)
-        attn_mask = resize_key_mask(attn_mask, key.shape[2], part, windows)
+        attn_mask = resize_key_mask(attn_mask, key.shape[2], part, count)
         return _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v), bias, attn_mask
 
     def call_stats(self, plan: CallPlan) -> dict:
-        return {"pooled_kv_blocks": min(self.config.pooled_kv_blocks, len(self.adapter.blocks())),
-                "kv_pool_size": self.config.pool_size}
+        """The step's density; with sparse-dense blocks, per block the tokens the pooled ones ran on and
+        the density of every block (1.0: dense), which the UI draws."""
+        blocks = len(self.adapter.blocks())
+        stats = {"pooled_kv_blocks": min(self.config.pooled_kv_blocks, blocks), "kv_pool_size": self.config.pool_size,
+                 "flexdit_density": 1.0 if self._density is None else self._density}
+        if Stage.TOKEN_TRANSFORM in self.stages:
+            stats["flexdit_tokens_by_block"] = {b: m for b, (m, _) in sorted(self._pooled.items())}
+            stats["flexdit_density_by_block"] = {b: m / n for b, (m, n) in
+                                                 ((b, self._pooled.get(b, (1, 1))) for b in range(blocks))}
+        return stats

@@ -47,6 +47,16 @@ class Work:
 
 
 @dataclass(frozen=True)
+class UnitWidth:
+    """What stage 4 left of one unit this call: the (in, out) features of its sliced linears (by
+    qualified name in the block), the attention heads kept, and the fraction of its tokens that ran."""
+
+    features: tuple[tuple[str, int, int], ...] = ()
+    heads: int | None = None
+    token_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
 class _AttentionCore:
     query: TokenStream
     key: TokenStream
@@ -65,17 +75,29 @@ def tokens_of(stream: TokenStream, image: int, text: int) -> int:
 class UnitCost:
     """Linear (and attention) FLOPs of one unit as a function of the tokens it sees."""
 
-    def __init__(self, name: str, linears: list[tuple[TokenStream, int]], channels: int,
+    def __init__(self, name: str, linears: dict[str, tuple[TokenStream, int]], channels: int,
                  attention: _AttentionCore | None):
         self.name, self.channels, self.attention = name, channels, attention
-        self._macs = {stream: sum(m for s, m in linears if s == stream) for stream in ("image", "text", "joint")}
-        self._pooled_macs = sum(m for s, m in linears if s == "pooled")
+        #: qualified linear name -> (stream, multiply-adds per token)
+        self._linears = linears
+        self._macs = self._stream_macs(linears)
         #: records are immutable and shapes repeat from call to call: build each once
         self._records: dict[tuple, tuple[Work, ...]] = {}
 
-    def linear_flops(self, batch: int, image: int, text: int) -> float:
-        macs = self._macs["image"] * image + self._macs["text"] * text + self._macs["joint"] * (image + text)
-        return 2.0 * batch * (macs + self._pooled_macs)
+    @staticmethod
+    def _stream_macs(linears: dict[str, tuple[TokenStream, int]]) -> dict[TokenStream, int]:
+        return {stream: sum(m for s, m in linears.values() if s == stream)
+                for stream in ("image", "text", "joint", "pooled")}
+
+    def linear_flops(self, batch: int, image: int, text: int, width: UnitWidth | None = None) -> float:
+        macs, fraction = self._macs, 1.0
+        if width is not None:
+            linears = dict(self._linears)
+            for linear, features_in, features_out in width.features:
+                linears[linear] = (linears[linear][0], features_in * features_out)
+            macs, fraction = self._stream_macs(linears), width.token_fraction
+        tokens = macs["image"] * image + macs["text"] * text + macs["joint"] * (image + text)
+        return 2.0 * batch * (tokens * fraction + macs["pooled"])
 
     def attention_shape(self, image: int, text: int, kv_image: int | None = None) -> tuple[int, int]:
         """(queries, keys) of the attention core when `image` image tokens are computed."""
@@ -83,27 +105,32 @@ class UnitCost:
         keys_image = image if kv_image is None else kv_image
         return tokens_of(core.query, image, text), tokens_of(core.key, keys_image, text)
 
-    def attention_flops(self, batch: int, pairs: int) -> float:
-        return 4.0 * batch * self.attention.inner_dim * pairs
-
-    def records(self, block: int, batch: int, image: int, text: int, with_core: bool) -> tuple[Work, ...]:
-        """The unit's linear work, and its dense attention core when `with_core`."""
-        key = (block, batch, image, text, with_core)
+    def records(self, block: int, batch: int, image: int, text: int, with_core: bool,
+                width: UnitWidth | None = None) -> tuple[Work, ...]:
+        """The unit's linear work (narrowed by `width`), and its dense attention core when `with_core`."""
+        key = (block, batch, image, text, with_core, width)
         works = self._records.get(key)
         if works is None:
             tokens = self.attention_shape(image, text)[0] if self.attention else image
-            works = [Work("linear", block, self.name, self.linear_flops(batch, image, text), batch, tokens,
+            if width is not None:
+                tokens = round(tokens * width.token_fraction)
+            works = [Work("linear", block, self.name, self.linear_flops(batch, image, text, width), batch, tokens,
                           channels=self.channels)]
             if with_core and self.attention is not None:
                 queries, keys = self.attention_shape(image, text)
-                works.append(self.core_record(block, batch, queries, keys, queries * keys))
+                heads = None if width is None else width.heads
+                works.append(self.core_record(block, batch, queries, keys, queries * keys, heads))
             self._records[key] = works = tuple(works)
         return works
 
-    def core_record(self, block: int, batch: int, queries: int, keys: int, pairs: int) -> Work:
+    def core_record(self, block: int, batch: int, queries: int, keys: int, pairs: int,
+                    heads: int | None = None) -> Work:
+        """The attention core over `pairs` (query, key) pairs per head, for `heads` of its heads (all: None)."""
         core = self.attention
-        return Work(core.kind, block, self.name, self.attention_flops(batch, pairs), batch, queries, keys, pairs,
-                    core.heads, core.inner_dim)
+        heads = core.heads if heads is None else heads
+        inner_dim = core.inner_dim * heads // core.heads
+        return Work(core.kind, block, self.name, 4.0 * batch * inner_dim * pairs, batch, queries, keys, pairs,
+                    heads, inner_dim)
 
 
 def _unit_of(name: str) -> str:
@@ -116,12 +143,12 @@ class BlockCostModel:
     def __init__(self, adapter: ModelAdapter, block: nn.Module):
         modules = dict(block.named_modules())
         attentions = {id(attn): (query, key) for attn, query, key in adapter.attention_streams(block)}
-        linears: dict[str, list[tuple[TokenStream, int]]] = {}
+        linears: dict[str, dict[str, tuple[TokenStream, int]]] = {}
         channels: dict[str, int] = {}
         for name, stream in adapter.linear_streams(block).items():
             linear = modules[name]
             unit = _unit_of(name)
-            linears.setdefault(unit, []).append((stream, linear.in_features * linear.out_features))
+            linears.setdefault(unit, {})[name] = (stream, linear.in_features * linear.out_features)
             channels[unit] = max(channels.get(unit, 0), linear.out_features)
         self.units: dict[str, UnitCost] = {}
         for unit, unit_linears in linears.items():

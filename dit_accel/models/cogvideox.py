@@ -57,3 +57,6 @@ class CogVideoXAdapter(ModelAdapter):
 
     def gather_rotary(self, rotary, index, text_tokens):
         return self.gather_shared_rotary(rotary, index)
+
+    def pool_rotary(self, rotary, groups, count, text_tokens):
+        return self.pool_shared_rotary(rotary, groups, count)

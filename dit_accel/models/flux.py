@@ -47,3 +47,6 @@ class FluxAdapter(DualStreamAdapter):
 
     def gather_rotary(self, rotary, index, text_tokens):
         return self.gather_shared_rotary(rotary, index, text_rows=text_tokens)
+
+    def pool_rotary(self, rotary, groups, count, text_tokens):
+        return self.pool_shared_rotary(rotary, groups, count, text_rows=text_tokens)

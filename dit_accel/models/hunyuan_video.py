@@ -5,12 +5,13 @@ rotary table (cos, sin) has one (N, head_dim) row per image token and no text ro
 `apply_rotary_emb` indexes it as `cos[None, :, None, :]`, which only works for a 2-D table, so a
 token subset must be shared by the batch (`per_sample_positions = False`). The model builds a
 boolean `attention_mask` (B, 1, 1, N + T) over image then text keys (text padding masked out); its
-image columns are gathered with the tokens and its text columns kept. The token refiner works on
-text only and is not among `blocks()`.
+image columns are gathered with the tokens (pooled: a group passes where any member does) and its
+text columns kept. The token refiner works on text only and is not among `blocks()`.
 
 Image-to-video with `image_condition_type="token_replace"` modulates the first `num_tokens` image
 tokens (the first latent frame) differently; a gathered subset passes the number of kept
-first-frame tokens, which must come first in the index (a sorted index does).
+first-frame tokens, which must come first in the index (a sorted index does); a pooled block, the
+number of groups whose first token is in the first frame.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .base import (
     BlockSignature,
     DualStreamAdapter,
     gather_tokens,
+    pool_key_mask,
     register_adapter,
 )
 
@@ -67,3 +69,24 @@ class HunyuanVideoAdapter(DualStreamAdapter):
 
     def gather_rotary(self, rotary, index, text_tokens):
         return self.gather_shared_rotary(rotary, index)
+
+    def pool_mask(self, mask, groups, count, text_tokens):
+        image = mask.shape[-1] - text_tokens
+        return torch.cat([pool_key_mask(mask[..., :image], groups, count), mask[..., image:]], dim=-1)
+
+    def pool_rotary(self, rotary, groups, count, text_tokens):
+        return self.pool_shared_rotary(rotary, groups, count)
+
+    def pool_block_inputs(self, block, bound, groups, count, text_tokens):
+        bound = super().pool_block_inputs(block, bound, groups, count, text_tokens)
+        first_frame = bound.get("num_tokens")
+        if first_frame is not None:  # token_replace blocks: a group is first-frame when its first token is
+            members = torch.arange(groups.shape[-1], device=groups.device)
+            first = members.new_full((count,), groups.shape[-1]).scatter_reduce_(0, groups, members, "amin")
+            is_first = first < first_frame
+            kept = int(is_first.sum())
+            if not bool(is_first[:kept].all()):
+                raise ValueError("HunyuanVideo token_replace blocks need the first-frame groups first (number the "
+                                 "groups by their first token)")
+            bound["num_tokens"] = kept
+        return bound

@@ -4,9 +4,10 @@ The blocks are diffusers' `BasicTransformerBlock` with "ada_norm_single": `attn1
 image tokens only, `attn2` lets them query the T5 tokens, and the per-sample modulation comes in as
 `timestep` (B, 6 * hidden), so a different token subset per sample works. Sin-cos positions are
 added at the patch embedding, before the first block. `attention_mask` (rarely given) reaches
-`attn1` as a bias over the image keys and is gathered with the tokens; the text mask
-(`encoder_attention_mask`) only reaches `attn2` and needs nothing. The output is BCHW, with twice
-the latent channels when the model learns its variance (`out_channels = 2 * in_channels`).
+`attn1` as a bias over the image keys and is gathered with the tokens (pooled: a group passes where
+any member does); the text mask (`encoder_attention_mask`) only reaches `attn2` and needs nothing.
+The output is BCHW, with twice the latent channels when the model learns its variance
+(`out_channels = 2 * in_channels`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .base import (
     ModelAdapter,
     classify_linears,
     gather_tokens,
+    pool_key_mask,
     register_adapter,
 )
 
@@ -58,3 +60,6 @@ class PixArtAdapter(ModelAdapter):
     def gather_mask(self, mask, index, text_tokens):
         # (B, 1, N) bias over the image keys of attn1
         return gather_tokens(mask, index, dim=mask.ndim - 1)
+
+    def pool_mask(self, mask, groups, count, text_tokens):
+        return pool_key_mask(mask, groups, count)

@@ -3,14 +3,14 @@
 `attn1` attends over the video tokens only and `attn2` lets them query the UMT5 tokens (and, for
 Wan 2.1 image-to-video, the CLIP image-context tokens through `add_k_proj`/`add_v_proj`). The rotary
 table `rotary_emb` is a (cos, sin) pair of shape (1, N, 1, head_dim) that the processor broadcasts
-over the batch, so a gathered per-sample table (B, n, 1, head_dim) works: `per_sample_positions`.
-Wan 2.2 A14B alternates two transformers of this class (`transformer`, `transformer_2`); each gets
-its own adapter and they share the step context.
+over the batch, so a gathered (or pooled) per-sample table (B, n, 1, head_dim) works:
+`per_sample_positions`. Wan 2.2 A14B alternates two transformers of this class (`transformer`,
+`transformer_2`); each gets its own adapter and they share the step context.
 
 Per-token timesteps (Wan 2.2 TI2V, `expand_timesteps=True`: `timestep` is (B, N), 0 on the
 conditioning frame) give every block a per-token modulation `temb` (B, N, 6, hidden); it is gathered
-with the tokens, so token subsets work there too. The step context then reads the per-sample
-largest timestep, the noise level of the generated frames.
+with the tokens (pooled: each group's mean), so token subsets and pooled blocks work there too. The
+step context then reads the per-sample largest timestep, the noise level of the generated frames.
 
 FLOPs: `text_tokens` counts the text tokens only; the 257 CLIP image-context tokens of Wan 2.1 I2V
 are charged as if their projections and attention spanned the text length (approximate there,
@@ -28,6 +28,8 @@ from .base import (
     ModelAdapter,
     classify_linears,
     gather_tokens,
+    pool_rotation,
+    pool_tokens,
     register_adapter,
 )
 
@@ -52,6 +54,9 @@ class WanAdapter(ModelAdapter):
 
     def attention_layout(self, block, attention):
         return "image"
+
+    def mlp_module(self, block):
+        return block.ffn
 
     def linear_streams(self, block):
         text = ("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj", "attn2.to_added_kv")
@@ -81,4 +86,14 @@ class WanAdapter(ModelAdapter):
         temb = bound.get("temb")
         if temb is not None and temb.ndim == 4:  # (B, N, 6, hidden): per-token timesteps (Wan 2.2 TI2V)
             bound["temb"] = gather_tokens(temb, index)
+        return bound
+
+    def pool_rotary(self, rotary, groups, count, text_tokens):
+        return pool_rotation(*rotary, groups, count)
+
+    def pool_block_inputs(self, block, bound, groups, count, text_tokens):
+        bound = super().pool_block_inputs(block, bound, groups, count, text_tokens)
+        temb = bound.get("temb")
+        if temb is not None and temb.ndim == 4:  # per-token modulation: each group's mean
+            bound["temb"] = pool_tokens(temb, groups, count)
         return bound

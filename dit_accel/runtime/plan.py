@@ -2,7 +2,7 @@
 
 It lives on the session for the duration of one call and holds the step context, the image tokens
 the blocks compute (stage 2's `TokenSet`), how many tokens the running block sees, and the work
-ledger of the call. Nothing in it outlives the call.
+ledger of the call, and what stage 4 narrowed. Nothing in it outlives the call.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..metrics.flops import Work
+from ..metrics.flops import UnitWidth, Work
 from ..models.base import TokenGrid
 from .context import StepContext
 
@@ -47,6 +47,8 @@ class CallPlan:
     tokens: TokenSet | None = None
     #: image tokens the block running now computes
     image_tokens: int = 0
+    #: (block, unit) -> what stage 4 runs of that unit this call; absent: all of it
+    widths: dict[tuple[int, str], UnitWidth] = field(default_factory=dict)
     ledger: list[Work] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ Hooks a session adds, outermost first on each module:
 - the transformer: torch forward hooks around every wrapper (they open the step context and the
   per-call plan, and a diffusers cache context where the pipeline opens none), and a passive hook
   that receives the pipeline's `cache_context`;
-- each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2);
+- each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2), then
+  stage 3's pool/unpool, so stage 3 pools what stage 2 gathered;
 - each attention unit of a block, and each block: the ledger hooks, innermost, so they record only
   what really ran (a unit a step cache may skip on its own gets a hook of its own); the attention
   hooks also route SDPA through stages 5 and 6.
@@ -32,6 +33,7 @@ from .plan import CallPlan
 from .registry import registration
 from .technique import Technique
 from .token_set import TokenSet
+from .token_transform import TokenTransform
 
 #: diffusers attention backends that end in torch's SDPA, which stages 5 and 6 can take over
 SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
@@ -97,7 +99,8 @@ class _LedgerHook(ModelHook):
         plan = self.session.plan
         if plan is not None:
             for cost in self.costs:
-                plan.ledger.extend(cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False))
+                plan.ledger.extend(cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False,
+                                                plan.widths.get((self.block, cost.name))))
         return output
 
 
@@ -118,7 +121,8 @@ class _AttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         routed = self.call is not None and session.routes_attention
         # linear work, and the dense attention core unless stages 5-6 record what they ran
-        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, not routed))
+        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, not routed,
+                                             plan.widths.get((self.block, self.cost.name))))
         if routed:
             output = session.run_routed_attention(self, module, plan, args, kwargs)
         else:
@@ -183,11 +187,10 @@ class Session:
         self.records: list[CallRecord] = []
         self.run_index = -1
         self.token_set: TokenSet | None = None
+        self.token_transform: TokenTransform | None = None
         techniques = []
         for config in configs:
             reg = registration(config)
-            if reg.technique is None:
-                raise NotImplementedError(f"the {type(config).__name__} technique is not implemented yet")
             technique = reg.technique(config, self)
             technique.stages = reg.stages(config)
             techniques.append(technique)
@@ -221,6 +224,9 @@ class Session:
             if Stage.TOKEN_SET in self.by_stage:
                 self.token_set = TokenSet(self, cached_blocks, cached_attentions)
                 self.token_set.attach()
+            if Stage.TOKEN_TRANSFORM in self.by_stage:  # innermost: pools what stage 2 gathered
+                self.token_transform = TokenTransform(self, self.by_stage[Stage.TOKEN_TRANSFORM])
+                self.token_transform.attach()
             self._receiver = _ContextReceiver()
             self.hooks.add(self.transformer, self._receiver, "context")
             # torch's own hooks, outside every forward wrapper (accelerate's offload hook re-wraps the
@@ -251,10 +257,16 @@ class Session:
         blocks = {i for i, block in enumerate(self.adapter.blocks()) if _foreign_skippers(block)}
         attentions: dict[nn.Module, str] = {}
         self_attentions = {id(a) for b in self.adapter.blocks() for a in self.adapter.self_attentions(b)}
-        for block in self.adapter.blocks():
+        transform = self.by_stage.get(Stage.TOKEN_TRANSFORM)
+        pooled = transform.transformed_blocks() if transform is not None else frozenset()
+        for index, block in enumerate(self.adapter.blocks()):
             for name, unit in block.named_children():
                 if not _foreign_skippers(unit):
                     continue
+                if index in pooled:
+                    raise ConfigError(f"a step cache on {type(unit).__name__} ({name}) of block {index} cannot be "
+                                      f"combined with {transform.label}'s pooled blocks: its cached outputs would "
+                                      "change length with the token density; put it on blocks")
                 if id(unit) in self_attentions:
                     attentions[unit] = self.adapter.attention_layout(block, unit)
                 elif any(unit is attn for attn, _, _ in self.adapter.attention_streams(block)):
@@ -373,6 +385,8 @@ class Session:
     def _close_call(self) -> None:
         if self.token_set is not None:
             self.token_set.reset_call()
+        if self.token_transform is not None:
+            self.token_transform.reset_call()
         if self._opened_cache_context:
             _set_cache_context(self.transformer, None)
             self._opened_cache_context = False
@@ -419,7 +433,8 @@ class Session:
                 output, pairs = kernel.attend(plan, call, query, key, value, bias, **sdpa_kwargs)
             else:
                 output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
-            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs))
+            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs,
+                                              query.shape[1]))
             return output
 
         with routed_sdpa(attend) as routed_calls:

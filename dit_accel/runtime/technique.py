@@ -48,6 +48,18 @@ class Technique:
     def end_run(self) -> None:
         """The pipeline call is over: drop every tensor kept between calls."""
 
+    def transformed_blocks(self) -> frozenset[int]:
+        """Stage 3: the blocks `token_groups` may pool (the session refuses a step cache inside them)."""
+        raise NotImplementedError
+
+    def token_groups(self, plan: CallPlan, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
+        """Stage 3: how the `tokens` image tokens entering the block (all, or stage 2's subset) are
+        pooled: (every token's group, (n,) shared or (B, n) per sample like `plan.tokens.index`; the
+        number of groups M), or None to run the block on every token. The runtime pools the tokens and,
+        through the adapter, their positions and masks, runs the block, and adds each group's change
+        back to its tokens."""
+        raise NotImplementedError
+
     def kv_source(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attn_mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -110,15 +110,16 @@ def _table(runs: list[PlanRun]) -> str:
 
 def skipped(report: dict | None) -> list[dict[str, Any]]:
     """Per step what the plan computed: FLOPs ratio, image tokens (RAS), attention density per block
-    (SVG2, proxy), pooled K/V blocks (FlexDiT)."""
+    (SVG2, proxy), pooled K/V blocks, token density and pooled tokens per block (FlexDiT)."""
     if report is None:
         return []
     rows = []
     for step in report["steps"]:
         call = step["calls"][0]
         row = {"step": step["step"], "flops_ratio": round(step["flops_ratio"], 4)}
+        # token lists and cluster maps are drawn, not listed
         for key in ("image_tokens", "total_image_tokens", "attention_density", "attention_density_by_block",
-                    "pooled_kv_blocks"):  # token lists and cluster maps are drawn, not listed
+                    "pooled_kv_blocks", "flexdit_density", "flexdit_tokens_by_block"):
             if key in call:
                 value = call[key]
                 row[key] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
@@ -140,8 +141,8 @@ def _over(image: np.ndarray, colours: np.ndarray) -> Image.Image:
 
 
 def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Image, str]]:
-    """What the plan skipped, drawn: RAS's recomputed regions, SVG2's query clusters, attention density
-    per step and block (first sample, first frame)."""
+    """What the plan skipped, drawn: RAS's recomputed regions, SVG2's query clusters (first sample,
+    first frame), attention density (SVG2, proxy) and token density (FlexDiT) per call and block."""
     if report is None:
         return []
     calls = [call for step in report["steps"] for call in step["calls"]]
@@ -162,14 +163,16 @@ def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Im
         palette = np.random.default_rng(0).integers(0, 256, (int(labels.max()) + 2, 3))
         drawn.append((_over(image, palette[labels + 1]),
                       f"SVG2: query clusters of one head in block {clusters[-1]['block']}, last step"))
-    density = [[call["attention_density_by_block"].get(str(b), call["attention_density_by_block"].get(b, 1.0))
-                for b in range(max(len(c["attention_density_by_block"]) for c in calls
-                                   if "attention_density_by_block" in c))]
-               for call in calls if "attention_density_by_block" in call]
-    if density:
-        cells = (np.array(density) * 255).astype(np.uint8)
-        grid = Image.fromarray(cells).resize((cells.shape[1] * 24, cells.shape[0] * 8), Image.NEAREST)
-        drawn.append((grid, "attention density per call (rows, in order) and block (columns): white = dense"))
+    for key, what in (("attention_density_by_block", "attention density"),
+                      ("flexdit_density_by_block", "FlexDiT token density")):
+        density = [call[key] for call in calls if key in call]
+        if density:
+            blocks = max(len(by_block) for by_block in density)
+            cells = np.array([[by_block.get(str(b), by_block.get(b, 1.0)) for b in range(blocks)]
+                              for by_block in density])
+            cells = (cells * 255).astype(np.uint8)
+            grid = Image.fromarray(cells).resize((cells.shape[1] * 24, cells.shape[0] * 8), Image.NEAREST)
+            drawn.append((grid, f"{what} per call (rows, in order) and block (columns): white = dense"))
     return drawn
 
 

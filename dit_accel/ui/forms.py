@@ -81,7 +81,7 @@ def technique_forms() -> list[TechniqueForm]:
     forms = []
     for reg in registrations():
         cls = reg.config_class
-        if reg.technique is None or not issubclass(cls, AccelerationConfig):
+        if not issubclass(cls, AccelerationConfig):
             continue
         fields = []
         for spec in config_fields(cls):

@@ -1,0 +1,53 @@
+"""Which model a file was made for: its class, a hash of its config and a fingerprint of its weights.
+
+Calibration files (DyDiT's head and channel scores) and tuned plans hold numbers that only mean
+something for one checkpoint; another checkpoint of the same architecture has the same class and
+config but other weights, so the fingerprint samples the weights themselves (a few values of every
+tensor, with its name and shape), which is cheap enough to check at every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+#: values sampled from each tensor for the weight fingerprint
+_SAMPLES = 16
+
+
+def _config_hash(module: nn.Module) -> str:
+    config = dict(getattr(module, "config", {}) or {})
+    text = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _weights_fingerprint(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // _SAMPLES)
+            sample = flat[::stride][:_SAMPLES].to("cpu", torch.float32)
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(module: nn.Module) -> dict[str, str]:
+    """{"model_class", "config_hash", "weights"}: strings, as safetensors metadata and plan files hold them."""
+    cls = type(module)
+    return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "config_hash": _config_hash(module),
+            "weights": _weights_fingerprint(module)}
+
+
+def identity_mismatch(expected: dict[str, str], module: nn.Module) -> str | None:
+    """Why a file made for `expected` does not fit `module` (None when it does)."""
+    actual = model_identity(module)
+    for key, what in (("model_class", "another model class"), ("config_hash", "another configuration"),
+                      ("weights", "other weights (another checkpoint of this architecture)")):
+        if expected.get(key) != actual[key]:
+            return f"it was made for {what}: {expected.get(key)!r}, this transformer has {actual[key]!r}"
+    return None

@@ -1,0 +1,89 @@
+"""Stage 3: blocks that run on pooled image tokens, each block on its own.
+
+At the entry of a block that its technique pools (`Technique.token_groups`), the image tokens it
+would see (all of them, or stage 2's subset) are averaged into groups, with their rotary positions and
+masks (`ModelAdapter.pool_block_inputs`); the block runs on the groups (text tokens as they are);
+at its exit every token gets its group's change added back, dense + up(out_pooled - in_pooled).
+The mean of an upsampled change is that change, so pooling block by block follows the trajectory
+of pooling once over a whole block range, and outside every block the tensors keep their full
+length: step caches on blocks and stage 2 see what they would see without stage 3. A step cache
+inside a pooled block (on its attention or MLP) would store outputs whose length changes with the
+density; the session refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..models.base import gather_tokens
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .technique import Technique
+
+
+class _PoolHook(ModelHook):
+    def __init__(self, transform: TokenTransform, index: int):
+        super().__init__()
+        self.transform, self.index = transform, index
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        return self.transform.enter_block(self.index, module, args, kwargs)
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        return self.transform.leave_block(module, output)
+
+
+class TokenTransform:
+    """Pool/unpool hooks of one session, innermost on every block (inside stage 2's gather)."""
+
+    def __init__(self, session: Session, technique: Technique):
+        self.session, self.technique, self.adapter = session, technique, session.adapter
+        self.pooled_blocks = technique.transformed_blocks()
+        #: (groups, dense image tokens, pooled image tokens) at the entry of the pooled block running now
+        self._entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def attach(self) -> None:
+        # on every block: the ledger's token count goes back to dense at the entry of each other block
+        for i, block in enumerate(self.adapter.blocks()):
+            self.session.hooks.add(block, _PoolHook(self, i), f"token_transform.{i}", innermost=True)
+
+    def reset_call(self) -> None:
+        self._entry = None
+
+    def enter_block(self, index: int, block, args: tuple, kwargs: dict):
+        plan = self.session.plan
+        if plan is None:
+            return args, kwargs
+        plan.image_tokens = plan.grid.num_tokens if plan.tokens is None else plan.tokens.count
+        if index not in self.pooled_blocks:
+            return args, kwargs
+        adapter = self.adapter
+        hidden_arg = adapter.block_signature(block).hidden_arg
+        bound = adapter.bind(block, args, kwargs)
+        dense = bound[hidden_arg]
+        groups = self.technique.token_groups(plan, index, dense.shape[1])
+        if groups is None:
+            return args, kwargs
+        ids, count = groups
+        bound = adapter.pool_block_inputs(block, bound, ids, count, plan.text_tokens)
+        self._entry = (ids, dense, bound[hidden_arg])
+        plan.image_tokens = count
+        plan.record_overhead(f"{self.technique.config.name} token pooling", float(dense.numel()), dense.shape[1])
+        return adapter.unbind(block, bound)
+
+    def leave_block(self, block, output):
+        plan, entry = self.session.plan, self._entry
+        if plan is None or entry is None:
+            return output
+        self._entry = None
+        ids, dense, pooled = entry
+        change = self.adapter.block_hidden_output(block, output) - pooled
+        plan.record_overhead(f"{self.technique.config.name} token unpooling", float(pooled.numel() + dense.numel()),
+                             dense.shape[1])
+        return self.adapter.replace_block_hidden_output(block, output, dense + gather_tokens(change, ids))
