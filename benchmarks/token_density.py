@@ -1,7 +1,8 @@
 """FlexDiT (token density) and DyDiT (width, MLP tokens) on this machine, in one run.
 
 (a) The trained reference image model (SD3-class, 256 tokens, CFG 4, 20 steps): dense, FlexDiT and
-    DyDiT at two budgets each (their presets), FlexDiT + DyDiT, and DyDiT's width at one setting
+    DyDiT at two budgets each (their presets), FlexDiT + DyDiT, DyDiT stacked with diffusers'
+    FirstBlockCache and MagCache (MagCache calibrated on the first batch), and DyDiT's width at one setting
     with heads and channel groups chosen by a calibration file (16 captions other than the test
     ones), by the data-free weight-norm default, and at random. Over `--captions` test captions in
     batches of 8, every plan runs each batch in turn after dense, so drift hits all alike: speedup
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import PixArtTransformer2DModel
+from diffusers.hooks import MagCacheConfig
 from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
@@ -32,6 +34,7 @@ from dit_accel.methods.dydit import save_calibration
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import psnr, ssim
+from dit_accel.plans import parse_plan
 from dit_accel.testing import tiny_pipeline
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 
@@ -40,13 +43,17 @@ BATCH = 8
 EQUAL_WIDTH = 0.5
 
 
-def _plans(calibration: str, random_calibration: str) -> dict[str, list]:
+def _plans(calibration: str, random_calibration: str, magcache) -> dict[str, list]:
     flex, dydit = dit_accel.FlexDiTConfig, dit_accel.DyDiTConfig
-    width = dict(width_ratio=EQUAL_WIDTH, max_width_ratio=1.0)
+    width = dict(width_ratio=EQUAL_WIDTH, max_width_ratio=1.0, token_ratio=1.0)
+    balanced = dydit.preset("balanced", calibration=calibration)
     return {
         **{f"FlexDiT {name}": [flex.preset(name)] for name in ("quality", "fast")},
         **{f"DyDiT {name}": [dydit.preset(name, calibration=calibration)] for name in ("quality", "fast")},
-        "FlexDiT balanced + DyDiT balanced": [flex.preset("balanced"), dydit.preset("balanced", calibration=calibration)],
+        "FlexDiT quality + DyDiT balanced": [flex.preset("quality"), balanced],
+        "DyDiT balanced + FirstBlockCache 0.12": [balanced, *parse_plan("fbcache:threshold=0.12")],
+        "DyDiT balanced + MagCache 0.06": [balanced, magcache],
+        "FirstBlockCache 0.12 (for scale)": parse_plan("fbcache:threshold=0.12"),
         f"DyDiT width {EQUAL_WIDTH} calibrated": [dydit(**width, calibration=calibration)],
         f"DyDiT width {EQUAL_WIDTH} weight norms": [dydit(**width)],
         f"DyDiT width {EQUAL_WIDTH} random": [dydit(**width, calibration=random_calibration)],
@@ -74,8 +81,10 @@ def reference_image(captions: int, seed: int, folder: Path) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     real, scenes = procedural.image_batch(captions, seed)
     reference_real, _ = procedural.image_batch(captions, seed + 1)
-    members = _plans(*_calibrations(pipe, folder, seed))
     call = reference_call_kwargs("image", output_type="pt")
+    first = {**call, "prompt": [s.caption for s in scenes[:BATCH]], "generator": torch.Generator().manual_seed(seed)}
+    magcache = dit_accel.calibrate(pipe, MagCacheConfig(threshold=0.06, max_skip_steps=2, calibrate=True), **first)
+    members = _plans(*_calibrations(pipe, folder, seed), magcache)
     timed(pipe, {**call, "prompt": [scenes[0].caption] * BATCH, "num_inference_steps": 2}, [], seed)  # warm-up
     seconds = {label: 0.0 for label in ["dense", *members]}
     outputs: dict[str, list[torch.Tensor]] = {label: [] for label in seconds}
