@@ -41,9 +41,11 @@ from dit_accel.testing.reference import reference_call_kwargs, reference_pipelin
 BATCH = 8
 #: the width at which calibrated, weight-norm and random choices of heads and groups are compared
 EQUAL_WIDTH = 0.5
+#: random choices of heads and groups at that width
+RANDOM_DRAWS = 3
 
 
-def _plans(calibration: str, random_calibration: str, magcache) -> dict[str, list]:
+def _plans(calibration: str, random_calibrations: list[str], magcache) -> dict[str, list]:
     flex, dydit = dit_accel.FlexDiTConfig, dit_accel.DyDiTConfig
     width = dict(width_ratio=EQUAL_WIDTH, max_width_ratio=1.0, token_ratio=1.0)
     balanced = dydit.preset("balanced", calibration=calibration)
@@ -56,12 +58,14 @@ def _plans(calibration: str, random_calibration: str, magcache) -> dict[str, lis
         "FirstBlockCache 0.12 (for scale)": parse_plan("fbcache:threshold=0.12"),
         f"DyDiT width {EQUAL_WIDTH} calibrated": [dydit(**width, calibration=calibration)],
         f"DyDiT width {EQUAL_WIDTH} weight norms": [dydit(**width)],
-        f"DyDiT width {EQUAL_WIDTH} random": [dydit(**width, calibration=random_calibration)],
+        **{f"DyDiT width {EQUAL_WIDTH} random {i}": [dydit(**width, calibration=random)]
+           for i, random in enumerate(random_calibrations)},
     }
 
 
-def _calibrations(pipe, folder: Path, seed: int) -> tuple[str, str]:
-    """A calibration on 16 captions that are not test captions, and one of the same shape with random scores."""
+def _calibrations(pipe, folder: Path, seed: int) -> tuple[str, list[str]]:
+    """A calibration on 16 captions that are not test captions, and `RANDOM_DRAWS` files of the same
+    shape whose diagonal Gram matrices rank heads and groups at random."""
     _, scenes = procedural.image_batch(16, seed + 1000)
     call = reference_call_kwargs("image", prompt=[s.caption for s in scenes],
                                  generator=torch.Generator().manual_seed(seed + 1000))
@@ -70,10 +74,14 @@ def _calibrations(pipe, folder: Path, seed: int) -> tuple[str, str]:
     from safetensors.torch import load_file
 
     generator = torch.Generator().manual_seed(seed)
-    random_scores = {k: torch.rand(v.shape, generator=generator) for k, v in load_file(str(calibration)).items()}
-    random_calibration = folder / "random.safetensors"
-    save_calibration(random_calibration, random_scores, pipe.transformer, {"random": True})
-    return str(calibration), str(random_calibration)
+    grams = load_file(str(calibration))
+    randoms = []
+    for draw in range(RANDOM_DRAWS):
+        path = folder / f"random{draw}.safetensors"
+        save_calibration(path, {k: torch.diag_embed(torch.rand(v.shape[:2], generator=generator))
+                                for k, v in grams.items()}, pipe.transformer, {"random": True})
+        randoms.append(str(path))
+    return str(calibration), randoms
 
 
 def reference_image(captions: int, seed: int, folder: Path) -> list[dict]:

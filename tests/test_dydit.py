@@ -9,7 +9,7 @@ import torch
 from helpers import model_state, run
 
 import dit_accel
-from dit_accel.methods.dydit import load_calibration
+from dit_accel.methods.dydit import load_calibration, select_units
 from dit_accel.models import adapter_for
 from dit_accel.plans import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
@@ -75,9 +75,11 @@ def _mask_hooks(transformer, selection: dict[str, torch.Tensor]) -> list:
     return handles
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sliced_equals_masked_and_the_weights_used_shrink(family):
-    pipe = tiny_pipeline(family)
+@pytest.mark.parametrize("family, overrides", [*((f, {}) for f in FAMILIES), ("pixart", {"activation_fn": "geglu"}),
+                                               ("sd3", {"dual_attention_layers": (0,), "qk_norm": "rms_norm"})])
+def test_sliced_equals_masked_and_the_weights_used_shrink(family, overrides):
+    """Also a gated MLP (GEGLU: both halves sliced) and SD3.5's second self-attention."""
+    pipe = tiny_pipeline(family, **overrides)
     adapter = adapter_for(pipe.transformer)
     block = adapter.blocks()[0]
     layout = adapter.width_layout(block)
@@ -154,14 +156,16 @@ def test_calibration_round_trips_and_refuses_another_model(tmp_path):
     config = dit_accel.calibrate(pipe, dit_accel.DyDiTConfig(width_ratio=0.5, buckets=2), path=str(path),
                                  **{**_call("sd3"), "prompt": ["a red circle", "a blue square"]})
     assert config.calibration == str(path)
-    scores = load_calibration(path, pipe.transformer)
+    grams = load_calibration(path, pipe.transformer)
     heads = pipe.transformer.transformer_blocks[0].attn.heads
-    assert scores["block0.attention0"].shape == (2, heads) and (scores["block0.attention0"] > 0).all()
-    assert scores["block0.mlp"].shape == (2, heads)
+    gram = grams["block0.attention0"]
+    assert gram.shape == (2, heads, heads) and (gram.diagonal(dim1=1, dim2=2) > 0).all()
+    torch.testing.assert_close(gram, gram.transpose(1, 2))
+    assert grams["block0.mlp"].shape == (2, heads, heads)
     with dit_accel.apply(pipe, config) as handle:
         assert torch.isfinite(run(pipe, "sd3")).all()
         selection = _technique(handle).selection(0)["block0.attention0"]
-    assert torch.equal(selection, scores["block0.attention0"][0].topk(len(selection)).indices.sort().values)
+    assert torch.equal(selection, select_units(gram[0], len(selection)))
     for other, reason in ((tiny_pipeline("sd3", seed=1), "other weights"), (tiny_pipeline("flux"), "model class")):
         with pytest.raises(dit_accel.ConfigError, match=reason):
             dit_accel.apply(other, config)
@@ -188,3 +192,33 @@ def test_composes_with_ras_sparse_attention_and_a_step_cache(family):
             assert torch.isfinite(run(pipe, family)).all()
             assert handle.report()["flops_ratio"] < 0.8
     assert model_state(pipe.transformer) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacks_with_flexdit_pooled_blocks(family):
+    """Stage 3 pools what the blocks see, stage 4 narrows them: both keep-alls together are dense,
+    and the sparse settings save more together than either alone."""
+    pipe = tiny_pipeline(family)
+    baseline = run(pipe, family)
+    with dit_accel.apply(pipe, dit_accel.FlexDiTConfig.keep_all(), dit_accel.DyDiTConfig.keep_all()):
+        torch.testing.assert_close(run(pipe, family), baseline, rtol=1e-4, atol=1e-4)
+    flex = dit_accel.FlexDiTConfig(pooled_kv_blocks=0, sparse_blocks=(0, 0))
+    dydit = dit_accel.DyDiTConfig(width_ratio=0.5, token_ratio=0.5)
+    ratios = {}
+    for label, plan in (("flex", [flex]), ("dydit", [dydit]), ("both", [flex, dydit])):
+        with dit_accel.apply(pipe, *plan) as handle:
+            assert torch.isfinite(run(pipe, family)).all()
+            ratios[label] = handle.report()["flops_ratio"]
+    assert ratios["both"] < min(ratios["flex"], ratios["dydit"])
+
+
+def test_selection_drops_the_units_whose_summed_contribution_is_smallest(monkeypatch):
+    """Two heads that cancel each other are dropped together before a small lone one; past the
+    exhaustive limit a greedy drop still keeps the strongest units."""
+    contributions = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.0, 0.5], [3.0, 3.0]])  # per unit, one token
+    gram = contributions @ contributions.T
+    assert select_units(gram, 2).tolist() == [2, 3]  # units 0 and 1 sum to (0, 0.1)
+    assert select_units(gram, 4).tolist() == [0, 1, 2, 3]
+    assert select_units(torch.diag(torch.tensor([1.0, 0.2, 3.0])), 1).tolist() == [2]
+    monkeypatch.setattr("dit_accel.methods.dydit._EXHAUSTIVE", 1)
+    assert select_units(torch.diag(torch.tensor([1.0, 0.2, 3.0, 0.5])), 2).tolist() == [0, 2]

@@ -163,3 +163,41 @@ def test_lora_loaded_before_or_after_apply(lora_first):
     torch.testing.assert_close(_out(pipe, "flux"), with_lora)
     handle.remove()
     torch.testing.assert_close(_out(pipe, "flux"), with_lora)
+
+
+def test_width_and_token_density_under_offload_compile_half_precision_and_lora():
+    """DyDiT's sliced weights follow the weights' device and dtype; FlexDiT and DyDiT run under
+    torch.compile; a LoRA layer is refused by name, before or after apply."""
+    keep_all = [dit_accel.FlexDiTConfig.keep_all(), dit_accel.DyDiTConfig.keep_all()]
+    narrow = [dit_accel.FlexDiTConfig(pooled_kv_blocks=0, sparse_blocks=(0, 0)),
+              dit_accel.DyDiTConfig(width_ratio=0.5, token_ratio=0.5)]
+    pipe = AcceleratedStableDiffusion3Pipeline(**tiny_pipeline("sd3").components)
+    pipe.set_progress_bar_config(disable=True)
+    dense = _out(pipe, "sd3")
+    pipe.enable_model_cpu_offload(device="cpu")
+    with dit_accel.apply(pipe, *keep_all):
+        torch.testing.assert_close(_out(pipe, "sd3"), dense, rtol=1e-4, atol=1e-4)
+    grouped = tiny_pipeline("wan")
+    dense = _out(grouped, "wan")
+    grouped.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                             offload_type="block_level", num_blocks_per_group=1)
+    with dit_accel.apply(grouped, *keep_all):
+        torch.testing.assert_close(_out(grouped, "wan"), dense, rtol=1e-4, atol=1e-4)
+    compiled = tiny_pipeline("wan")
+    compiled.transformer = torch.compile(compiled.transformer)
+    with dit_accel.apply(compiled, *keep_all):
+        torch.testing.assert_close(_out(compiled, "wan"), dense, rtol=1e-4, atol=1e-4)
+    half = tiny_pipeline("sd3").to(dtype=torch.bfloat16)
+    with dit_accel.apply(half, *narrow) as handle:
+        assert torch.isfinite(_out(half, "sd3")).all() and handle.report()["flops_ratio"] < 0.8
+
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    later = tiny_pipeline("flux")
+    with dit_accel.apply(later, dit_accel.DyDiTConfig()):
+        later.transformer.add_adapter(lora, adapter_name="style")
+        with pytest.raises(dit_accel.ConfigError, match="fuse it"):
+            _out(later, "flux")
+    with pytest.raises(dit_accel.ConfigError, match="fuse it"):
+        dit_accel.apply(later, dit_accel.DyDiTConfig())

@@ -231,3 +231,38 @@ def test_refusals_at_apply_and_run():
             pytest.raises(dit_accel.ConfigError, match="schedule gives 3 densities.* 4 steps"):
         run(pipe, "sd3")
     assert model_state(pipe.transformer) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mean_v_poolingformer_gives_every_query_the_mean_value(family):
+    """The paper's Poolingformer in the bottom block: a uniform attention, one key for all."""
+    pipe = tiny_pipeline(family)
+    baseline = run(pipe, family)
+    config = dit_accel.FlexDiTConfig(pooled_kv_blocks=1, bottom_attention="mean_v")
+    with dit_accel.apply(pipe, config) as handle:
+        out = run(pipe, family)
+        report = handle.report()
+    assert torch.isfinite(out).all() and not torch.allclose(out, baseline)
+    assert any("attention" in work for work in report["blocks"][0]) and report["flops_ratio"] < 1.0
+
+
+def test_mean_v_keys_make_sdpa_the_mean_of_the_allowed_values():
+    from dit_accel.attention.intercept import dense_attention
+    from dit_accel.methods.flexdit import FlexDiT
+
+    class Plan:  # the one thing _mean_value asks of a plan
+        def record_overhead(self, *args):
+            pass
+
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    key, value, bias, mask = FlexDiT._mean_value(Plan(), k, v, None)
+    torch.testing.assert_close(dense_attention(q, key, value, bias, attn_mask=mask), v.mean(2, keepdim=True).expand_as(q))
+    allowed = torch.tensor([True, True, False, True, False])
+    expected = v[:, :, allowed].mean(2, keepdim=True).expand_as(q)
+    for per_key_mask in (allowed, allowed.view(1, 1, 1, 5).expand(2, 1, 1, 5)):
+        key, value, bias, mask = FlexDiT._mean_value(Plan(), k, v, per_key_mask)
+        assert key.shape[2] == 1 and mask is None
+        torch.testing.assert_close(dense_attention(q, key, value, bias, attn_mask=mask), expected)
+    per_query = allowed.expand(5, 5).clone()
+    key, value, bias, mask = FlexDiT._mean_value(Plan(), k, v, per_query)
+    torch.testing.assert_close(dense_attention(q, key, value, bias, attn_mask=mask), expected)

@@ -9,10 +9,12 @@ bucket's slices are held) and the model's own weights are never written. Where a
 all heads (Wan's `norm_q`/`norm_k`), q and k are projected at full width, normalised, then sliced.
 The widths depend only on the step, so CFG branches and batches run the same heads.
 
-Which heads and groups: a calibration file (`dit_accel.calibrate` / `dit-accel calibrate`: each
-head's and group's mean contribution to its block's output, ||x_h W_out[:, h]||, per bucket, made
-for one checkpoint and refused for any other), or without one a data-free default: the product of
-the norms of a head's (group's) input rows and output columns, the same at every step.
+Which heads and groups: a calibration file (`dit_accel.calibrate` / `dit-accel calibrate`: per
+bucket, the Gram matrix of the heads' (groups') contributions to the block output, x_h W_out[:, h],
+over the calibration prompts; made for one checkpoint and refused for any other) from which the
+units whose dropping changes the block output least are dropped greedily, cancellations between
+units included; or without one a data-free default: units ranked by the product of the norms of
+their input rows and output columns, the same at every step.
 
 SDT: in each block with a token-wise MLP, only the `token_ratio` of tokens per sample whose MLP input
 changed most since they were last computed run the MLP (gathered, run, scattered back: static
@@ -22,6 +24,7 @@ shapes); the others reuse their cached MLP output. The first call of every branc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -42,7 +45,11 @@ from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
 #: safetensors metadata "format" of a calibration file
-CALIBRATION_FORMAT = "dit-accel dydit calibration 1"
+CALIBRATION_FORMAT = "dit-accel dydit calibration 2"
+#: tokens scored at once while calibrating
+_SCORE_CHUNK = 1024
+#: unit selections searched exhaustively up to this many candidate sets
+_EXHAUSTIVE = 4096
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class _Part:
     """Heads of one attention or channel groups of one MLP: the features each unit owns."""
 
     key: str
+    block: int
     units: list[torch.Tensor]
     #: linears whose output features are these units' (for a gated MLP: both halves)
     rows: list[nn.Linear]
@@ -127,26 +135,27 @@ class _Part:
     def features(self, kept: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.units[int(u)] for u in kept])
 
-    def weight_scores(self) -> torch.Tensor:
-        """The data-free ranking: per unit, mean norm of its rows times norm of its columns."""
+    def weight_gram(self) -> torch.Tensor:
+        """The data-free stand-in for a calibration: a diagonal Gram matrix of each unit's mean row
+        norm times its mean column norm, squared (units assumed uncorrelated)."""
         scores = []
         for features in self.units:
             rows = [linear.weight.detach()[features].float().norm() for linear in self.rows]
             columns = [linear.weight.detach()[:, offset + features].float().norm() for linear, offset in self.columns]
             scores.append((torch.stack(rows).mean() if rows else torch.tensor(1.0)) * torch.stack(columns).mean())
-        return torch.stack(scores)
+        return torch.diag(torch.stack(scores) ** 2)
 
 
-def _parts_of(block_index: int, attentions: tuple[HeadSlices, ...], mlp: ChannelSlices | None) -> list[_Part]:
+def _parts_of(block: int, attentions: tuple[HeadSlices, ...], mlp: ChannelSlices | None) -> list[_Part]:
     parts = []
     for a, heads in enumerate(attentions):
         units = [torch.arange(h * heads.head_dim, (h + 1) * heads.head_dim) for h in range(heads.heads)]
-        parts.append(_Part(f"block{block_index}.attention{a}", units, list(heads.rows), list(heads.columns),
+        parts.append(_Part(f"block{block}.attention{a}", block, units, list(heads.rows), list(heads.columns),
                            list(heads.norms), attention=heads.attention))
     if mlp is not None:
-        groups = attentions[0].heads if attentions else 1
-        parts.append(_Part(f"block{block_index}.mlp", _group_channels(mlp.hidden, groups), list(mlp.rows),
-                           list(mlp.columns), [], gated_hidden=mlp.hidden if mlp.gated else 0))
+        groups = _group_channels(mlp.hidden, attentions[0].heads if attentions else 1)
+        parts.append(_Part(f"block{block}.mlp", block, groups, list(mlp.rows), list(mlp.columns), [],
+                           gated_hidden=mlp.hidden if mlp.gated else 0))
     return parts
 
 
@@ -178,22 +187,25 @@ def load_calibration(path: str | Path, transformer: nn.Module) -> dict[str, torc
 
 
 class DyDiTScores:
-    """Running sums of each unit's contribution norm, per bucket, while calibrating."""
+    """While calibrating: per part and bucket, the running mean Gram matrix of the units'
+    contributions to the block output, G[h, g] = E_token <x_h W_h^T, x_g W_g^T>. Dropping a set D
+    of units changes the output by sum_{h in D} x_h W_h^T, whose expected squared norm is
+    1_D^T G 1_D: the selection drops the units that keep it smallest, cancellations included."""
 
     def __init__(self, buckets: int):
         self.buckets = buckets
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, key: str, bucket: int, contribution: torch.Tensor) -> None:
+    def add(self, key: str, bucket: int, gram: torch.Tensor) -> None:
         if key not in self.sums:
-            self.sums[key] = torch.zeros(self.buckets, contribution.numel())
+            self.sums[key] = torch.zeros(self.buckets, *gram.shape)
             self.counts[key] = torch.zeros(self.buckets)
-        self.sums[key][bucket] += contribution.float().cpu()
+        self.sums[key][bucket] += gram.float().cpu()
         self.counts[key][bucket] += 1
 
     def means(self) -> dict[str, torch.Tensor]:
-        """Per part (buckets, units); a bucket no call fell in takes the nearest bucket that had calls."""
+        """Per part (buckets, units, units); a bucket no call fell in takes the nearest that had calls."""
         result = {}
         for key, sums in self.sums.items():
             counts = self.counts[key]
@@ -201,8 +213,27 @@ class DyDiTScores:
             if seen.numel() == 0:
                 continue
             nearest = seen[(torch.arange(self.buckets)[:, None] - seen[None]).abs().argmin(1)]
-            result[key] = sums[nearest] / counts[nearest, None]
+            result[key] = sums[nearest] / counts[nearest, None, None]
         return result
+
+
+def select_units(gram: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` units (sorted) whose dropped complement D has the least expected squared norm of
+    its summed contribution, 1_D^T G 1_D: every complement when there are few (at most
+    `_EXHAUSTIVE`), else greedily, one unit at a time."""
+    units = gram.shape[0]
+    if math.comb(units, units - keep) <= _EXHAUSTIVE:
+        complements = torch.tensor(list(itertools.combinations(range(units), units - keep)), dtype=torch.long)
+        masks = torch.zeros(len(complements), units).scatter_(1, complements.view(len(complements), -1), 1.0)
+        best = torch.einsum("ch,hg,cg->c", masks, gram.float(), masks).argmin()
+        return (masks[best] == 0).nonzero().flatten()
+    dropped = torch.zeros(units, dtype=torch.bool)
+    for _ in range(units - keep):
+        # 1_{D+h}^T G 1_{D+h} - 1_D^T G 1_D = G[h, h] + 2 sum_{g in D} G[h, g]
+        cost = gram.diagonal() + 2 * gram[:, dropped].sum(1)
+        cost[dropped] = float("inf")
+        dropped[int(cost.argmin())] = True
+    return (~dropped).nonzero().flatten()
 
 
 # -- hooks -------------------------------------------------------------------------------------------
@@ -280,11 +311,19 @@ class DyDiT(Technique):
             if layout.mlp is not None and layout.mlp.module is not None:
                 self._mlps[index] = (layout.mlp.module, _unit_name(block, layout.mlp.module))
         self._check_linears()
-        ranking = self._ranking()
+        grams = self._grams()
         #: per bucket, per part key: the kept units, sorted
-        self._kept = [{part.key: self._select(ranking[part.key][bucket], config.width_at(bucket))
+        self._kept = [{part.key: select_units(grams[part.key][bucket], kept_count(config.width_at(bucket),
+                                                                                 len(part.units)))
                        for part in self._parts} for bucket in range(config.buckets)]
         self._linear_parts = self._index_linears()
+        #: (parent, attribute) of every sliced linear, to notice a layer swapped in after apply (LoRA)
+        self._places = []
+        for block in self.adapter.blocks():
+            for name, module in block.named_modules():
+                if module in self._linear_parts:
+                    parent, _, attribute = name.rpartition(".")
+                    self._places.append((block.get_submodule(parent), attribute, module))
         self._widths = [self._ledger_widths(bucket) for bucket in range(config.buckets)]
         self._bucket = 0
         #: the running bucket's sliced (weight, bias) per linear, and feature indices per (part, device)
@@ -292,7 +331,8 @@ class DyDiT(Technique):
         self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
         #: per (branch, block): (MLP input, MLP output) when each token was last computed
         self._mlp_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mlp_fractions: list[float] = []
+        #: block -> fraction of its MLP tokens computed this call
+        self._mlp_fractions: dict[int, float] = {}
         #: set by `dit_accel.calibrate` while it scores heads and groups
         self.scores: DyDiTScores | None = None
 
@@ -304,25 +344,23 @@ class DyDiT(Technique):
                     raise ConfigError(f"DyDiTConfig slices nn.Linear weights; {part.key} has a "
                                       f"{type(linear).__name__} (a LoRA layer? fuse it first: pipe.fuse_lora())")
 
-    def _ranking(self) -> dict[str, torch.Tensor]:
-        """Per part (buckets, units) scores: from the calibration file, else by weight norms."""
+    def _grams(self) -> dict[str, torch.Tensor]:
+        """Per part (buckets, units, units) Gram matrices: from the calibration file (its buckets mapped
+        onto the config's by their middle step), else from the weights."""
         buckets = self.config.buckets
         if self.config.calibration is None:
-            return {part.key: part.weight_scores().expand(buckets, -1) for part in self._parts}
-        scores = load_calibration(self.config.calibration, self.session.transformer)
+            return {part.key: part.weight_gram().expand(buckets, -1, -1) for part in self._parts}
+        grams = load_calibration(self.config.calibration, self.session.transformer)
         centres = (torch.arange(buckets) + 0.5) / buckets
-        ranking = {}
+        mapped = {}
         for part in self._parts:
-            table = scores.get(part.key)
-            if table is None or table.shape[1] != len(part.units):
+            units = len(part.units)
+            table = grams.get(part.key)
+            if table is None or tuple(table.shape[1:]) != (units, units):
                 raise ConfigError(f"DyDiT calibration {self.config.calibration!r} has no scores for the "
-                                  f"{len(part.units)} units of {part.key}")
-            ranking[part.key] = table[(centres * table.shape[0]).long().clamp(max=table.shape[0] - 1)]
-        return ranking
-
-    @staticmethod
-    def _select(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-        return scores.topk(kept_count(ratio, scores.numel())).indices.sort().values
+                                  f"{units} units of {part.key}")
+            mapped[part.key] = table[(centres * table.shape[0]).long().clamp(max=table.shape[0] - 1)]
+        return mapped
 
     def _index_linears(self) -> dict[nn.Linear, tuple[str, list[tuple[_Part, int]]]]:
         """Each sliced linear: "rows" or "columns", and the parts (with input offsets) it is sliced by."""
@@ -378,13 +416,18 @@ class DyDiT(Technique):
 
     # -- per call ----------------------------------------------------------------------------------
     def begin_call(self, plan: CallPlan) -> None:
+        for parent, name, linear in self._places:
+            if getattr(parent, name) is not linear:
+                raise ConfigError(f"DyDiTConfig: {type(getattr(parent, name)).__name__} replaced a linear layer it "
+                                  "slices after dit_accel.apply() (a LoRA adapter?): fuse it (pipe.fuse_lora()) "
+                                  "or remove the handle and apply again")
         bucket = _bucket_of(plan, self.config.buckets)
         if bucket != self._bucket:
             self._bucket = bucket
             self._sliced.clear()
             self._features.clear()
         plan.widths.update(self._widths[bucket])
-        self._mlp_fractions = []
+        self._mlp_fractions = {}
 
     def end_run(self) -> None:
         self._sliced.clear()
@@ -399,13 +442,10 @@ class DyDiT(Technique):
         return self._kept[self._bucket][part.key]
 
     def features(self, part: _Part, device: torch.device) -> torch.Tensor:
-        """The running bucket's features of `part` (both halves of a gated MLP's rows)."""
+        """The running bucket's features of `part`."""
         key = (part.key, device)
         if key not in self._features:
-            features = part.features(self.kept(part))
-            if part.gated_hidden:
-                features = torch.cat([features, features + part.gated_hidden])
-            self._features[key] = features.to(device)
+            self._features[key] = part.features(self.kept(part)).to(device)
         return self._features[key]
 
     def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -415,7 +455,10 @@ class DyDiT(Technique):
         if held is None or held[0].device != weight.device or held[0].dtype != weight.dtype:
             kind, parts = self._linear_parts[linear]
             if kind == "rows":
-                rows = self.features(parts[0][0], weight.device)
+                part = parts[0][0]
+                rows = self.features(part, weight.device)
+                if part.gated_hidden:  # a gated activation's two halves
+                    rows = torch.cat([rows, rows + part.gated_hidden])
                 bias = None if linear.bias is None else linear.bias.index_select(0, rows)
                 held = (weight.index_select(0, rows), bias)
             else:
@@ -439,7 +482,7 @@ class DyDiT(Technique):
         fraction = index.shape[-1] / tokens
         width = plan.widths.get((block, unit), UnitWidth())
         plan.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
-        self._mlp_fractions.append(fraction)
+        self._mlp_fractions[block] = fraction
         computed = forward(gather_tokens(hidden, index))
         if cached is None or cached[0].shape != hidden.shape:
             output = scatter_tokens(computed.new_empty(*hidden.shape[:2], computed.shape[-1]), index, computed)
@@ -452,7 +495,8 @@ class DyDiT(Technique):
 
     # -- calibration -------------------------------------------------------------------------------
     def score(self, linear: nn.Linear, x: torch.Tensor) -> None:
-        """Calibrating: each head's and group's contribution norm through this output projection."""
+        """Calibrating: the Gram matrix of the heads' and groups' contributions through this output
+        projection, over this call's tokens (in chunks, to bound the memory)."""
         kind, parts = self._linear_parts[linear]
         if kind != "columns":
             return
@@ -460,12 +504,12 @@ class DyDiT(Technique):
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         weight = linear.weight.detach().float()
         for part, offset in parts:
-            contributions = []
-            for features in part.units:
-                columns = (offset + features).to(x.device)
-                contribution = flat.index_select(1, columns) @ weight.index_select(1, columns).T
-                contributions.append(contribution.norm(dim=-1).mean())
-            self.scores.add(part.key, bucket, torch.stack(contributions))
+            gram = flat.new_zeros(len(part.units), len(part.units))
+            for chunk in flat.split(_SCORE_CHUNK):
+                contributions = torch.stack([chunk[:, offset + features.to(x.device)] @
+                                             weight[:, offset + features.to(x.device)].T for features in part.units])
+                gram += torch.einsum("hto,gto->hg", contributions, contributions)
+            self.scores.add(part.key, bucket, gram / flat.shape[0])
 
     # -- report ------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -474,13 +518,21 @@ class DyDiT(Technique):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def call_stats(self, plan: CallPlan) -> dict:
+        """The bucket, the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:
+        on average, and per block for the UI's pictures."""
         kept = self._kept[self._bucket]
+        widths: dict[int, list[float]] = {}
+        for part in self._parts:
+            widths.setdefault(part.block, []).append(len(kept[part.key]) / len(part.units))
         heads = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is not None]
         groups = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is None]
         stats = {"dydit_bucket": self._bucket, "dydit_heads": sum(heads) / max(1, len(heads)),
-                 "dydit_groups": sum(groups) / max(1, len(groups))}
+                 "dydit_groups": sum(groups) / max(1, len(groups)),
+                 "dydit_width_by_block": {b: sum(w) / len(w) for b, w in sorted(widths.items())}}
         if self._mlp_fractions:
-            stats["dydit_mlp_tokens"] = sum(self._mlp_fractions) / len(self._mlp_fractions)
+            fractions = self._mlp_fractions
+            stats["dydit_mlp_tokens"] = sum(fractions.values()) / len(fractions)
+            stats["dydit_mlp_tokens_by_block"] = dict(sorted(fractions.items()))
         return stats
 
 

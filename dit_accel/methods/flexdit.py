@@ -9,6 +9,8 @@ tokens of the grid, in two places, as densely as the temporal schedule says:
 - Pooled K/V (stage 5, `pooled_kv_blocks`): in the first blocks every self-attention attends to the
   image keys and values pooled into groups, each pooled key biased by log(its group's size) so that
   the softmax weighs it as the keys it stands for; text keys are never pooled, queries stay exact.
+  `bottom_attention="mean_v"` is the paper's Poolingformer instead: a uniform attention, every
+  query gets the mean of all values (image and text; one zero key stands for them all).
   In a block that runs on pooled tokens the keys are pooled already and are not pooled again (the
   runtime cannot place them; at one token per group they are the tokens and are pooled as usual).
 - The schedule: a step's density d gives M = round(d * n) groups over the n image tokens present,
@@ -29,11 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..attention import pooling
-from ..attention.intercept import per_key, resize_key_mask
+from ..attention.intercept import mask_bias, per_key, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import TokenGrid
 from ..runtime.plan import CallPlan, TokenSet
@@ -47,6 +50,9 @@ class FlexDiTConfig(AccelerationConfig):
 
     pooled_kv_blocks: int = param(2, "the first blocks attend to K/V average-pooled over the pooling windows of the "
                                      "token grid", low=0)
+    bottom_attention: Literal["pooled_kv", "mean_v"] = param(
+        "pooled_kv", "what the first pooled_kv_blocks attend to: pooled K/V, or the paper's Poolingformer "
+                     "(every query gets the mean of all values)")
     pool_size: int = param(2, "side (rows and cols) of the pooling window on the token grid", low=1)
     pool_frames: int = param(1, "frames of the pooling window (1: each frame on its own, 2: pairs of frames)", low=1)
     sparse_blocks: tuple[int, int] | None = param(None, "(first, last) block range, inclusive, whose blocks run on "
@@ -227,7 +233,11 @@ class FlexDiT(Technique):
 
     # -- stage 5: pooled K/V -------------------------------------------------------------------------
     def kv_source(self, plan, call, query, key, value, attn_mask):
-        if call.block_index >= self.config.pooled_kv_blocks or self._density is None or not per_key(attn_mask):
+        if call.block_index >= self.config.pooled_kv_blocks:
+            return key, value, None, attn_mask
+        if self.config.bottom_attention == "mean_v":
+            return self._mean_value(plan, key, value, attn_mask)
+        if self._density is None or not per_key(attn_mask):
             return key, value, None, attn_mask
         part = call.image_slice(key.shape[2])
         image_keys = part.stop - part.start
@@ -251,6 +261,21 @@ class FlexDiT(Technique):
         bias = torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1)
         attn_mask = resize_key_mask(attn_mask, key.shape[2], part, count)
         return _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v), bias, attn_mask
+
+    @staticmethod
+    def _mean_value(plan: CallPlan, key, value, attn_mask):
+        """Uniform attention: one zero key whose value is the mean of the values, weighted as a per-key
+        mask weighs uniform logits (softmax of its bias: the mean of the keys it allows). A mask that
+        differs per query keeps every key, all of them zero."""
+        plan.record_overhead("flexdit mean of values", float(value.numel()), key.shape[2])
+        if not per_key(attn_mask):
+            return torch.zeros_like(key), value, None, attn_mask
+        if attn_mask is None:
+            mean = value.mean(2, keepdim=True)
+        else:
+            weights = mask_bias(attn_mask, value.dtype).reshape(*attn_mask.shape[:-2], 1, -1).softmax(-1)
+            mean = weights @ value
+        return key.new_zeros(*key.shape[:2], 1, key.shape[-1]), mean, None, None
 
     def call_stats(self, plan: CallPlan) -> dict:
         """The step's density; with sparse-dense blocks, per block the tokens the pooled ones ran on and

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import numpy as np
@@ -84,6 +84,26 @@ def _call(pipe, defaults: dict, prompt: str, negative: str, steps: int, guidance
     return call
 
 
+def _step_progress(pipe, progress) -> tuple[Callable[[str], None], dict[str, Any]]:
+    """compare()'s status callback and, where the pipeline takes one, a step callback: the bar shows
+    the run compare() is on and its step."""
+    status = {"run": ""}
+
+    def say(message: str) -> None:
+        status["run"] = message
+        progress(0, desc=message)
+
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        return say, {}
+
+    def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+        total = getattr(pipeline, "num_timesteps", 0) or step + 1
+        progress((step + 1) / total, desc=f"{status['run']}: step {step + 1}/{total}")
+        return tensors
+
+    return say, {"callback_on_step_end": on_step}
+
+
 def _save(output: torch.Tensor, folder: Path, name: str) -> str:
     """The first sample as a PNG (image) or an animated GIF (video); returns the path."""
     sample = output[0]
@@ -110,7 +130,8 @@ def _table(runs: list[PlanRun]) -> str:
 
 def skipped(report: dict | None) -> list[dict[str, Any]]:
     """Per step what the plan computed: FLOPs ratio, image tokens (RAS), attention density per block
-    (SVG2, proxy), pooled K/V blocks, token density and pooled tokens per block (FlexDiT)."""
+    (SVG2, proxy), pooled K/V blocks, token density and pooled tokens per block (FlexDiT), the heads
+    and MLP channel groups kept and the MLP tokens computed (DyDiT)."""
     if report is None:
         return []
     rows = []
@@ -119,7 +140,8 @@ def skipped(report: dict | None) -> list[dict[str, Any]]:
         row = {"step": step["step"], "flops_ratio": round(step["flops_ratio"], 4)}
         # token lists and cluster maps are drawn, not listed
         for key in ("image_tokens", "total_image_tokens", "attention_density", "attention_density_by_block",
-                    "pooled_kv_blocks", "flexdit_density", "flexdit_tokens_by_block"):
+                    "pooled_kv_blocks", "flexdit_density", "flexdit_tokens_by_block", "dydit_heads",
+                    "dydit_groups", "dydit_mlp_tokens"):
             if key in call:
                 value = call[key]
                 row[key] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
@@ -142,7 +164,8 @@ def _over(image: np.ndarray, colours: np.ndarray) -> Image.Image:
 
 def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Image, str]]:
     """What the plan skipped, drawn: RAS's recomputed regions, SVG2's query clusters (first sample,
-    first frame), attention density (SVG2, proxy) and token density (FlexDiT) per call and block."""
+    first frame), attention density (SVG2, proxy), token density (FlexDiT) and the width and MLP
+    tokens kept (DyDiT) per call and block."""
     if report is None:
         return []
     calls = [call for step in report["steps"] for call in step["calls"]]
@@ -164,7 +187,9 @@ def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Im
         drawn.append((_over(image, palette[labels + 1]),
                       f"SVG2: query clusters of one head in block {clusters[-1]['block']}, last step"))
     for key, what in (("attention_density_by_block", "attention density"),
-                      ("flexdit_density_by_block", "FlexDiT token density")):
+                      ("flexdit_density_by_block", "FlexDiT token density"),
+                      ("dydit_width_by_block", "DyDiT width (heads and channel groups kept)"),
+                      ("dydit_mlp_tokens_by_block", "DyDiT MLP tokens computed")):
         density = [call[key] for call in calls if key in call]
         if density:
             blocks = max(len(by_block) for by_block in density)
@@ -234,8 +259,9 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                     call = _call(pipe, defaults, prompt_text, negative_text, steps_n, float(guidance_value),
                                  height_n, width_n, frames_n)
                     key = (model_spec, repr(sorted(call.items(), key=lambda kv: kv[0])), seed_n)
-                    runs = compare(pipe, [plan], seed=seed_n, baseline=store.baselines.get(key),
-                                   progress=lambda message: progress(0, desc=message), **call)
+                    say, step_callback = _step_progress(pipe, progress)
+                    runs = compare(pipe, [plan], seed=seed_n, baseline=store.baselines.get(key), progress=say,
+                                   **call, **step_callback)
                     store.baselines[key] = runs[0]
                     store.baselines.move_to_end(key)
                     while len(store.baselines) > BASELINES_KEPT:
