@@ -10,6 +10,7 @@ into groups (rotary tables at the groups' mean positions), and how the model out
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -402,8 +403,14 @@ class ModelAdapter:
 
 
 def _spans_heads(norm: nn.Module | None, inner_dim: int) -> bool:
-    weight = getattr(norm, "weight", None)
-    return weight is not None and weight.numel() == inner_dim
+    """Whether `norm` normalises all heads together (its shape is heads * head_dim, not head_dim)."""
+    if norm is None:
+        return False
+    shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)  # torch's norms, diffusers' RMSNorm
+    if shape is None:
+        weight = getattr(norm, "weight", None)
+        return weight is not None and weight.numel() == inner_dim
+    return math.prod(shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)) == inner_dim
 
 
 def head_slices(attention: nn.Module, columns: tuple[tuple[nn.Linear, int], ...] | None = None) -> HeadSlices:
