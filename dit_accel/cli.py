@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--buckets", type=_at_least(1, int), default=4,
                      help="equal parts of the steps, each scored on its own (default: %(default)s)")
     cal.add_argument("--output", type=Path, required=True, help="the safetensors file to write")
+    commands.add_parser("bench", add_help=False,
+                        help="benchmark plans and peers against dense over batches of prompts: time, FLOPs, memory, "
+                        "quality; JSON, CSV, markdown and a speedup-PSNR plot (dit-accel bench --help)")
     commands.add_parser("ui", help="serve the Gradio page: baseline and accelerated side by side (dit-accel ui "
                         "--help)")
     commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
@@ -139,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from .ui import main as ui_main
 
         return ui_main(argv[1:])
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options too, and is imported only for it
+        from .benchmarks.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plans":
