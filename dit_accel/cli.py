@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .api import PlanRun, compare
 from .api import calibrate as dit_calibrate
 from .config import ConfigError
-from .loading import UsageError, default_model, load_model
+from .loading import UsageError, call_arguments, default_model, load_model
 from .methods.dydit import DyDiTConfig
 from .models import UnsupportedModelError
 from .plans import describe, parse_plan
@@ -163,22 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 def call_kwargs(pipe, defaults: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The model's defaults, overridden by the options given; an option the pipeline lacks is an error."""
     accepted = inspect.signature(pipe.__call__).parameters
-    kwargs = {k: v for k, v in defaults.items() if k not in ("generator", "output_type")}
+    for option, parameter in CALL_OPTIONS.items():
+        takes_class_name = option == "prompt" and hasattr(pipe, "get_label_ids")
+        if getattr(args, option) is not None and parameter not in accepted and not takes_class_name:
+            raise UsageError(f"--{option} does not apply to {type(pipe).__name__}")
+    kwargs = call_arguments(pipe, defaults, {p: getattr(args, o) for o, p in CALL_OPTIONS.items()})
     if "prompt" in accepted and "prompt" not in kwargs:
         kwargs["prompt"] = FALLBACK_PROMPT
-    for option, parameter in CALL_OPTIONS.items():
-        value = getattr(args, option)
-        if value is None:
-            continue
-        if option == "prompt" and "prompt" not in accepted and hasattr(pipe, "get_label_ids"):
-            try:
-                kwargs["class_labels"] = pipe.get_label_ids([value])
-            except ValueError as error:
-                raise UsageError(f"{type(pipe).__name__} takes a class name as --prompt: {error}") from error
-        elif parameter in accepted:
-            kwargs[parameter] = value
-        else:
-            raise UsageError(f"--{option} does not apply to {type(pipe).__name__}")
     kwargs.setdefault("num_inference_steps", accepted["num_inference_steps"].default)
     kwargs["output_type"] = "pt"
     return kwargs

@@ -3,7 +3,9 @@ local folder. Shared by the command line and the UI; a bad spec is refused befor
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,3 +69,22 @@ def check_model_spec(spec: str) -> None:
         validate_repo_id(spec)
     except HFValidationError as error:
         raise UsageError(f"model {spec!r}: no such local folder, and not a valid hub id ({error})") from None
+
+
+def call_arguments(pipe: Any, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The model's default call (without its generator and output type) overridden by `options`, keyed
+    by pipeline argument; None means not given, and an argument the pipeline lacks is left out. A DiT
+    pipeline's prompt is a class name, which becomes its class label."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    call = {k: v for k, v in defaults.items() if k not in ("generator", "output_type")}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "prompt" and "prompt" not in accepted and hasattr(pipe, "get_label_ids"):
+            try:
+                call["class_labels"] = pipe.get_label_ids([value])
+            except ValueError as error:
+                raise UsageError(f"{type(pipe).__name__} takes a class name as prompt: {error}") from None
+        elif name in accepted:
+            call[name] = value
+    return call

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..api import PlanRun, compare
 from ..config import ConfigError
-from ..loading import UsageError, load_model
+from ..loading import UsageError, call_arguments, load_model
 from ..models import UnsupportedModelError
 from ..plans import parse_technique
 from ..runtime.registry import check_composable
@@ -64,24 +64,6 @@ class _Models:
             pipe.set_progress_bar_config(disable=True)
             self._pipes[spec] = (pipe, defaults)
         return self._pipes[spec]
-
-
-def _call(pipe, defaults: dict, prompt: str, negative: str, steps: int, guidance: float, height: int, width: int,
-          frames: int) -> dict[str, Any]:
-    accepted = inspect.signature(pipe.__call__).parameters
-    call = {k: v for k, v in defaults.items() if k not in ("generator", "output_type")}
-    wanted = {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": height,
-              "width": width, "num_frames": frames}
-    if negative and "negative_prompt" in accepted:
-        wanted["negative_prompt"] = negative
-    if "prompt" not in accepted and hasattr(pipe, "get_label_ids"):  # DiT: the prompt is a class name
-        try:
-            call["class_labels"] = pipe.get_label_ids([prompt])
-        except ValueError as error:
-            raise UsageError(f"{type(pipe).__name__} takes a class name as prompt: {error}") from None
-        del wanted["prompt"]
-    call.update({k: v for k, v in wanted.items() if k in accepted})
-    return call
 
 
 def _step_progress(pipe, progress) -> tuple[Callable[[str], None], dict[str, Any]]:
@@ -256,8 +238,10 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                 with store.lock:
                     pipe, defaults = store.get(model_spec)
                     steps_n, height_n, width_n, frames_n, seed_n = numbers
-                    call = _call(pipe, defaults, prompt_text, negative_text, steps_n, float(guidance_value),
-                                 height_n, width_n, frames_n)
+                    call = call_arguments(pipe, defaults, {
+                        "prompt": prompt_text, "negative_prompt": negative_text or None, "num_inference_steps": steps_n,
+                        "guidance_scale": float(guidance_value), "height": height_n, "width": width_n,
+                        "num_frames": frames_n})
                     key = (model_spec, repr(sorted(call.items(), key=lambda kv: kv[0])), seed_n)
                     say, step_callback = _step_progress(pipe, progress)
                     runs = compare(pipe, [plan], seed=seed_n, baseline=store.baselines.get(key), progress=say,
