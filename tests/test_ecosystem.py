@@ -201,3 +201,21 @@ def test_width_and_token_density_under_offload_compile_half_precision_and_lora()
             _out(later, "flux")
     with pytest.raises(dit_accel.ConfigError, match="fuse it"):
         dit_accel.apply(later, dit_accel.DyDiTConfig())
+
+
+def test_measure_only_handle_counts_what_cache_dit_skipped():
+    """cache-dit swaps the transformer's forward for its own; the runtime binds a call's arguments by
+    the class's forward, so the measure-only ledger still reads every call and counts what DBCache left out."""
+    cache_dit = pytest.importorskip("cache_dit", reason="cache-dit is the [bench] extra")
+    pipe = tiny_pipeline("sd3")
+    dense = _out(pipe, "sd3")
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1, residual_diff_threshold=0.5))
+    try:
+        with dit_accel.measure(pipe) as handle:
+            out = _out(pipe, "sd3")
+            report = handle.report()
+    finally:
+        cache_dit.disable_cache(pipe)
+    assert report["num_calls"] == 4 and report["flops_ratio"] < 1.0
+    assert torch.isfinite(out).all() and not torch.equal(out, dense)

@@ -240,9 +240,12 @@ class ModelAdapter:
 
     # -- one call ----------------------------------------------------------------------------
     def _signature(self, module: nn.Module) -> inspect.Signature:
+        """The class's own `forward` signature, without `self`: an instance `forward` that another
+        library swapped in (cache-dit, hook chains) may not say what the call's arguments are."""
         key = id(module)
         if key not in self._signatures:
-            self._signatures[key] = inspect.signature(module.forward)
+            signature = inspect.signature(type(module).forward)
+            self._signatures[key] = signature.replace(parameters=list(signature.parameters.values())[1:])
         return self._signatures[key]
 
     def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
