@@ -11,9 +11,19 @@ same work ledger for all of them; one more row, "dense (no hooks)", runs with no
 shows what the handle itself costs. Peers (`--peers`) are what a plan has to beat: dense with fewer
 steps at the fastest plan's time, diffusers' own step caches and cache-dit's DBCache.
 
-Writes `results.json` (machine, settings, every row), `results.csv`, `results.md` (the table, the
-machine in its first line) and `pareto_psnr.png` (speedup against PSNR vs dense, the Pareto front
-marked) to `--out`. Speedups compare like with like only within one run on one machine.
+Writes `results.json` (machine, settings, processes, every row), `results.csv`, `results.md` (the
+table, the machine in its first line) and `pareto_psnr.png` (speedup against PSNR vs dense, the Pareto
+front marked) to `--out`. Speedups compare like with like only within one run on one machine.
+
+Under `accelerate launch` the batches are split across the processes by rank, batch i on rank
+i % processes and still on seed + i, and the main process merges every process's sums into the same
+rows and writes the outputs; the others write nothing:
+
+    accelerate launch --num_processes 2 -m dit_accel.benchmarks.bench --model ...               # GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m dit_accel.benchmarks.bench --device cpu ...  # CPUs
+
+(on a machine without GPUs `--multi_gpu` is what starts several processes, torchrun's launcher; accelerate's
+`--cpu` starts one.)
 """
 
 from __future__ import annotations
@@ -204,6 +214,61 @@ def batch_calls(pipe: Any, call: dict[str, Any], prompts: Prompts, size: int) ->
     return batches
 
 
+# -- processes -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """The processes running the benchmark: one in a plain run; under `accelerate launch`, the launched
+    ones (torch.distributed through accelerate: gloo on CPUs). Batch i runs on rank i % world."""
+
+    rank: int = 0
+    world: int = 1
+    #: the device accelerate gives this process (cuda:<local rank> under a multi-GPU launch)
+    device: str | None = None
+
+    @classmethod
+    def current(cls, device: str = "cpu") -> Processes:
+        """This process among the launched ones. For a CPU `device` accelerate is told so (else a process
+        launched by torchrun on a machine without a GPU counts as a plain one): gloo between the processes."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=torch.device(device).type == "cpu")
+        return cls(state.process_index, state.num_processes, str(state.device))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, count: int) -> list[int]:
+        """The indices of this process's batches out of `count` (none when there are more processes)."""
+        return list(range(self.rank, count, self.world))
+
+    def device_for(self, device: str) -> str:
+        """`--device` for this process: a bare "cuda" becomes the launched process's own GPU."""
+        ours = torch.device(self.device or "cpu")
+        asked = torch.device(device)
+        return str(ours) if self.world > 1 and asked.type == ours.type != "cpu" and asked.index is None else device
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every process (every process must call it, at the same point)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value`, by rank, on every process."""
+        if self.world == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+
+ONE_PROCESS = Processes()
+
+
 # -- rows ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -281,10 +346,8 @@ def peer_rows(names: list[str], steps: int, video: bool) -> tuple[list[Row], lis
             if importlib.util.find_spec("cache_dit") is None:
                 notes.append("cache-dit is not installed, so there is no DBCache row (pip install cache-dit)")
             else:
-                rows.append(Row(f"cache-dit DBCache F1B0 {PEER_THRESHOLD}", "peer", ledger=False,
+                rows.append(Row(f"cache-dit DBCache F1B0 {PEER_THRESHOLD}", "peer",
                                 enable=_dbcache(PEER_THRESHOLD, warmup)))
-                notes.append("cache-dit's DBCache runs without a handle (cache-dit replaces the transformer's "
-                             "forward, which the measure-only handle cannot read): no FLOPs or transformer time")
         else:
             config_name, label, fields = caches[name]
             config_class = getattr(hooks, config_name, None)
@@ -383,8 +446,9 @@ class PeakMemory:
 
 
 def run_row(pipe: Any, row: Row, call: dict[str, Any], seed: int, memory: PeakMemory) -> PlanRun:
-    """One generation of `row`: plans under `apply` (inside `timed_run`), dense under the measure-only
-    handle, "no hooks" and cache-dit under none; the handle is set up and removed outside the timed call."""
+    """One generation of `row`: plans under `apply` (inside `timed_run`), dense and cache-dit (switched on
+    first) under the measure-only handle, "no hooks" under none; the handle is set up and removed outside
+    the timed call."""
     if row.steps is not None and "num_inference_steps" in call:
         call = {**call, "num_inference_steps": row.steps}
     off = row.enable(pipe) if row.enable is not None else None
@@ -401,16 +465,25 @@ def run_row(pipe: Any, row: Row, call: dict[str, Any], seed: int, memory: PeakMe
             off()
 
 
-def calibrate_rows(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, say) -> None:
-    """MagCache's per-step ratios from a run on the first batch (`dit_accel.calibrate`)."""
-    for row in rows:
-        if row.error is None and any(getattr(c, "calibrate", False) is True for c in row.configs):
-            say(f"calibrating {row.label} on the first batch")
-            try:
-                row.configs = [dit_accel.calibrate(pipe, c, **call, generator=torch.Generator().manual_seed(seed))
-                               if getattr(c, "calibrate", False) is True else c for c in row.configs]
-            except Exception as error:  # a row that cannot run is reported, not fatal
-                row.fail(error)
+def calibrate_rows(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, say,
+                   processes: Processes = ONE_PROCESS, run: bool = True) -> None:
+    """MagCache's per-step ratios from a run on the first batch (`dit_accel.calibrate`). Under several
+    processes every one with batches to run calibrates on the first batch (the run is also the row's
+    warm-up) and then all take rank 0's ratios (or its error), broadcast: every process runs the same
+    configs by construction, even on a device whose kernels are not bit for bit deterministic."""
+    calibrating = [row for row in rows
+                   if row.error is None and any(getattr(c, "calibrate", False) is True for c in row.configs)]
+    for row in calibrating if run else []:
+        say(f"calibrating {row.label} on the first batch")
+        try:
+            row.configs = [dit_accel.calibrate(pipe, c, **call, generator=torch.Generator().manual_seed(seed))
+                           if getattr(c, "calibrate", False) is True else c for c in row.configs]
+        except Exception as error:  # a row that cannot run is reported, not fatal
+            row.fail(error)
+    if processes.world > 1 and calibrating:
+        settled = processes.broadcast([(row.configs, row.error) for row in calibrating])
+        for row, (configs, error) in zip(calibrating, settled):
+            row.configs, row.error = configs, error
 
 
 def warm_up(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, memory: PeakMemory, say) -> None:
@@ -476,17 +549,22 @@ def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: lis
 
 
 def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | None]], seed: int,
-                memory: PeakMemory, judged: Judging | None, say) -> None:
-    """Every batch: dense, then each row in turn, on the batch's seed (`seed` + its index)."""
+                memory: PeakMemory, judged: Judging | None, say, processes: Processes = ONE_PROCESS) -> None:
+    """This process's batches (all of them, or under several processes batch i on rank i % world): dense,
+    then each row in turn, on the batch's seed (`seed` + its index). The fewer-steps peers' step count is
+    decided once, when first reached, by rank 0 (which runs batch 0 first, as one process does) and
+    broadcast; a process that never reaches them (no batch, or the row failed here) still takes part."""
     dense_row = rows[0]
-    for index, (call, scenes) in enumerate(batches):
+    decided = False
+    for index in processes.share(len(batches)):
+        call, scenes = batches[index]
         dense = None
         for row in rows:
             if row.error is not None:
                 continue
-            if row.matches_fastest and row.steps is None:
-                row.steps, why = fewer_steps(call["num_inference_steps"], _fastest(rows, dense_row))
-                row.label = f"dense, {row.steps} steps ({why})"
+            if row.matches_fastest and not decided:
+                _decide_steps(rows, dense_row, call["num_inference_steps"], processes)
+                decided = True
             try:
                 run = run_row(pipe, row, call, seed + index, memory)
             except Exception as error:
@@ -500,12 +578,58 @@ def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | Non
             record(row, run, dense, memory.bytes, scenes, judged)
             say(f"[batch {index + 1}/{len(batches)}] {row.label}: {run.seconds:.2f} s"
                 + ("" if run is dense else f", {dense.seconds / run.seconds:.2f}x"))
+    if processes.world > 1 and not decided and any(row.matches_fastest for row in rows):
+        _decide_steps(rows, dense_row, batches[0][0]["num_inference_steps"], processes)
+
+
+def _decide_steps(rows: list[Row], dense: Row, steps: int, processes: Processes) -> None:
+    """The step count of the fewer-steps peers still running, from the fastest plan so far (rank 0's)."""
+    count, why = processes.broadcast(fewer_steps(steps, _fastest(rows, dense)))
+    for row in rows:
+        if row.matches_fastest and row.error is None and row.steps is None:
+            row.steps, row.label = count, f"dense, {count} steps ({why})"
 
 
 def _fastest(rows: list[Row], dense: Row) -> float | None:
     """The best speedup of a plan so far (the first batch, when the fewer-steps peer asks)."""
     speedups = [dense.seconds / row.seconds for row in rows if row.kind == "plan" and row.error is None and row.seconds]
     return max(speedups, default=None)
+
+
+#: what a process measured of a row, summed over its batches (`partials`, `merge_rows`)
+PARTIAL_FIELDS = ("error", "samples", "seconds", "transformer_seconds", "flops", "dense_flops", "peak_bytes",
+                  "psnr_frames", "ssim_sum", "accuracy_sum", "features")
+
+
+def partials(rows: list[Row], indices: list[int]) -> dict[str, Any]:
+    """This process's sums of every row and the batches they are over (`indices`), to gather."""
+    return {"batches": indices,
+            "rows": [{**{key: getattr(row, key) for key in PARTIAL_FIELDS},
+                      "features": [f.detach().cpu() for f in row.features]} for row in rows]}
+
+
+def merge_rows(rows: list[Row], parts: list[dict[str, Any]]) -> None:
+    """Every process's `partials` (by rank) into `rows`: the totals one process running every batch would
+    have. Times, samples, FLOPs and score sums add up (the ledger's are None where a process's are: a row
+    without a handle); the peak memory is the largest; the PSNR frames are all of them (their mean does not
+    depend on their order); the judge features go back in batch order; a row that failed in any process
+    failed (the lowest rank's error). Labels, steps and configs are the same in every process already."""
+    for position, row in enumerate(rows):
+        ours = [part["rows"][position] for part in parts]
+        row.error = next((p["error"] for p in ours if p["error"] is not None), None)
+        row.samples = sum(p["samples"] for p in ours)
+        row.seconds = sum(p["seconds"] for p in ours)
+        for key in ("transformer_seconds", "flops", "dense_flops"):
+            values = [p[key] for p in ours]
+            setattr(row, key, None if any(v is None for v in values) else sum(values))
+        peaks = [p["peak_bytes"] for p in ours if p["peak_bytes"] is not None]
+        row.peak_bytes = max(peaks) if peaks else None
+        row.psnr_frames = [value for p in ours for value in p["psnr_frames"]]
+        row.ssim_sum = sum(p["ssim_sum"] for p in ours)
+        row.accuracy_sum = sum(p["accuracy_sum"] for p in ours)
+        by_batch = sorted(((index, features) for part, p in zip(parts, ours)
+                           for index, features in zip(part["batches"], p["features"])), key=lambda pair: pair[0])
+        row.features = [features for _, features in by_batch]
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -530,12 +654,13 @@ def ssim_frames(output: torch.Tensor, reference: torch.Tensor) -> float:
 def mean_db(values: list[float]) -> float | None:
     """The mean of per-frame PSNRs, each capped at `PSNR_CAP_DB` first: a frame equal up to float rounding
     (150 dB and more) or bit for bit (inf) would otherwise outweigh every other frame of the row. inf
-    when every frame is identical, None when there is none."""
+    when every frame is identical, None when there is none. The sum is exact (`math.fsum`), so the frames'
+    order (processes merged by rank) does not change the mean."""
     if not values:
         return None
     if all(value == math.inf for value in values):
         return math.inf
-    return sum(min(value, PSNR_CAP_DB) for value in values) / len(values)
+    return math.fsum(min(value, PSNR_CAP_DB) for value in values) / len(values)  # exact: any order, one mean
 
 
 def caption_accuracy(judge: Any, output: torch.Tensor, scenes: list, video: bool) -> float:
@@ -706,12 +831,17 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def notes(rows: list[Row], memory: PeakMemory, judged: Judging | None, peer_notes: list[str]) -> list[str]:
+def notes(rows: list[Row], memory: PeakMemory, judged: Judging | None, peer_notes: list[str],
+          processes: int = 1) -> list[str]:
     """The footer: what each column means where it is not obvious, what is missing and why."""
     said = [f"peak memory: {memory.kind}",
             "FLOPs ratio: the work ledger's FLOPs over dense's (rows without a handle have none)",
             "speedup: total dense wall clock over the row's; dense runs under the measure-only handle, "
             "'dense (no hooks)' under none, so its speedup is the handle's own cost"]
+    if processes > 1:
+        said.append(f"{processes} processes (accelerate launch), batch i on rank i % {processes}: wall clock and "
+                    "transformer time are the processes' own wall clocks summed over their batches (they ran side "
+                    "by side, sharing the machine), peak memory the largest of any process")
     said += peer_notes
     if judged is not None:
         kind = "frames" if judged.video else "images"
@@ -738,11 +868,17 @@ def write_results(results: dict[str, Any], out: Path) -> list[str]:
 
 # -- the benchmark ---------------------------------------------------------------------------------
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, build the rows, calibrate, warm up, run every batch in turn, then write the results."""
+def bench(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Load, build the rows, calibrate, warm up, run every batch in turn, then write the results. Under
+    `accelerate launch` each process runs its share of the batches, and only the main process merges
+    and writes (and returns the results; the others return None)."""
+    processes = Processes.current(args.device)  # before the threads: accelerate may set them
     if args.threads:
         torch.set_num_threads(args.threads)
     say = _status(args)
+    if processes.world > 1:
+        args.device = processes.device_for(args.device)
+        say = (lambda message, say=say: say(f"[rank {processes.rank}/{processes.world}] {message}"))
     suite = _suite_of(args)
     if suite is not None:  # the suite's standard setting, under what the options say
         args.batch = args.batch or SUITE_SETTING["batch"]
@@ -763,9 +899,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     judged = judging(prompts, video)
 
     first = batches[0][0]
-    calibrate_rows(pipe, rows, first, args.seed, say)
-    warm_up(pipe, rows, first, args.seed, memory, say)
-    run_batches(pipe, rows, batches, args.seed, memory, judged, say)
+    ours = processes.share(len(batches))  # a process with no batch only takes part in what is shared
+    calibrate_rows(pipe, rows, first, args.seed, say, processes, run=bool(ours))
+    if ours:
+        warm_up(pipe, rows, first, args.seed, memory, say)
+    run_batches(pipe, rows, batches, args.seed, memory, judged, say, processes)
+    if processes.world > 1:
+        parts = processes.gather(partials(rows, ours))
+        if not processes.main:
+            return None
+        merge_rows(rows, parts)
 
     summary = summarize(rows, steps, judged)
     results = {
@@ -775,8 +918,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "call": {**{k: v for k, v in call.items() if isinstance(v, (str, int, float, bool)) and k != "output_type"},
                  "batch": batch, "batches": len(batches), "warmup_steps": WARMUP_STEPS},
         "prompts": {"source": prompts.source, "count": len(prompts.texts), "texts": prompts.texts},
-        "memory": memory.kind, "real_images": judged.real if judged else None,
-        "rows": summary, "notes": notes(rows, memory, judged, peer_notes),
+        "memory": memory.kind, "real_images": judged.real if judged else None, "processes": processes.world,
+        "rows": summary, "notes": notes(rows, memory, judged, peer_notes, processes.world),
     }
     written = write_results(results, args.out)
     print(markdown(results), end="")

@@ -9,6 +9,9 @@ import csv
 import importlib.util
 import json
 import math
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,12 +67,12 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert f"| {RAS} |" in table and "| dense (no hooks) |" in table and table in capsys.readouterr().out
     if faster["status"] == "failed":
         assert f"FasterCache failed: {faster['error']}" in table
-    # cache-dit's DBCache when it is installed (timed without a handle: no ledger), else a note saying so
+    # cache-dit's DBCache when it is installed (measured like every row), else a note saying so
     dbcache = [row for label, row in rows.items() if "DBCache" in label]
     if importlib.util.find_spec("cache_dit") is None:
         assert not dbcache and "cache-dit is not installed" in table
     else:
-        assert dbcache[0]["status"] == "ok" and dbcache[0]["flops_ratio"] is None and dbcache[0]["seconds"] > 0
+        assert dbcache[0]["status"] == "ok" and dbcache[0]["flops_ratio"] <= 1.0 and dbcache[0]["seconds"] > 0
         assert dbcache[0]["identical_to_dense"] or dbcache[0]["psnr_db"] > 10
     with open(out / "results.csv", newline="") as handle:
         assert [line["label"] for line in csv.DictReader(handle)] == list(rows)
@@ -159,3 +162,109 @@ def test_fewer_steps_match_the_fastest_plan():
     assert bench.fewer_steps(20, 1.5)[0] == 13 and bench.fewer_steps(20, 100.0)[0] == 1
     assert bench.fewer_steps(20, 1.01) == (10, "half the steps: no plan was faster")
     assert bench.fewer_steps(20, None)[0] == 10 and bench.fewer_steps(2, 1.2)[0] == 1
+
+
+# -- several processes (accelerate launch) ---------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _bench_command(out, *options, processes=1):
+    """The benchmark as its own process, or under `accelerate launch` with `processes` CPU processes. On a
+    machine without a GPU only `--multi_gpu` starts several (torchrun; `--cpu` would start one), and
+    the benchmark's `--device cpu` makes them talk over gloo."""
+    bench_args = ["--model", "tiny:sd3", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out), *options]
+    if processes == 1:
+        return [sys.executable, "-m", "dit_accel.benchmarks.bench", *bench_args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "dit_accel.benchmarks.bench", *bench_args]
+
+
+def _finish(process: subprocess.Popen, what: str) -> None:
+    try:
+        output, _ = process.communicate(timeout=300)  # a process waiting on a peer forever fails, not hangs CI
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"{what} did not finish in 300 s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{what} failed:\n{output[-4000:]}"
+
+
+def test_two_processes_under_accelerate_launch_give_the_one_process_table(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed: no `accelerate launch`")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\na green triangle\na yellow star\n")
+    # 4 batches of 1: rank 0 runs batches 1 and 3, rank 1 batches 2 and 4; MagCache is calibrated on batch 1
+    compared = ["--steps", "4", "--plan", RAS, "--peers", "magcache", "--prompts", str(prompts), "--batch", "1"]
+    # one batch for two processes: rank 1 runs nothing and still takes part in the calibration's and the
+    # fewer-steps peer's broadcasts and in the gather (at 2 steps the peer runs 1 step whatever the timings)
+    idle = ["--steps", "2", "--plan", RAS, "--peers", "steps", "magcache", "--prompts", str(prompts), "--count", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {"one": (_bench_command(tmp_path / "one", *compared), tmp_path / "one"),
+            "two": (_bench_command(tmp_path / "two", *compared, processes=2), tmp_path / "two"),
+            "idle": (_bench_command(tmp_path / "idle", *idle, processes=2), tmp_path / "idle")}
+    # side by side: the timings are not compared, and this keeps the test short
+    started = {name: subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for name, (command, _) in runs.items()}
+    for name, process in started.items():
+        _finish(process, " ".join(runs[name][0]))
+    one, two, idle = (json.loads((out / "results.json").read_text()) for _, out in runs.values())
+
+    assert one["processes"] == 1 and two["processes"] == 2 and idle["processes"] == 2
+    assert [row["label"] for row in two["rows"]] == [row["label"] for row in one["rows"]] == \
+        ["dense", "dense (no hooks)", RAS, "MagCache 0.06 (calibrated)"]
+    for ours, theirs in zip(two["rows"], one["rows"]):
+        assert ours["status"] == theirs["status"] == "ok" and ours["samples"] == theirs["samples"] == 4
+        assert ours["steps"] == theirs["steps"] and ours["flops_ratio"] == theirs["flops_ratio"]
+        assert ours["flops"] == theirs["flops"] and ours["identical_to_dense"] == theirs["identical_to_dense"]
+        for key in ("psnr_db", "ssim"):
+            assert (ours[key] is None) == (theirs[key] is None)
+            if ours[key] is not None:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-6)
+    assert 0 < two["rows"][2]["flops_ratio"] < 1 and 0 < two["rows"][3]["flops_ratio"] < 1
+    note = "2 processes (accelerate launch)"
+    assert any(note in line for line in two["notes"]) and not any(note in line for line in one["notes"])
+    assert note in (tmp_path / "two" / "results.md").read_text()
+
+    rows = {row["label"]: row for row in idle["rows"]}
+    assert idle["call"]["batches"] == 1 and all(row["status"] == "ok" and row["samples"] == 1 for row in rows.values())
+    fewer = [row for label, row in rows.items() if label.startswith("dense, 1 steps (")]  # why: from the timings
+    assert len(fewer) == 1 and fewer[0]["steps"] == 1 and fewer[0]["kind"] == "peer"
+
+
+def test_partial_sums_of_processes_merge_into_one_process_row():
+    def row(**measured):
+        return bench.Row("r", "plan", **measured)
+
+    features = [torch.full((1, 2), float(i)) for i in range(3)]
+    single = row(samples=3, seconds=3.0, transformer_seconds=1.5, flops=30.0, dense_flops=60.0, peak_bytes=7,
+                 psnr_frames=[30.0, 40.0, 50.0], ssim_sum=2.7, accuracy_sum=2.0, features=features)
+    # batch 0 and 2 ran on rank 0, batch 1 on rank 1; rank 2 had none
+    parts = [bench.partials([row(samples=2, seconds=2.0, transformer_seconds=1.0, flops=20.0, dense_flops=40.0,
+                                 peak_bytes=5, psnr_frames=[30.0, 50.0], ssim_sum=1.8, accuracy_sum=1.0,
+                                 features=[features[0], features[2]])], [0, 2]),
+             bench.partials([row(samples=1, seconds=1.0, transformer_seconds=0.5, flops=10.0, dense_flops=20.0,
+                                 peak_bytes=7, psnr_frames=[40.0], ssim_sum=0.9, accuracy_sum=1.0,
+                                 features=[features[1]])], [1]),
+             bench.partials([row()], [])]
+    merged = [row()]
+    bench.merge_rows(merged, parts)
+    (got,) = merged
+    for key in ("samples", "seconds", "transformer_seconds", "flops", "dense_flops", "ssim_sum", "accuracy_sum"):
+        assert getattr(got, key) == pytest.approx(getattr(single, key)), key
+    assert got.peak_bytes == 7 and got.error is None and sorted(got.psnr_frames) == single.psnr_frames
+    assert bench.mean_db(got.psnr_frames) == bench.mean_db(single.psnr_frames)
+    assert torch.equal(torch.cat(got.features), torch.cat(single.features))  # back in batch order
+    # a row without a handle has no ledger in any process that ran it; one that failed anywhere failed
+    bare = [bench.partials([row(transformer_seconds=None, flops=None, dense_flops=None, samples=1)], [0]),
+            bench.partials([row(error="RuntimeError: boom")], [])]
+    merged = [row()]
+    bench.merge_rows(merged, bare)
+    assert merged[0].flops is None and merged[0].transformer_seconds is None and merged[0].peak_bytes is None
+    assert merged[0].error == "RuntimeError: boom"
+    assert bench.Processes(1, 3).share(7) == [1, 4] and bench.Processes(2, 3).share(2) == []
+    assert bench.Processes().broadcast("x") == "x" and bench.Processes().gather("x") == ["x"]
