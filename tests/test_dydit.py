@@ -181,7 +181,7 @@ def _call(family: str) -> dict:
     return tiny_call_kwargs(family)
 
 
-@pytest.mark.parametrize("family", ["sd3", "wan"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_composes_with_ras_sparse_attention_and_a_step_cache(family):
     pipe = tiny_pipeline(family)
     before = model_state(pipe.transformer)
