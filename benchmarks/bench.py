@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {SUITE_COUNT['image']} image, {SUITE_COUNT['video']} video)")
     parser.add_argument("--batch", type=_positive, help=f"prompts per call (default: {SUITE_SETTING['batch']} with "
                         f"a suite, else {DEFAULT_BATCH})")
+    parser.add_argument("--repeats", type=_positive, default=1,
+                        help="rounds of dense and every row per batch; a row's time per batch is its median over "
+                        "the rounds (default: %(default)s)")
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder (default: %(default)s)")
     return parser
@@ -548,36 +552,63 @@ def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: lis
         row.features.append(judge_features(judged.judge, run.output))
 
 
+def _with_rank(say: Callable[[str], None], processes: Processes) -> Callable[[str], None]:
+    """Progress lines that say which process wrote them."""
+    def say_with_rank(message: str) -> None:
+        say(f"[rank {processes.rank}/{processes.world}] {message}")
+    return say_with_rank
+
+
+def _median_of_rounds(rounds: list[PlanRun]) -> PlanRun:
+    """The last round's run (outputs are the same in every round) with the rounds' median times."""
+    run = rounds[-1]
+    if len(rounds) == 1:
+        return run
+    run.seconds = statistics.median(r.seconds for r in rounds)
+    if run.report is not None:
+        run.report = {**run.report, "transformer_seconds": statistics.median(
+            r.report["transformer_seconds"] for r in rounds)}
+    return run
+
+
 def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | None]], seed: int,
-                memory: PeakMemory, judged: Judging | None, say, processes: Processes = ONE_PROCESS) -> None:
+                memory: PeakMemory, judged: Judging | None, say, processes: Processes = ONE_PROCESS,
+                repeats: int = 1) -> None:
     """This process's batches (all of them, or under several processes batch i on rank i % world): dense,
-    then each row in turn, on the batch's seed (`seed` + its index). The fewer-steps peers' step count is
-    decided once, when first reached, by rank 0 (which runs batch 0 first, as one process does) and
-    broadcast; a process that never reaches them (no batch, or the row failed here) still takes part."""
+    then each row in turn, `repeats` rounds, on the batch's seed (`seed` + its index); each row keeps the
+    median time of its rounds. The fewer-steps peers' step count is decided once, when first reached, by
+    rank 0 (which runs batch 0 first, as one process does) and broadcast; a process that never reaches
+    them (no batch, or the row failed here) still takes part."""
     dense_row = rows[0]
     decided = False
     for index in processes.share(len(batches)):
         call, scenes = batches[index]
-        dense = None
-        for row in rows:
-            if row.error is not None:
-                continue
-            if row.matches_fastest and not decided:
-                _decide_steps(rows, dense_row, call["num_inference_steps"], processes)
-                decided = True
-            try:
-                run = run_row(pipe, row, call, seed + index, memory)
-            except Exception as error:
-                if row is dense_row:
-                    raise
-                row.fail(error)
-                say(f"[batch {index + 1}/{len(batches)}] {row.label}: failed ({row.error})")
-                continue
-            if dense is None:
-                dense = run
-            record(row, run, dense, memory.bytes, scenes, judged)
-            say(f"[batch {index + 1}/{len(batches)}] {row.label}: {run.seconds:.2f} s"
-                + ("" if run is dense else f", {dense.seconds / run.seconds:.2f}x"))
+        #: row position -> (run, its peak memory) of every round
+        rounds: dict[int, list[tuple[PlanRun, int | None]]] = {}
+        for _ in range(repeats):
+            for position, row in enumerate(rows):
+                if row.error is not None:
+                    continue
+                if row.matches_fastest and not decided:
+                    _decide_steps(rows, dense_row, call["num_inference_steps"], processes)
+                    decided = True
+                try:
+                    run = run_row(pipe, row, call, seed + index, memory)
+                except Exception as error:
+                    if row is dense_row:
+                        raise
+                    row.fail(error)
+                    say(f"[batch {index + 1}/{len(batches)}] {row.label}: failed ({row.error})")
+                    continue
+                rounds.setdefault(position, []).append((run, memory.bytes))
+                dense_seconds = rounds[0][-1][0].seconds
+                say(f"[batch {index + 1}/{len(batches)}] {row.label}: {run.seconds:.2f} s"
+                    + ("" if row is dense_row else f", {dense_seconds / run.seconds:.2f}x"))
+        medians = {position: _median_of_rounds([run for run, _ in runs]) for position, runs in rounds.items()}
+        for position, row in enumerate(rows):
+            if row.error is None and position in rounds:
+                peaks = [peak for _, peak in rounds[position] if peak is not None]
+                record(row, medians[position], medians[0], max(peaks) if peaks else None, scenes, judged)
     if processes.world > 1 and not decided and any(row.matches_fastest for row in rows):
         _decide_steps(rows, dense_row, batches[0][0]["num_inference_steps"], processes)
 
@@ -878,7 +909,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     say = _status(args)
     if processes.world > 1:
         args.device = processes.device_for(args.device)
-        say = (lambda message, say=say: say(f"[rank {processes.rank}/{processes.world}] {message}"))
+        say = _with_rank(say, processes)
     suite = _suite_of(args)
     if suite is not None:  # the suite's standard setting, under what the options say
         args.batch = args.batch or SUITE_SETTING["batch"]
@@ -903,7 +934,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     calibrate_rows(pipe, rows, first, args.seed, say, processes, run=bool(ours))
     if ours:
         warm_up(pipe, rows, first, args.seed, memory, say)
-    run_batches(pipe, rows, batches, args.seed, memory, judged, say, processes)
+    run_batches(pipe, rows, batches, args.seed, memory, judged, say, processes, args.repeats)
     if processes.world > 1:
         parts = processes.gather(partials(rows, ours))
         if not processes.main:
@@ -919,6 +950,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
                  "batch": batch, "batches": len(batches), "warmup_steps": WARMUP_STEPS},
         "prompts": {"source": prompts.source, "count": len(prompts.texts), "texts": prompts.texts},
         "memory": memory.kind, "real_images": judged.real if judged else None, "processes": processes.world,
+        "repeats": args.repeats,
         "rows": summary, "notes": notes(rows, memory, judged, peer_notes, processes.world),
     }
     written = write_results(results, args.out)

@@ -268,3 +268,18 @@ def test_partial_sums_of_processes_merge_into_one_process_row():
     assert merged[0].error == "RuntimeError: boom"
     assert bench.Processes(1, 3).share(7) == [1, 4] and bench.Processes(2, 3).share(2) == []
     assert bench.Processes().broadcast("x") == "x" and bench.Processes().gather("x") == ["x"]
+
+
+def test_repeated_rounds_keep_each_row_once_with_its_median_time(tmp_path):
+    """--repeats runs dense and every row that many times per batch; the table counts each sample once
+    and takes the median time of the rounds."""
+    from dit_accel.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "tiny:sd3", "--steps", "2", "--count", "1", "--batch", "1", "--repeats", "3",
+                 "--plan", "ras:sample_ratio=0.5", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["repeats"] == 3
+    rows = {row["label"]: row for row in results["rows"]}
+    assert rows["dense"]["samples"] == rows["ras:sample_ratio=0.5"]["samples"] == 1
+    assert rows["ras:sample_ratio=0.5"]["flops_ratio"] < 1.0 and rows["ras:sample_ratio=0.5"]["psnr_db"] > 10
