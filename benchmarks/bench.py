@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -48,7 +47,7 @@ import torch
 
 import dit_accel
 from dit_accel.api import PlanRun
-from dit_accel.benchmarks.common import markdown_table, timed
+from dit_accel.benchmarks.common import cpu_name, markdown_table, timed
 from dit_accel.cli import (DEFAULT_PLANS, _call_options, _load, _model_options, _plain_fields, _plan_spec,
                            _status, call_kwargs)
 from dit_accel.config import ConfigError
@@ -754,12 +753,7 @@ def summarize(rows: list[Row], steps: int, judged: Judging | None) -> list[dict[
 
 def machine(device: Any) -> dict[str, Any]:
     """The machine the numbers belong to: the GPU (when used), the CPU's model name, cores, OS."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
     name = gpu or f"{cpu}, {os.cpu_count()} cores"
     return {"name": name, "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),

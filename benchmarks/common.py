@@ -1,10 +1,36 @@
-"""What the benchmarks share: runs repeated in turn, their medians, and markdown tables."""
+"""What the benchmarks share: their start (threads, quiet diffusers, the machine named), runs repeated
+in turn, their medians, and markdown tables."""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
 import statistics
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
 
 from dit_accel.api import PlanRun, timed_run
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else (platform.processor() or platform.machine())
+
+
+def start(threads: int) -> str:
+    """Torch on `threads` threads, diffusers without progress bars or notices; returns the line that
+    names the machine, which every benchmark prints first."""
+    torch.set_num_threads(threads)
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    return f"machine: {cpu_name()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}, fp32"
 
 
 def timed(pipe, call: dict, configs: list, seed: int) -> PlanRun:

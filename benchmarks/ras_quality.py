@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
+from dit_accel.benchmarks.common import start
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics.quality import psnr, ssim
 from dit_accel.metrics import procedural
@@ -122,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    diffusers_logging.disable_progress_bar()
-    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32\n")
+    print(start(args.threads) + "\n")
     results = {}
     for kind in args.kind or ["image", "video"]:
         results[kind] = bench(kind, args.count, args.seed, args.ratios, args.thresholds)

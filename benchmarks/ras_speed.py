@@ -11,13 +11,13 @@ dense step. Random weights: the PSNR column only says the loop is sane, not that
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, WanTransformer3DModel
 
 import dit_accel
+from dit_accel.benchmarks.common import start
 
 MEDIUM = {
     # 4096 image tokens (latent 128x128, patch 2), 4 layers of hidden 384: the official RAS CPU comparison
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, fp32\n")
+    print(start(args.threads) + "\n")
     for family in args.family or ["sd3", "wan"]:
         spec = MEDIUM[family]
         model, latents, inputs = build(family, spec)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.hooks import MagCacheConfig
-from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
 from dit_accel.attention import block_sparse, kmeans, proxy
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, timed
+from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
 from dit_accel.methods.svg2 import _keep
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
@@ -284,11 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", choices=["kernels", "flex", "medium", "reference"], action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32, "
-          f"medians of {args.repeats}\n", flush=True)
+    print(f"{start(args.threads)}, medians of {args.repeats}\n", flush=True)
     results: dict[str, object] = {}
     if "kernels" not in args.skip:
         results["kernels"] = rows = kernels(args.repeats)

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 from typing import Callable
 
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, timed
+from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import channels_first, psnr, ssim
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
@@ -101,11 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", choices=["quality", "overhead"], action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32, "
-          f"{args.repeats} repetitions in turn, medians\n")
+    print(f"{start(args.threads)}, {args.repeats} repetitions in turn, medians\n")
     results: dict[str, list[dict]] = {}
     if "quality" not in args.skip:
         for kind, count in (("image", args.images), ("video", args.videos)):

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.hooks import MagCacheConfig
-from diffusers.utils import logging as diffusers_logging
 
 import dit_accel
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, timed
+from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
 from dit_accel.methods.dydit import save_calibration
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
@@ -97,9 +95,9 @@ def reference_image(captions: int, seed: int, folder: Path) -> list[dict]:
     seconds = {label: 0.0 for label in ["dense", *members]}
     outputs: dict[str, list[torch.Tensor]] = {label: [] for label in seconds}
     flops = {}
-    for start in range(0, captions, BATCH):
-        batch = {**call, "prompt": [s.caption for s in scenes[start:start + BATCH]]}
-        for label, rounds in in_turn(pipe, batch, members, 1, seed + start).items():
+    for offset in range(0, captions, BATCH):
+        batch = {**call, "prompt": [s.caption for s in scenes[offset:offset + BATCH]]}
+        for label, rounds in in_turn(pipe, batch, members, 1, seed + offset).items():
             seconds[label] += rounds[0].seconds
             outputs[label].append(rounds[0].output)
             flops[label] = rounds[0].flops_ratio
@@ -150,10 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", choices=["reference", "medium"], action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    print(f"machine: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, fp32\n", flush=True)
+    print(start(args.threads) + "\n", flush=True)
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as folder:
         if "reference" not in args.skip:

@@ -208,13 +208,7 @@ def calibrate(args: argparse.Namespace) -> Path:
     pipe, defaults, model, _ = _load(args, status)
     kwargs = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
     if prompts is not None:
-        if "prompt" in inspect.signature(pipe.__call__).parameters:
-            kwargs["prompt"] = prompts
-        else:
-            try:
-                kwargs["class_labels"] = pipe.get_label_ids(prompts)
-            except ValueError as error:
-                raise UsageError(f"{type(pipe).__name__} takes class names as --prompt: {error}") from error
+        kwargs.update(call_arguments(pipe, {}, {"prompt": prompts}))
     kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
     status(f"calibrating DyDiT on {len(prompts) if prompts else 1} prompt(s), {kwargs['num_inference_steps']} steps")
     dit_calibrate(pipe, DyDiTConfig(buckets=args.buckets), path=str(args.output), **kwargs)

@@ -74,7 +74,7 @@ def check_model_spec(spec: str) -> None:
 def call_arguments(pipe: Any, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The model's default call (without its generator and output type) overridden by `options`, keyed
     by pipeline argument; None means not given, and an argument the pipeline lacks is left out. A DiT
-    pipeline's prompt is a class name, which becomes its class label."""
+    pipeline's prompt is a class name (or a list of them), which becomes its class labels."""
     accepted = inspect.signature(pipe.__call__).parameters
     call = {k: v for k, v in defaults.items() if k not in ("generator", "output_type")}
     for name, value in options.items():
@@ -82,7 +82,7 @@ def call_arguments(pipe: Any, defaults: dict[str, Any], options: dict[str, Any])
             continue
         if name == "prompt" and "prompt" not in accepted and hasattr(pipe, "get_label_ids"):
             try:
-                call["class_labels"] = pipe.get_label_ids([value])
+                call["class_labels"] = pipe.get_label_ids(value if isinstance(value, list) else [value])
             except ValueError as error:
                 raise UsageError(f"{type(pipe).__name__} takes a class name as prompt: {error}") from None
         elif name in accepted:

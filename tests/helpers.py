@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,19 @@ def run(pipe, family: str, **overrides) -> torch.Tensor:
     out = pipe(**tiny_call_kwargs(family, **overrides))
     images = out.frames if hasattr(out, "frames") else out.images
     return torch.as_tensor(images).float()
+
+
+@contextlib.contextmanager
+def served(app):
+    """A Gradio app (`dit_accel.ui.build_app`) served on a free 127.0.0.1 port until the block ends."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield app
+    finally:
+        app.close()
 
 
 def model_state(module: torch.nn.Module) -> dict:

@@ -4,7 +4,6 @@ and what a server bound beyond localhost refuses."""
 from __future__ import annotations
 
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -12,6 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 import pytest
 from gradio_client import Client
+from helpers import served
 from PIL import Image
 
 import dit_accel
@@ -22,18 +22,10 @@ from dit_accel.ui.forms import config_from, technique_forms
 MODEL = "tiny:sd3"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    app = build_app([MODEL, "tiny:dit"], limits=Limits(max_steps=8, max_side=256, max_frames=9))
-    app.launch(server_name="127.0.0.1", server_port=_port(), prevent_thread_lock=True, quiet=True)
-    yield Client(app.local_url, verbose=False)
-    app.close()
+    with served(build_app([MODEL, "tiny:dit"], limits=Limits(max_steps=8, max_side=256, max_frames=9))) as app:
+        yield Client(app.local_url, verbose=False)
 
 
 def _inputs(seed: int = 0, steps: int = 3, ras: bool = True, **overrides):
@@ -123,11 +115,7 @@ def test_bad_input_gets_a_message_not_a_stack_trace(server, overrides, message):
 def test_a_server_beyond_localhost_serves_only_its_named_models():
     with pytest.raises(dit_accel.loading.UsageError, match="--models"):
         build_app(host="0.0.0.0")
-    app = build_app([MODEL], host="0.0.0.0")
-    app.launch(server_name="127.0.0.1", server_port=_port(), prevent_thread_lock=True, quiet=True)
-    try:
+    with served(build_app([MODEL], host="0.0.0.0")) as app:
         client = Client(app.local_url, verbose=False)
         with pytest.raises(Exception, match="tiny:dit is not in the list of choices"):  # Gradio's own check
             client.predict(*_inputs(model="tiny:dit"), api_name="/run")
-    finally:
-        app.close()

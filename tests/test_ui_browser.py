@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np
 import pytest
+from helpers import served
 from PIL import Image
 
 from dit_accel.ui import Limits, build_app
@@ -34,12 +34,6 @@ def _chromium() -> str:
     return path
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e "
@@ -56,10 +50,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def url():
-    app = build_app([MODEL, "tiny:dit"], limits=Limits(max_steps=8, max_side=256))
-    app.launch(server_name="127.0.0.1", server_port=_port(), prevent_thread_lock=True, quiet=True)
-    yield app.local_url
-    app.close()
+    with served(build_app([MODEL, "tiny:dit"], limits=Limits(max_steps=8, max_side=256))) as app:
+        yield app.local_url
 
 
 def _result(page, label: str):

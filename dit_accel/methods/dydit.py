@@ -317,14 +317,15 @@ class DyDiT(Technique):
                                                                                  len(part.units)))
                        for part in self._parts} for bucket in range(config.buckets)]
         self._linear_parts = self._index_linears()
+        blocks = self.adapter.blocks()
+        names = {module: (index, name) for index, block in enumerate(blocks) for name, module in block.named_modules()}
         #: (parent, attribute) of every sliced linear, to notice a layer swapped in after apply (LoRA)
         self._places = []
-        for block in self.adapter.blocks():
-            for name, module in block.named_modules():
-                if module in self._linear_parts:
-                    parent, _, attribute = name.rpartition(".")
-                    self._places.append((block.get_submodule(parent), attribute, module))
-        self._widths = [self._ledger_widths(bucket) for bucket in range(config.buckets)]
+        for linear in self._linear_parts:
+            index, name = names[linear]
+            parent, _, attribute = name.rpartition(".")
+            self._places.append((blocks[index].get_submodule(parent), attribute, linear))
+        self._widths = [self._ledger_widths(bucket, names) for bucket in range(config.buckets)]
         self._bucket = 0
         #: the running bucket's sliced (weight, bias) per linear, and feature indices per (part, device)
         self._sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -376,10 +377,10 @@ class DyDiT(Technique):
                                   f"inputs of {parts[0][0].key}'s output projection")
         return linears
 
-    def _ledger_widths(self, bucket: int) -> dict[tuple[int, str], UnitWidth]:
-        """What the ledger records for each narrowed unit in `bucket`: sliced features and kept heads."""
-        names = {module: (index, name) for index, block in enumerate(self.adapter.blocks())
-                 for name, module in block.named_modules()}
+    def _ledger_widths(self, bucket: int, names: dict[nn.Module, tuple[int, str]]
+                       ) -> dict[tuple[int, str], UnitWidth]:
+        """What the ledger records for each narrowed unit in `bucket`: sliced features and kept heads
+        (`names`: every module of the blocks -> (block index, qualified name in its block))."""
         kept = self._kept[bucket]
 
         def width(part: _Part) -> int:
@@ -473,7 +474,9 @@ class DyDiT(Technique):
         batch, tokens = hidden.shape[:2]
         key = (plan.ctx.slot, block)
         cached = self._mlp_cache.get(key)
-        if cached is None or cached[0].shape != hidden.shape:
+        if cached is not None and cached[0].shape != hidden.shape:  # another token count: start again
+            cached = None
+        if cached is None:
             index = torch.arange(tokens, device=hidden.device)
         else:
             change = (hidden - cached[0]).float().pow(2).sum(-1)
@@ -483,11 +486,12 @@ class DyDiT(Technique):
         width = plan.widths.get((block, unit), UnitWidth())
         plan.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
         self._mlp_fractions[block] = fraction
-        computed = forward(gather_tokens(hidden, index))
-        if cached is None or cached[0].shape != hidden.shape:
+        inputs = gather_tokens(hidden, index)
+        computed = forward(inputs)
+        if cached is None:
             output = scatter_tokens(computed.new_empty(*hidden.shape[:2], computed.shape[-1]), index, computed)
         else:
-            hidden = scatter_tokens(cached[0], index, gather_tokens(hidden, index))
+            hidden = scatter_tokens(cached[0], index, inputs)
             output = scatter_tokens(cached[1], index, computed)
         if self.config.token_ratio < 1.0:
             self._mlp_cache[key] = (hidden, output)
@@ -505,9 +509,9 @@ class DyDiT(Technique):
         weight = linear.weight.detach().float()
         for part, offset in parts:
             gram = flat.new_zeros(len(part.units), len(part.units))
+            columns = [offset + features.to(x.device) for features in part.units]
             for chunk in flat.split(_SCORE_CHUNK):
-                contributions = torch.stack([chunk[:, offset + features.to(x.device)] @
-                                             weight[:, offset + features.to(x.device)].T for features in part.units])
+                contributions = torch.stack([chunk[:, unit] @ weight[:, unit].T for unit in columns])
                 gram += torch.einsum("hto,gto->hg", contributions, contributions)
             self.scores.add(part.key, bucket, gram / flat.shape[0])
 

@@ -59,12 +59,8 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         if first_frame is not None:  # token_replace blocks (image-to-video)
             if index.ndim != 1:
                 raise ValueError("HunyuanVideo token subsets must be shared by the batch")
-            is_first = index < first_frame
-            kept = int(is_first.sum())
-            if not bool(is_first[:kept].all()):
-                raise ValueError("HunyuanVideo token_replace blocks need the kept first-frame tokens first in "
-                                 "the gathered subset (use a sorted index)")
-            bound["num_tokens"] = kept
+            bound["num_tokens"] = _first_frame_count(index, first_frame, "the kept first-frame tokens first in "
+                                                     "the gathered subset (use a sorted index)")
         return bound
 
     def gather_rotary(self, rotary, index, text_tokens):
@@ -83,10 +79,16 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         if first_frame is not None:  # token_replace blocks: a group is first-frame when its first token is
             members = torch.arange(groups.shape[-1], device=groups.device)
             first = members.new_full((count,), groups.shape[-1]).scatter_reduce_(0, groups, members, "amin")
-            is_first = first < first_frame
-            kept = int(is_first.sum())
-            if not bool(is_first[:kept].all()):
-                raise ValueError("HunyuanVideo token_replace blocks need the first-frame groups first (number the "
-                                 "groups by their first token)")
-            bound["num_tokens"] = kept
+            bound["num_tokens"] = _first_frame_count(first, first_frame, "the first-frame groups first (number "
+                                                     "the groups by their first token)")
         return bound
+
+
+def _first_frame_count(positions: torch.Tensor, first_frame: int, order: str) -> int:
+    """How many of the tokens at `positions` (grid positions, in sequence order) lie in the first
+    frame, which token_replace blocks take as a leading run of that length."""
+    is_first = positions < first_frame
+    kept = int(is_first.sum())
+    if not bool(is_first[:kept].all()):
+        raise ValueError(f"HunyuanVideo token_replace blocks need {order}")
+    return kept

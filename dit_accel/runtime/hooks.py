@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from diffusers.hooks import HookRegistry, ModelHook
+import torch
 from diffusers.hooks.hooks import HookFunctionReference
 from torch import nn
 
@@ -176,3 +177,27 @@ def invalidate_registry_caches(root: nn.Module) -> None:
         for module in root.modules():
             if hasattr(module, "_diffusers_hook"):
                 module._diffusers_hook._child_registries_cache = None
+
+
+class BlockBoundaries(Protocol):
+    """What a `BlockHook` hands a block's entry and exit to (stage 2's token set, stage 3's pooling)."""
+
+    def enter_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
+
+    def leave_block(self, index: int, block: nn.Module, output: Any) -> Any: ...
+
+
+class BlockHook(ModelHook):
+    """On block `index`: its inputs go through `owner.enter_block`, its output through `owner.leave_block`."""
+
+    def __init__(self, owner: BlockBoundaries, index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        return self.owner.enter_block(self.index, module, args, kwargs)
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        return self.owner.leave_block(self.index, module, output)

@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..models.base import gather_tokens, scatter_tokens
+from .hooks import BlockHook
 
 if TYPE_CHECKING:
     from .plan import CallPlan
@@ -39,20 +40,6 @@ def image_part(output: Any, layout: str, text_tokens: int) -> tuple[torch.Tensor
         cut = output.shape[1] - text_tokens
         return output[:, :cut], lambda image: torch.cat([image, output[:, cut:]], 1)
     return output, lambda image: image
-
-
-class _BlockHook(ModelHook):
-    def __init__(self, token_set: "TokenSet", index: int):
-        super().__init__()
-        self.token_set, self.index = token_set, index
-
-    @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        return self.token_set.enter_block(self.index, module, args, kwargs)
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        return self.token_set.leave_block(self.index, module, output)
 
 
 class _GatherOutputHook(ModelHook):
@@ -93,7 +80,7 @@ class TokenSet:
 
     def attach(self) -> None:
         for i, block in enumerate(self.adapter.blocks()):
-            self.session.hooks.add(block, _BlockHook(self, i), f"token_set.{i}", innermost=True)
+            self.session.hooks.add(block, BlockHook(self, i), f"token_set.{i}", innermost=True)
         for attention, layout in self.cached_attentions.items():
             self.session.hooks.add(attention, _GatherOutputHook(self, layout), "token_set.gather_output")
 

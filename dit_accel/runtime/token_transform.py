@@ -16,27 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.hooks import ModelHook
 
 from ..models.base import gather_tokens
+from .hooks import BlockHook
 
 if TYPE_CHECKING:
     from .session import Session
     from .technique import Technique
-
-
-class _PoolHook(ModelHook):
-    def __init__(self, transform: TokenTransform, index: int):
-        super().__init__()
-        self.transform, self.index = transform, index
-
-    @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        return self.transform.enter_block(self.index, module, args, kwargs)
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        return self.transform.leave_block(module, output)
 
 
 class TokenTransform:
@@ -51,7 +37,7 @@ class TokenTransform:
     def attach(self) -> None:
         # on every block: the ledger's token count goes back to dense at the entry of each other block
         for i, block in enumerate(self.adapter.blocks()):
-            self.session.hooks.add(block, _PoolHook(self, i), f"token_transform.{i}", innermost=True)
+            self.session.hooks.add(block, BlockHook(self, i), f"token_transform.{i}", innermost=True)
 
     def reset_call(self) -> None:
         self._entry = None
@@ -77,7 +63,7 @@ class TokenTransform:
         plan.record_overhead(f"{self.technique.config.name} token pooling", float(dense.numel()), dense.shape[1])
         return adapter.unbind(block, bound)
 
-    def leave_block(self, block, output):
+    def leave_block(self, index: int, block, output):
         plan, entry = self.session.plan, self._entry
         if plan is None or entry is None:
             return output
