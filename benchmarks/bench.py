@@ -54,7 +54,7 @@ from dit_accel.config import ConfigError
 from dit_accel.loading import UsageError, default_model
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
-from dit_accel.metrics.quality import channels_first, psnr, ssim
+from dit_accel.metrics.quality import PerceptualDistance, channels_first, psnr, ssim
 from dit_accel.models import UnsupportedModelError
 from dit_accel.plans import parse_plan
 from dit_accel.runtime.registry import registration
@@ -73,6 +73,12 @@ WARMUP_STEPS = 2
 #: threshold of the FirstBlockCache and DBCache peers (the stacking benchmark's image setting)
 PEER_THRESHOLD = 0.12
 PEERS = ("steps", "fbcache", "taylorseer", "magcache", "pab", "fastercache", "dbcache")
+#: each peer's one knob, swept by `--peers NAME=V,V,...` (name, type); FasterCache has none
+PEER_KNOBS = {"steps": ("step count", int), "fbcache": ("threshold", float),
+              "taylorseer": ("cache interval", int), "magcache": ("threshold", float),
+              "pab": ("spatial block skip range", int), "dbcache": ("residual diff threshold", float)}
+#: each knob's default (the stacking benchmark's settings; the fewer-steps peer matches the fastest plan)
+PEER_DEFAULTS = {"fbcache": PEER_THRESHOLD, "taylorseer": 2, "magcache": 0.06, "pab": 2, "dbcache": PEER_THRESHOLD}
 MIB = 2**20
 #: per-frame PSNRs are capped here before they are averaged (float32 rounding alone gives ~150 dB)
 PSNR_CAP_DB = 100.0
@@ -91,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", "--accel", dest="plans", action="append", type=_plan_spec, metavar="SPEC|FILE",
                         help="an acceleration plan, repeatable, exactly as in `dit-accel generate` "
                         f"(default: {' and '.join(DEFAULT_PLANS)})")
-    parser.add_argument("--peers", nargs="*", choices=PEERS, metavar="PEER",
+    parser.add_argument("--peers", nargs="*", type=_peer, metavar="PEER[=V,...]",
                         help="add peer rows; alone: all of them, else the ones named: steps (dense with fewer "
                         "steps, at the fastest plan's time), fbcache, taylorseer, magcache (calibrated on the "
-                        "first batch), pab, fastercache (diffusers' caches), dbcache (cache-dit's, when installed)")
+                        "first batch), pab, fastercache (diffusers' caches), dbcache (cache-dit's, when installed); "
+                        "NAME=V,V,... makes one row per value of the peer's knob: "
+                        + "; ".join(f"{name}: {knob[0]}" for name, knob in PEER_KNOBS.items()))
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
                         help="prompts, one a line (blank and #-lines skipped), or a JSON list of strings")
@@ -112,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder (default: %(default)s)")
     return parser
+
+
+def _peer(text: str) -> tuple[str, tuple | None]:
+    """`NAME` or `NAME=V,V,...`: a peer and the values of its knob (None: its default)."""
+    name, given, values = text.partition("=")
+    if name not in PEERS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(PEERS)})")
+    if not given:
+        return name, None
+    if name not in PEER_KNOBS:
+        raise argparse.ArgumentTypeError(f"{name} has no setting to sweep")
+    knob, kind = PEER_KNOBS[name]
+    try:
+        swept = tuple(kind(value) for value in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: {knob} values must be {kind.__name__}s, got {values!r}") from None
+    if not swept or any(value <= 0 for value in swept):
+        raise argparse.ArgumentTypeError(f"{name}: {knob} values must be > 0, got {values!r}")
+    return name, swept
 
 
 def _positive(text: str) -> int:
@@ -301,6 +328,7 @@ class Row:
     psnr_frames: list[float] = dataclasses.field(default_factory=list)
     #: SSIM and caption accuracy summed over the frames / samples they were taken on
     ssim_sum: float = 0.0
+    perceptual_sum: float = 0.0
     accuracy_sum: float = 0.0
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
@@ -321,44 +349,55 @@ def plan_rows(pipe: Any, specs: list[str], steps: int) -> list[Row]:
     return rows
 
 
-def peer_rows(names: list[str], steps: int, video: bool) -> tuple[list[Row], list[str]]:
-    """The peers asked for that this environment has, and a note for each it lacks. Their settings
-    follow this project's stacking benchmark: the caches start after RAS's dense warm-up steps."""
+def peer_rows(peers: list[tuple[str, tuple | None]], steps: int, video: bool) -> tuple[list[Row], list[str]]:
+    """The peers asked for that this environment has, one row per value of its knob (its default when none
+    is given), and a note for each it lacks. Their settings follow this project's stacking benchmark: the
+    caches start after RAS's dense warm-up steps."""
     import diffusers.hooks as hooks
 
     warmup = dit_accel.RASConfig.for_steps(steps).warmup_steps
     caches = {
-        "fbcache": ("FirstBlockCacheConfig", f"FirstBlockCache {PEER_THRESHOLD}", dict(threshold=PEER_THRESHOLD)),
-        "taylorseer": ("TaylorSeerCacheConfig", "TaylorSeer (every 2nd step)",
-                       dict(cache_interval=2, disable_cache_before_step=warmup, max_order=1,
-                            taylor_factors_dtype=torch.float32)),
-        "magcache": ("MagCacheConfig", "MagCache 0.06 (calibrated)",
-                     dict(threshold=0.06, max_skip_steps=2, calibrate=True, num_inference_steps=steps)),
-        "pab": ("PyramidAttentionBroadcastConfig", "PyramidAttentionBroadcast (every 2nd step)",
-                dict(spatial_attention_block_skip_range=2)),
-        "fastercache": ("FasterCacheConfig", "FasterCache", dict(tensor_format="BFCHW" if video else "BCHW")),
+        "fbcache": ("FirstBlockCacheConfig", lambda v: (f"FirstBlockCache {v:g}", dict(threshold=v))),
+        "taylorseer": ("TaylorSeerCacheConfig", lambda v: (
+            f"TaylorSeer ({_every(v)})",
+            dict(cache_interval=v, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=torch.float32))),
+        "magcache": ("MagCacheConfig", lambda v: (
+            f"MagCache {v:g} (calibrated)",
+            dict(threshold=v, max_skip_steps=2, calibrate=True, num_inference_steps=steps))),
+        "pab": ("PyramidAttentionBroadcastConfig", lambda v: (
+            f"PyramidAttentionBroadcast ({_every(v)})", dict(spatial_attention_block_skip_range=v))),
+        "fastercache": ("FasterCacheConfig", lambda v: (
+            "FasterCache", dict(tensor_format="BFCHW" if video else "BCHW"))),
     }
     rows, notes = [], []
-    for name in names:
+    for name, values in peers:
         if name == "steps":
-            if steps > 1:
+            if steps <= 1:
+                notes.append("no fewer-steps peer: the call has 1 step")
+            elif values is None:
                 rows.append(Row("dense, fewer steps", "peer", matches_fastest=True))
             else:
-                notes.append("no fewer-steps peer: the call has 1 step")
+                rows += [Row(f"dense, {count} steps", "peer", steps=count) for count in values]
         elif name == "dbcache":
             if importlib.util.find_spec("cache_dit") is None:
                 notes.append("cache-dit is not installed, so there is no DBCache row (pip install cache-dit)")
             else:
-                rows.append(Row(f"cache-dit DBCache F1B0 {PEER_THRESHOLD}", "peer",
-                                enable=_dbcache(PEER_THRESHOLD, warmup)))
+                rows += [Row(f"cache-dit DBCache F1B0 {value:g}", "peer", enable=_dbcache(value, warmup))
+                         for value in values or (PEER_DEFAULTS[name],)]
         else:
-            config_name, label, fields = caches[name]
+            config_name, setting = caches[name]
             config_class = getattr(hooks, config_name, None)
             if config_class is None:
                 notes.append(f"this diffusers has no {config_name}: no {name} row")
-            else:
+                continue
+            for value in values or (PEER_DEFAULTS.get(name),):
+                label, fields = setting(value)
                 rows.append(Row(label, "peer", [config_class(**fields)]))
     return rows, notes
+
+
+def _every(count: int) -> str:
+    return "every step" if count == 1 else f"every {({2: '2nd', 3: '3rd'}).get(count, f'{count}th')} step"
 
 
 def _dbcache(threshold: float, warmup: int) -> Callable[[Any], Callable[[], None]]:
@@ -388,7 +427,8 @@ def build_rows(args: argparse.Namespace, pipe: Any, steps: int, video: bool) -> 
     """dense (measured), dense (no hooks), the plans, then the peers: the order every batch runs in."""
     rows = [Row("dense", "dense"), Row("dense (no hooks)", "no hooks", ledger=False)]
     rows += plan_rows(pipe, list(args.plans or DEFAULT_PLANS), steps)
-    peers, notes = peer_rows(list(PEERS) if args.peers == [] else list(dict.fromkeys(args.peers or [])), steps, video)
+    asked = [(name, None) for name in PEERS] if args.peers == [] else list(dict.fromkeys(args.peers or []))
+    peers, notes = peer_rows(asked, steps, video)
     return rows + peers, notes
 
 
@@ -532,7 +572,7 @@ def judging(prompts: Prompts, video: bool) -> Judging | None:
 
 
 def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: list | None,
-           judged: Judging | None) -> None:
+           judged: Judging | None, perceptual: PerceptualDistance) -> None:
     """Add one batch's run to its row: time, ledger, memory, quality vs this batch's dense run, judge."""
     samples = run.output.shape[0]
     row.samples += samples
@@ -546,6 +586,7 @@ def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: lis
         values = psnr_frames(run.output, dense.output)
         row.psnr_frames += values
         row.ssim_sum += ssim_frames(run.output, dense.output) * len(values)
+        row.perceptual_sum += perceptual(frames(run.output), frames(dense.output)) * len(values)
     if judged is not None and scenes is not None:
         row.accuracy_sum += caption_accuracy(judged.judge, run.output, scenes, judged.video) * samples
         row.features.append(judge_features(judged.judge, run.output))
@@ -571,8 +612,8 @@ def _median_of_rounds(rounds: list[PlanRun]) -> PlanRun:
 
 
 def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | None]], seed: int,
-                memory: PeakMemory, judged: Judging | None, say, processes: Processes = ONE_PROCESS,
-                repeats: int = 1) -> None:
+                memory: PeakMemory, judged: Judging | None, perceptual: PerceptualDistance, say,
+                processes: Processes = ONE_PROCESS, repeats: int = 1) -> None:
     """This process's batches (all of them, or under several processes batch i on rank i % world): dense,
     then each row in turn, `repeats` rounds, on the batch's seed (`seed` + its index); each row keeps the
     median time of its rounds. The fewer-steps peers' step count is decided once, when first reached, by
@@ -607,7 +648,8 @@ def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | Non
         for position, row in enumerate(rows):
             if row.error is None and position in rounds:
                 peaks = [peak for _, peak in rounds[position] if peak is not None]
-                record(row, medians[position], medians[0], max(peaks) if peaks else None, scenes, judged)
+                record(row, medians[position], medians[0], max(peaks) if peaks else None, scenes, judged,
+                       perceptual)
     if processes.world > 1 and not decided and any(row.matches_fastest for row in rows):
         _decide_steps(rows, dense_row, batches[0][0]["num_inference_steps"], processes)
 
@@ -628,7 +670,7 @@ def _fastest(rows: list[Row], dense: Row) -> float | None:
 
 #: what a process measured of a row, summed over its batches (`partials`, `merge_rows`)
 PARTIAL_FIELDS = ("error", "samples", "seconds", "transformer_seconds", "flops", "dense_flops", "peak_bytes",
-                  "psnr_frames", "ssim_sum", "accuracy_sum", "features")
+                  "psnr_frames", "ssim_sum", "perceptual_sum", "accuracy_sum", "features")
 
 
 def partials(rows: list[Row], indices: list[int]) -> dict[str, Any]:
@@ -656,6 +698,7 @@ def merge_rows(rows: list[Row], parts: list[dict[str, Any]]) -> None:
         row.peak_bytes = max(peaks) if peaks else None
         row.psnr_frames = [value for p in ours for value in p["psnr_frames"]]
         row.ssim_sum = sum(p["ssim_sum"] for p in ours)
+        row.perceptual_sum = sum(p["perceptual_sum"] for p in ours)
         row.accuracy_sum = sum(p["accuracy_sum"] for p in ours)
         by_batch = sorted(((index, features) for part, p in zip(parts, ours)
                            for index, features in zip(part["batches"], p["features"])), key=lambda pair: pair[0])
@@ -741,6 +784,8 @@ def summarize(rows: list[Row], steps: int, judged: Judging | None) -> list[dict[
                 "psnr_db": db if db is not None and math.isfinite(db) else None,
                 "identical_to_dense": row is dense or db == math.inf,
                 "ssim": 1.0 if row is dense else row.ssim_sum / len(row.psnr_frames) if row.psnr_frames else None,
+                "perceptual": 0.0 if row is dense else row.perceptual_sum / len(row.psnr_frames)
+                if row.psnr_frames else None,
                 "caption_accuracy": row.accuracy_sum / row.samples if row.features else None,
                 "reference_fid": reference_fid(torch.cat(row.features), judged.real_features)
                 if row.features and judged is not None else None,
@@ -778,7 +823,8 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                       "transformer": _text(row["transformer_seconds_per_sample"], ".3f"),
                       "speedup": f"{row['speedup']:.2f}x", "flops": _text(row["flops_ratio"], ".3f"),
                       "memory": _text(row["peak_memory_mib"], ".0f"), "psnr": psnr_text,
-                      "ssim": _text(row["ssim"], ".4f"), "accuracy": _text(row["caption_accuracy"], ".3f"),
+                      "ssim": _text(row["ssim"], ".4f"), "perceptual": _text(row["perceptual"], ".4f"),
+                      "accuracy": _text(row["caption_accuracy"], ".3f"),
                       "fid": _text(row["reference_fid"], ".1f")})
     return cells
 
@@ -789,7 +835,7 @@ def markdown(results: dict[str, Any]) -> str:
     columns = [("label", "row", ""), ("steps", "steps", ""), ("wall", "wall / sample (s)", ""),
                ("transformer", "transformer / sample (s)", ""), ("speedup", "speedup", ""),
                ("flops", "FLOPs ratio", ""), ("memory", "peak memory (MiB)", ""), ("psnr", "PSNR vs dense (dB)", ""),
-               ("ssim", "SSIM vs dense", "")]
+               ("ssim", "SSIM vs dense", ""), ("perceptual", "perceptual distance", "")]
     if results["judged"]:
         columns += [("accuracy", "caption acc.", ""), ("fid", "reference FID", "")]
     size = "x".join(str(call[k]) for k in ("num_frames", "height", "width") if call.get(k) is not None)
@@ -805,7 +851,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 CSV_COLUMNS = ("label", "kind", "status", "steps", "samples", "seconds_per_sample", "transformer_seconds_per_sample",
-               "speedup", "flops_ratio", "peak_memory_mib", "psnr_db", "identical_to_dense", "ssim",
+               "speedup", "flops_ratio", "peak_memory_mib", "psnr_db", "identical_to_dense", "ssim", "perceptual",
                "caption_accuracy", "reference_fid", "spec", "error")
 
 
@@ -856,13 +902,14 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def notes(rows: list[Row], memory: PeakMemory, judged: Judging | None, peer_notes: list[str],
-          processes: int = 1) -> list[str]:
+def notes(rows: list[Row], memory: PeakMemory, judged: Judging | None, perceptual: PerceptualDistance,
+          peer_notes: list[str], processes: int = 1) -> list[str]:
     """The footer: what each column means where it is not obvious, what is missing and why."""
     said = [f"peak memory: {memory.kind}",
             "FLOPs ratio: the work ledger's FLOPs over dense's (rows without a handle have none)",
             "speedup: total dense wall clock over the row's; dense runs under the measure-only handle, "
-            "'dense (no hooks)' under none, so its speedup is the handle's own cost"]
+            "'dense (no hooks)' under none, so its speedup is the handle's own cost",
+            f"perceptual distance vs dense, per image or frame: {perceptual.name}"]
     if processes > 1:
         said.append(f"{processes} processes (accelerate launch), batch i on rank i % {processes}: wall clock and "
                     "transformer time are the processes' own wall clocks summed over their batches (they ran side "
@@ -928,7 +975,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     calibrate_rows(pipe, rows, first, args.seed, say, processes, run=bool(ours))
     if ours:
         warm_up(pipe, rows, first, args.seed, memory, say)
-    run_batches(pipe, rows, batches, args.seed, memory, judged, say, processes, args.repeats)
+    perceptual = PerceptualDistance()
+    run_batches(pipe, rows, batches, args.seed, memory, judged, perceptual, say, processes, args.repeats)
     if processes.world > 1:
         parts = processes.gather(partials(rows, ours))
         if not processes.main:
@@ -945,7 +993,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
         "prompts": {"source": prompts.source, "count": len(prompts.texts), "texts": prompts.texts},
         "memory": memory.kind, "real_images": judged.real if judged else None, "processes": processes.world,
         "repeats": args.repeats,
-        "rows": summary, "notes": notes(rows, memory, judged, peer_notes, processes.world),
+        "perceptual": perceptual.name,
+        "rows": summary, "notes": notes(rows, memory, judged, perceptual, peer_notes, processes.world),
     }
     written = write_results(results, args.out)
     print(markdown(results), end="")

@@ -22,8 +22,26 @@ from dit_accel.cli import main
 from dit_accel.loading import UsageError
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
+from dit_accel.metrics.quality import PerceptualDistance
 
 RAS = "ras:sample_ratio=0.5"
+
+
+def test_peers_sweep_their_knob_one_row_per_value(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "tiny:sd3", "--steps", "4", "--plan", RAS, "--peers", "steps=2,3",
+                 "fbcache=0.05,0.5", "taylorseer=3", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 0
+    rows = {row["label"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert [label for label in rows][3:] == ["dense, 2 steps", "dense, 3 steps", "FirstBlockCache 0.05",
+                                             "FirstBlockCache 0.5", "TaylorSeer (every 3rd step)"]
+    assert rows["dense, 2 steps"]["steps"] == 2 and rows["dense, 3 steps"]["steps"] == 3
+    assert rows["dense, 2 steps"]["flops_ratio"] == pytest.approx(0.5)
+    assert rows["FirstBlockCache 0.05"]["configs"][0]["threshold"] == 0.05
+    # a larger threshold skips at least as much
+    assert rows["FirstBlockCache 0.5"]["flops_ratio"] <= rows["FirstBlockCache 0.05"]["flops_ratio"]
+    assert rows["TaylorSeer (every 3rd step)"]["configs"][0]["cache_interval"] == 3
 # FirstBlockCache skips nothing on the tiny SD3 at 2 steps or at small thresholds: 4 steps and 0.5 make it skip
 FBCACHE = "fbcache:threshold=0.5"
 
@@ -54,7 +72,7 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         row = rows[label]
         assert row["status"] == "ok" and row["seconds_per_sample"] > 0 and row["peak_memory_mib"] is not None
         assert row["speedup"] == pytest.approx(dense["seconds"] / row["seconds"])
-        assert 0 < row["ssim"] <= 1
+        assert 0 < row["ssim"] <= 1 and row["perceptual"] >= 0
     for label in (RAS, FBCACHE):
         assert 0 < rows[label]["flops_ratio"] < 1 and math.isfinite(rows[label]["psnr_db"]) and \
             rows[label]["psnr_db"] > 10
@@ -88,7 +106,9 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, capsys, monkeypatch
     for argv, message in ((["--plan", "ras:bogus=1"], "valid fields"),
                           (["--prompts", str(tmp_path / "missing.txt")], "no such file"),
                           (["--steps", "0"], "must be >= 1"), (["--batch", "0"], "must be >= 1"),
-                          (["--peers", "nope"], "invalid choice")):
+                          (["--peers", "nope"], "invalid choice"),
+                          (["--peers", "fastercache=2"], "no setting to sweep"),
+                          (["--peers", "fbcache=low"], "must be floats"), (["--peers", "steps=0"], "must be > 0")):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", "--model", "tiny:sd3", "--out", str(tmp_path), "--quiet", *argv])
         err = capsys.readouterr().err
@@ -146,6 +166,18 @@ def test_reference_fid_of_a_set_against_itself_is_zero():
     assert abs(bench.reference_fid(features, features)) < 1e-5 * between
     videos, _ = procedural.video_batch(2, 0, num_frames=5)
     assert bench.judge_features(judge, videos.transpose(1, 2)).shape == (10, judge.num_features)  # one per frame
+
+
+def test_perceptual_distance_is_zero_for_the_same_images_and_grows_with_noise():
+    metric = PerceptualDistance()
+    assert "LPIPS" in metric.name  # LPIPS itself, or the judge's stand-in said to be one
+    images, _ = procedural.image_batch(8, 0)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    distances = [metric(images, (images + level * noise).clamp(0, 1)) for level in (0.02, 0.1, 0.3)]
+    assert metric(images, images.clone()) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < distances[0] < distances[1] < distances[2]
+    others, _ = procedural.image_batch(8, 1)
+    assert metric(images, others) > distances[0]
 
 
 def test_pareto_front_of_handmade_points():
@@ -242,19 +274,21 @@ def test_partial_sums_of_processes_merge_into_one_process_row():
 
     features = [torch.full((1, 2), float(i)) for i in range(3)]
     single = row(samples=3, seconds=3.0, transformer_seconds=1.5, flops=30.0, dense_flops=60.0, peak_bytes=7,
-                 psnr_frames=[30.0, 40.0, 50.0], ssim_sum=2.7, accuracy_sum=2.0, features=features)
+                 psnr_frames=[30.0, 40.0, 50.0], ssim_sum=2.7, perceptual_sum=0.3, accuracy_sum=2.0,
+                 features=features)
     # batch 0 and 2 ran on rank 0, batch 1 on rank 1; rank 2 had none
     parts = [bench.partials([row(samples=2, seconds=2.0, transformer_seconds=1.0, flops=20.0, dense_flops=40.0,
-                                 peak_bytes=5, psnr_frames=[30.0, 50.0], ssim_sum=1.8, accuracy_sum=1.0,
+                                 peak_bytes=5, psnr_frames=[30.0, 50.0], ssim_sum=1.8, perceptual_sum=0.2, accuracy_sum=1.0,
                                  features=[features[0], features[2]])], [0, 2]),
              bench.partials([row(samples=1, seconds=1.0, transformer_seconds=0.5, flops=10.0, dense_flops=20.0,
-                                 peak_bytes=7, psnr_frames=[40.0], ssim_sum=0.9, accuracy_sum=1.0,
+                                 peak_bytes=7, psnr_frames=[40.0], ssim_sum=0.9, perceptual_sum=0.1, accuracy_sum=1.0,
                                  features=[features[1]])], [1]),
              bench.partials([row()], [])]
     merged = [row()]
     bench.merge_rows(merged, parts)
     (got,) = merged
-    for key in ("samples", "seconds", "transformer_seconds", "flops", "dense_flops", "ssim_sum", "accuracy_sum"):
+    for key in ("samples", "seconds", "transformer_seconds", "flops", "dense_flops", "ssim_sum", "perceptual_sum",
+                "accuracy_sum"):
         assert getattr(got, key) == pytest.approx(getattr(single, key)), key
     assert got.peak_bytes == 7 and got.error is None and sorted(got.psnr_frames) == single.psnr_frames
     assert bench.mean_db(got.psnr_frames) == bench.mean_db(single.psnr_frames)

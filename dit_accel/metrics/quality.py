@@ -34,3 +34,41 @@ def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0)
 def ssim(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
     """Mean SSIM over images (or video frames)."""
     return float(structural_similarity_index_measure(_frames(output), _frames(reference), data_range=data_range))
+
+
+class PerceptualDistance:
+    """A perceptual distance of outputs from a baseline, per image or frame, averaged (0: the same).
+
+    LPIPS (torchmetrics, AlexNet) where torchvision and its pretrained weights are present; else, stated
+    in `name`, the distance of the offline judge's penultimate features (unit-normalised, squared L2, in
+    [0, 4]): pretrained on the procedural scenes only, so a stand-in, comparable between rows of one run.
+    """
+
+    def __init__(self):
+        self._lpips = _lpips()
+        if self._lpips is not None:
+            self.name = "LPIPS (AlexNet, torchmetrics)"
+        else:
+            from .judge import load_judge
+
+            self._judge = load_judge()
+            self.name = "judge feature distance (offline stand-in for LPIPS: no torchvision weights here)"
+
+    @torch.no_grad()
+    def __call__(self, output: torch.Tensor, reference: torch.Tensor) -> float:
+        """The mean distance over the images (or frames) of `output` against `reference`'s."""
+        ours, theirs = _frames(output).clamp(0, 1), _frames(reference).clamp(0, 1)
+        if self._lpips is not None:
+            return float(self._lpips(ours, theirs))
+        a, b = (torch.nn.functional.normalize(self._judge(x).double(), dim=1) for x in (ours, theirs))
+        return float((a - b).square().sum(1).mean())
+
+
+def _lpips():
+    """torchmetrics' LPIPS when it can be built offline (it needs torchvision's AlexNet weights), else None."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).eval()
+    except Exception:  # no torchvision, or no weights offline: the caller says which distance it used
+        return None
