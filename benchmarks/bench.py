@@ -36,7 +36,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -47,14 +46,16 @@ import torch
 
 import dit_accel
 from dit_accel.api import PlanRun
-from dit_accel.benchmarks.common import cpu_name, markdown_table, timed
+from dit_accel.benchmarks.common import markdown_table, timed
 from dit_accel.cli import (DEFAULT_PLANS, _call_options, _load, _model_options, _plain_fields, _plan_spec,
                            _status, call_kwargs)
 from dit_accel.config import ConfigError
-from dit_accel.loading import UsageError, default_model
+from dit_accel.loading import UsageError, default_model, read_prompts
+from dit_accel.machine import machine
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
-from dit_accel.metrics.quality import PerceptualDistance, channels_first, psnr, ssim
+from dit_accel.metrics.quality import (PSNR_CAP_DB, PerceptualDistance, channels_first, frames, mean_db,  # noqa: F401
+                                       psnr_frames, ssim_frames)
 from dit_accel.models import UnsupportedModelError
 from dit_accel.plans import parse_plan
 from dit_accel.runtime.registry import registration
@@ -80,8 +81,6 @@ PEER_KNOBS = {"steps": ("step count", int), "fbcache": ("threshold", float),
 #: each knob's default (the stacking benchmark's settings; the fewer-steps peer matches the fastest plan)
 PEER_DEFAULTS = {"fbcache": PEER_THRESHOLD, "taylorseer": 2, "magcache": 0.06, "pab": 2, "dbcache": PEER_THRESHOLD}
 MIB = 2**20
-#: per-frame PSNRs are capped here before they are averaged (float32 rounding alone gives ~150 dB)
-PSNR_CAP_DB = 100.0
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -180,25 +179,6 @@ def _suite_of(args: argparse.Namespace) -> str | None:
         return args.suite
     kind, _, name = (args.model or default_model()).partition(":")
     return name if kind == "reference" and name in SUITE_COUNT else None
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt a line (blank lines and lines starting with # skipped), or a JSON list of strings."""
-    if not path.exists() or path.is_dir():
-        raise UsageError(f"--prompts {path}: no such file")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            prompts = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--prompts {path}: not a JSON list ({error})") from error
-        if not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise UsageError(f"--prompts {path}: a JSON prompt file must hold a list of non-empty strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts")
-    return prompts
 
 
 def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | None, pipe: Any,
@@ -315,6 +295,8 @@ class Row:
     matches_fastest: bool = False
     #: under a handle (the work ledger: FLOPs, transformer time)
     ledger: bool = True
+    #: its configs were calibrated on the first batch (that run was its warm-up)
+    calibrated: bool = False
     #: switches an outside accelerator on (cache-dit) and returns its off switch
     enable: Callable[[Any], Callable[[], None]] | None = None
     spec: str | None = None
@@ -402,7 +384,7 @@ def _every(count: int) -> str:
 
 def _dbcache(threshold: float, warmup: int) -> Callable[[Any], Callable[[], None]]:
     """cache-dit's DBCache with one forward block and no backward block (F1B0), after `warmup` dense steps,
-    as in the RAS quality benchmark; on for one run, then off again."""
+    as the former RAS quality benchmark did; on for one run, then off again."""
 
     def enable(pipe: Any) -> Callable[[], None]:
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
@@ -521,6 +503,7 @@ def calibrate_rows(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, 
         try:
             row.configs = [dit_accel.calibrate(pipe, c, **call, generator=torch.Generator().manual_seed(seed))
                            if getattr(c, "calibrate", False) is True else c for c in row.configs]
+            row.calibrated = True
         except Exception as error:  # a row that cannot run is reported, not fatal
             row.fail(error)
     if processes.world > 1 and calibrating:
@@ -530,15 +513,18 @@ def calibrate_rows(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, 
 
 
 def warm_up(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, memory: PeakMemory, say) -> None:
-    """One untimed short run of every row, through its own handle or accelerator (rows bound to the
-    call's step count, i.e. calibrated MagCache, were warmed up by their calibration)."""
+    """One untimed short run of every row, through its own handle or accelerator. A row bound to the
+    call's step count (MagCache's ratios, a tuned plan file) cannot run fewer steps: calibrated here, it
+    was warmed up by its calibration, else it warms up with the whole call."""
     short = {**call, "num_inference_steps": min(call["num_inference_steps"], WARMUP_STEPS)}
     for row in rows:
-        if row.error is not None or any(getattr(c, "num_inference_steps", None) for c in row.configs):
+        bound = any(getattr(c, "num_inference_steps", None) for c in row.configs)
+        if row.error is not None or (bound and row.calibrated):
             continue
-        say(f"warm-up: {row.label}, {short['num_inference_steps']} steps, untimed")
+        warm = call if bound else short
+        say(f"warm-up: {row.label}, {warm['num_inference_steps']} steps, untimed")
         try:
-            run_row(pipe, row, short, seed, memory)
+            run_row(pipe, row, warm, seed, memory)
         except Exception as error:
             if row.kind == "dense":
                 raise
@@ -707,35 +693,6 @@ def merge_rows(rows: list[Row], parts: list[dict[str, Any]]) -> None:
 
 # -- metrics ---------------------------------------------------------------------------------------
 
-def frames(output: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) or pipeline videos (B, T, 3, H, W) as frames (N, 3, H, W)."""
-    return output.reshape(-1, *output.shape[-3:])
-
-
-def psnr_frames(output: torch.Tensor, reference: torch.Tensor) -> list[float]:
-    """PSNR in dB of every image or video frame against the reference's (inf where identical): averaged
-    per frame, one bad sample cannot hide behind a batch-wide MSE."""
-    ours, theirs = frames(output), frames(reference)
-    return [psnr(ours[i:i + 1], theirs[i:i + 1]) for i in range(len(ours))]
-
-
-def ssim_frames(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean SSIM over images or video frames."""
-    return ssim(frames(output), frames(reference))
-
-
-def mean_db(values: list[float]) -> float | None:
-    """The mean of per-frame PSNRs, each capped at `PSNR_CAP_DB` first: a frame equal up to float rounding
-    (150 dB and more) or bit for bit (inf) would otherwise outweigh every other frame of the row. inf
-    when every frame is identical, None when there is none. The sum is exact (`math.fsum`), so the frames'
-    order (processes merged by rank) does not change the mean."""
-    if not values:
-        return None
-    if all(value == math.inf for value in values):
-        return math.inf
-    return math.fsum(min(value, PSNR_CAP_DB) for value in values) / len(values)  # exact: any order, one mean
-
-
 def caption_accuracy(judge: Any, output: torch.Tensor, scenes: list, video: bool) -> float:
     """The judge's whole-caption accuracy (videos: appearance and motion)."""
     if video:
@@ -795,15 +752,6 @@ def summarize(rows: list[Row], steps: int, judged: Judging | None) -> list[dict[
 
 
 # -- writing ---------------------------------------------------------------------------------------
-
-def machine(device: Any) -> dict[str, Any]:
-    """The machine the numbers belong to: the GPU (when used), the CPU's model name, cores, OS."""
-    cpu = cpu_name()
-    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
-    name = gpu or f"{cpu}, {os.cpu_count()} cores"
-    return {"name": name, "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
-            "python": platform.python_version()}
-
 
 def _text(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)

@@ -4,24 +4,13 @@ in turn, their medians, and markdown tables."""
 from __future__ import annotations
 
 import os
-import platform
-import re
 import statistics
-from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
 from dit_accel.api import PlanRun, timed_run
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        found = None
-    return found.group(1).strip() if found else (platform.processor() or platform.machine())
+from dit_accel.machine import cpu_name
 
 
 def start(threads: int) -> str:

@@ -28,7 +28,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
 from diffusers.hooks import MagCacheConfig
 
 import dit_accel
@@ -38,7 +37,7 @@ from dit_accel.methods.svg2 import _keep
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import channels_first, psnr, ssim
-from dit_accel.testing import tiny_pipeline
+from dit_accel.testing import medium_pipeline
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 
 REFERENCE_GRID = (7, 16, 16)
@@ -226,12 +225,7 @@ def _compare(pipe, call: dict, members: dict[str, list], repeats: int, seed: int
 
 
 def medium_wan(repeats: int) -> list[dict]:
-    pipe = tiny_pipeline("wan")
-    pipe.transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64,
-                                             in_channels=16, out_channels=16, text_dim=pipe.transformer.config.text_dim,
-                                             freq_dim=256, ffn_dim=1536, num_layers=2, cross_attn_norm=True,
-                                             qk_norm="rms_norm_across_heads").eval()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = medium_pipeline("wan", num_layers=2, freq_dim=256)  # the medium Wan, 2 blocks
     steps = 5
     call = dict(prompt="a red ball", height=512, width=512, num_frames=29, num_inference_steps=steps,
                 guidance_scale=1.0, max_sequence_length=32, output_type="latent")  # 8 x 32 x 32 tokens

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import PixArtTransformer2DModel
 from diffusers.hooks import MagCacheConfig
 
 import dit_accel
@@ -33,7 +32,7 @@ from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import psnr, ssim
 from dit_accel.plans import parse_plan
-from dit_accel.testing import tiny_pipeline
+from dit_accel.testing import medium_pipeline
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 
 BATCH = 8
@@ -116,13 +115,7 @@ def reference_image(captions: int, seed: int, folder: Path) -> list[dict]:
 
 
 def medium_pixart(repeats: int) -> list[dict]:
-    pipe = tiny_pipeline("pixart")
-    pipe.transformer = PixArtTransformer2DModel(
-        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
-        cross_attention_dim=384, sample_size=128, patch_size=2, caption_channels=pipe.transformer.config.caption_channels,
-        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
-        num_embeds_ada_norm=1000).eval()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = medium_pipeline("pixart")
     steps = 5
     call = dict(prompt="a red ball", height=512, width=512, num_inference_steps=steps, guidance_scale=4.5,
                 max_sequence_length=32, clean_caption=False, use_resolution_binning=False,

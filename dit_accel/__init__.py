@@ -4,18 +4,24 @@
     image = pipe(prompt).images[0]
     print(handle.report()["flops_ratio"])
     handle.remove()
+
+    result = dit_accel.tune(pipe, prompts, target="psnr=30", budget="20m", path="plan.json")
+    dit_accel.apply(pipe, *dit_accel.load_plan("plan.json"))
 """
 
 from .api import AccelerationHandle, PlanRun, apply, calibrate, compare, measure
 from .config import AccelerationConfig, ConfigError, Stage
 from .methods import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
 from .models import UnsupportedModelError, adapter_for, supported_families
+from .plan_files import load_plan, save_plan
+from .tuning import Budget, Target, TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelerationConfig",
     "AccelerationHandle",
+    "Budget",
     "ConfigError",
     "DyDiTConfig",
     "PlanRun",
@@ -24,11 +30,16 @@ __all__ = [
     "RASConfig",
     "SVG2Config",
     "Stage",
+    "Target",
+    "TuneResult",
     "UnsupportedModelError",
     "adapter_for",
     "apply",
     "calibrate",
     "compare",
+    "load_plan",
     "measure",
+    "save_plan",
     "supported_families",
+    "tune",
 ]

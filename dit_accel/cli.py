@@ -26,11 +26,14 @@ from PIL import Image, ImageDraw, ImageFont
 from .api import PlanRun, compare
 from .api import calibrate as dit_calibrate
 from .config import ConfigError
-from .loading import UsageError, call_arguments, default_model, load_model
+from .loading import UsageError, call_arguments, default_model, load_model, read_prompts
 from .methods.dydit import DyDiTConfig
 from .models import UnsupportedModelError
+from .plan_files import is_plan_file
 from .plans import describe, parse_plan
 from .runtime.registry import registration
+from .tuning import Budget, Target, TuneResult
+from .tuning import tune as tune_plan
 
 #: the plans shown when none is given: RAS alone, and RAS stacked with diffusers' FirstBlockCache
 DEFAULT_PLANS = ("ras:sample_ratio=0.5", "ras:sample_ratio=0.5+fbcache:threshold=0.12")
@@ -39,6 +42,9 @@ FALLBACK_PROMPT = "a red fox sitting in fresh snow, photograph"
 #: CLI option -> pipeline call argument.
 CALL_OPTIONS = {"prompt": "prompt", "steps": "num_inference_steps", "height": "height", "width": "width",
                 "frames": "num_frames", "guidance": "guidance_scale"}
+#: the reference models' procedural captions for tuning come from this seed (the benchmark suites' too:
+#: `dit-accel bench --suite image` runs on the tuning captions), the held-out ones follow them
+TUNING_SEED = 7
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_TILE = 256  # pixels: small outputs are enlarged to at least this for the grid
 GIF_FRAME_MS = 120  # GIF stores centiseconds: about 8 frames a second
@@ -47,11 +53,12 @@ GIF_FRAME_MS = 120  # GIF stores centiseconds: about 8 frames a second
 # -- command line ----------------------------------------------------------------------------------
 
 def _plan_spec(text: str) -> str:
-    """argparse type: a plan spec, or a file holding one (one member per line, `#` comments), checked
-    (fields, combinations) before any model is loaded."""
+    """argparse type: a plan spec, a plan file from `dit-accel tune` (.json/.yaml, kept as its path), or a
+    file holding a spec (one member per line, `#` comments), checked (fields, combinations) before any
+    model is loaded."""
     path = Path(text)
     spec = text
-    if path.is_file():
+    if path.is_file() and not is_plan_file(text):
         members = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
         spec = "+".join(member for member in members if member)
     try:
@@ -59,6 +66,20 @@ def _plan_spec(text: str) -> str:
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
     return spec
+
+
+def _target(text: str) -> Target:
+    try:
+        return Target.parse(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _budget(text: str) -> Budget:
+    try:
+        return Budget.parse(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _at_least(low: float, kind: type):
@@ -106,6 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--buckets", type=_at_least(1, int), default=4,
                      help="equal parts of the steps, each scored on its own (default: %(default)s)")
     cal.add_argument("--output", type=Path, required=True, help="the safetensors file to write")
+    tune = commands.add_parser(
+        "tune", help="search for the fastest plan that keeps a quality target on your prompts; write it as a plan file",
+        description="Search plans (every technique's presets, diffusers' caches at several settings, stacks across "
+                    "stages) for the fastest one whose quality vs dense on the tuning prompts meets --target, within "
+                    "--budget; re-measure it on held-out prompts; write a plan file for --plan FILE, load_plan and "
+                    "acceleration=FILE (refused for another model).")
+    _model_options(tune)
+    tune.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
+                      help="tuning prompts, one a line or a JSON list (default on reference:* models: --count of its "
+                      "procedural captions)")
+    tune.add_argument("--held-out", dest="held_out_file", type=Path, metavar="FILE",
+                      help="prompts to re-measure the tuned plan on (default on reference:* models: --count other "
+                      "captions; else none)")
+    tune.add_argument("--count", type=_at_least(1, int), default=16,
+                      help="captions of a reference model, for tuning and held out each (default: %(default)s)")
+    _call_options(tune)
+    tune.add_argument("--target", type=_target, default=Target(), metavar="METRIC=VALUE",
+                      help="quality vs dense to keep: psnr=DB (mean per image or frame) or ssim=VALUE "
+                      "(default: psnr=30)")
+    tune.add_argument("--budget", type=_budget, default=Budget(), metavar="TIME|Ngen",
+                      help="when the search stops, with the best plan so far: 45m, 90s, 1h, or 120gen "
+                      "(pipeline calls) (default: 45m)")
+    tune.add_argument("--batch", type=_at_least(1, int), default=8, help="prompts a call (default: %(default)s)")
+    tune.add_argument("--threads", type=_at_least(1, int), help="torch CPU threads (default: torch's)")
+    tune.add_argument("--out", type=Path, default=Path("outputs/tuned_plan.json"),
+                      help="the plan file to write (.json or .yaml; the search's candidates beside it in "
+                      "<name>.search.json) (default: %(default)s)")
     commands.add_parser("bench", add_help=False,
                         help="benchmark plans and peers against dense over batches of prompts: time, FLOPs, memory, "
                         "quality; JSON, CSV, markdown and a speedup-PSNR plot (dit-accel bench --help)")
@@ -117,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family> "
-                        "or reference:image|video (default: reference:image if its weights are installed, "
+    parser.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family>, "
+                        "medium:sd3|wan|pixart or reference:image|video (default: reference:image if its weights are installed, "
                         "else tiny:sd3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s)")
@@ -152,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(), end="")
         return 0
     try:
-        calibrate(args) if args.command == "calibrate" else generate(args)
+        {"calibrate": calibrate, "tune": tune, "generate": generate}[args.command](args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
         parser.exit(2, f"dit-accel: error: {error}\n")
     return 0
@@ -214,6 +262,59 @@ def calibrate(args: argparse.Namespace) -> Path:
     dit_calibrate(pipe, DyDiTConfig(buckets=args.buckets), path=str(args.output), **kwargs)
     print(f"wrote {args.output} (DyDiT calibration of {model}); use it with --plan dydit:calibration={args.output}")
     return args.output
+
+
+def _tuning_prompts(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """--prompts and --held-out, read before any model loads; on a reference model (whose text encoder
+    knows only the procedural captions) its captions when not given: --count for tuning, --count others."""
+    prompts = read_prompts(args.prompt_file) if args.prompt_file is not None else None
+    held_out = read_prompts(args.held_out_file, "--held-out") if args.held_out_file is not None else None
+    kind, _, name = (args.model or default_model()).partition(":")
+    if kind == "reference" and name in ("image", "video"):
+        from .metrics import procedural
+
+        batch = procedural.image_batch if name == "image" else procedural.video_batch
+        captions = [scene.caption for scene in batch(2 * args.count, TUNING_SEED)[1]]
+        prompts = prompts or captions[:args.count]
+        held_out = held_out or captions[args.count:]
+    if prompts is None:
+        raise UsageError("dit-accel tune: give the tuning prompts with --prompts FILE")
+    return prompts, held_out
+
+
+def tune(args: argparse.Namespace) -> TuneResult:
+    """`dit-accel tune`: the search, the plan file, its candidates beside it, and a table of the best."""
+    if args.out.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise UsageError(f"--out {args.out}: a plan file ends in .json, .yaml or .yml")
+    prompts, held_out = _tuning_prompts(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    status = _status(args)
+    pipe, defaults, model, _ = _load(args, status)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
+    for key in ("prompt", "class_labels", "output_type"):
+        kwargs.pop(key, None)
+    result = tune_plan(pipe, prompts, target=args.target, budget=args.budget, batch=args.batch, seed=args.seed,
+                       held_out=held_out, path=args.out, progress=status, **kwargs)
+    search = args.out.with_name(args.out.stem + ".search.json")
+    search.write_text(json.dumps({"model": model, **result.summary()}, indent=2) + "\n")
+    print(tune_table(result))
+    print(f"wrote {args.out} and {search}; use it with --plan {args.out}")
+    return result
+
+
+def tune_table(result: TuneResult) -> str:
+    """The message and the candidates that met the target, fastest first, as markdown."""
+    metric = result.target.metric
+    met = sorted((c for c in result.candidates if c.status == "meets the target"),
+                 key=lambda c: -(c.final_speedup or c.speedup))
+    lines = [result.message, "", f"| candidate | speedup | side by side | FLOPs ratio | {metric} |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.speedup:.2f}x | {'-' if c.final_speedup is None else f'{c.final_speedup:.2f}x'} | "
+              f"{c.flops_ratio or 1:.3f} | {c.quality(metric):.3f} |" for c in met[:10]]
+    tried = len([c for c in result.candidates if c.batches])
+    lines += ["", f"{tried} candidates tried, {result.generations} generations, {result.seconds:.0f} s"]
+    return "\n".join(lines)
 
 
 def generate(args: argparse.Namespace) -> list[PlanRun]:

@@ -1,9 +1,11 @@
-"""Which model a spec names and how to load it: `tiny:<family>`, `reference:image|video`, a hub id or a
-local folder. Shared by the command line and the UI; a bad spec is refused before anything loads."""
+"""Which model a spec names and how to load it: `tiny:<family>`, `medium:<family>`, `reference:image|video`,
+a hub id or a local folder. Shared by the command line and the UI; a bad spec is refused before anything
+loads."""
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,16 @@ def default_model() -> str:
 def load_model(spec: str, device: str, dtype: torch.dtype, safetensors_only: bool = False):
     """The pipeline for `spec` and the call arguments it is meant to run with (hub and local models
     load their weights from safetensors only with `safetensors_only`; never with remote code)."""
+    check_model_spec(spec)
     kind, _, name = spec.partition(":")
-    if kind == "tiny":
-        from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+    if kind in ("tiny", "medium"):
+        from .testing import medium_call_kwargs, medium_pipeline, tiny_call_kwargs, tiny_pipeline
 
-        if name not in FAMILIES:
-            raise UsageError(f"unknown tiny family {name!r}; valid: {', '.join(FAMILIES)}")
-        pipe = tiny_pipeline(name).to(device)
-        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), tiny_call_kwargs(name)
+        build, call = (tiny_pipeline, tiny_call_kwargs) if kind == "tiny" else (medium_pipeline, medium_call_kwargs)
+        pipe = build(name).to(device)
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), call(name)
     if kind == "reference":
         from .testing.reference import reference_call_kwargs, reference_pipeline
-
-        if name not in ("image", "video"):
-            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
         from .metrics import procedural
 
         batch = procedural.image_batch if name == "image" else procedural.video_batch
@@ -49,7 +48,6 @@ def load_model(spec: str, device: str, dtype: torch.dtype, safetensors_only: boo
         return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
     from diffusers import DiffusionPipeline
 
-    check_model_spec(spec)
     options = {"use_safetensors": True} if safetensors_only else {}
     try:
         return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, **options).to(device), {}
@@ -58,9 +56,21 @@ def load_model(spec: str, device: str, dtype: torch.dtype, safetensors_only: boo
 
 
 def check_model_spec(spec: str) -> None:
-    """A hub id or an existing local folder, said before anything is loaded."""
-    kind, _, _ = spec.partition(":")
-    if kind in ("tiny", "reference") or Path(spec).is_dir():
+    """A known `tiny:`, `medium:` or `reference:` name, a hub id or an existing local folder, said before
+    anything is loaded."""
+    kind, _, name = spec.partition(":")
+    if kind in ("tiny", "medium"):
+        from .testing import FAMILIES, MEDIUM_FAMILIES
+
+        families = FAMILIES if kind == "tiny" else MEDIUM_FAMILIES
+        if name not in families:
+            raise UsageError(f"unknown {kind} family {name!r}; valid: {', '.join(families)}")
+        return
+    if kind == "reference":
+        if name not in ("image", "video"):
+            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
+        return
+    if Path(spec).is_dir():
         return
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -88,3 +98,22 @@ def call_arguments(pipe: Any, defaults: dict[str, Any], options: dict[str, Any])
         elif name in accepted:
             call[name] = value
     return call
+
+
+def read_prompts(path: Path, option: str = "--prompts") -> list[str]:
+    """One prompt a line (blank lines and lines starting with # skipped), or a JSON list of strings."""
+    if not path.exists() or path.is_dir():
+        raise UsageError(f"{option} {path}: no such file")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{option} {path}: not a JSON list ({error})") from error
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise UsageError(f"{option} {path}: a JSON prompt file must hold a list of non-empty strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"{option} {path}: no prompts")
+    return prompts

@@ -21,14 +21,15 @@ from typing import Any
 
 from . import methods  # noqa: F401  (registers every technique and diffusers cache)
 from .config import AccelerationConfig, ConfigError, check_dataclass_fields, config_fields
-from .runtime.registry import check_composable, registrations
+from .plan_files import is_plan_file, load_plan
+from .runtime.registry import check_composable, plan_members
 
 _TECHNIQUE_START = re.compile(r"\s*[A-Za-z_]\w*\s*(:|\+|$)")
 
 
 def techniques() -> dict[str, type]:
     """Plan names -> config classes (`{"ras": RASConfig, "fbcache": FirstBlockCacheConfig, ...}`)."""
-    return {r.name: r.config_class for r in registrations()}
+    return {r.name: r.config_class for r in plan_members()}
 
 
 def fields_of(cls: type) -> list[str]:
@@ -122,9 +123,12 @@ def parse_technique(spec: str, num_steps: int | None = None) -> Any:
 
 def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
     """`"ras:sample_ratio=0.5+fbcache:threshold=0.08"` -> `[RASConfig(...), FirstBlockCacheConfig(...)]`,
-    checked to be combinable. Raises `ConfigError` with the valid names on any mistake."""
+    checked to be combinable, or a plan file's configs (`plan_files.load_plan`: a path ending in .json,
+    .yaml or .yml). Raises `ConfigError` with the valid names on any mistake."""
     if not spec.strip():
         raise ConfigError(f"empty acceleration plan; valid techniques: {', '.join(techniques())}")
+    if is_plan_file(spec):
+        return load_plan(spec.strip(), num_steps)
     configs = [parse_technique(part, num_steps) for part in _split(spec, "+")]
     check_composable(configs)
     return configs
@@ -133,7 +137,7 @@ def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
 def describe() -> str:
     """Every plan name with its stages and fields (type, default, range, doc), from the configs' metadata."""
     lines = []
-    for reg in registrations():
+    for reg in plan_members():
         cls = reg.config_class
         ours = issubclass(cls, AccelerationConfig)
         # diffusers' caches occupy stage 1 whatever their fields; ours are shown at their defaults

@@ -18,6 +18,7 @@ parent class name, no hooks), loadable with or without dit-accel.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from diffusers import (
@@ -33,15 +34,20 @@ from diffusers import (
 )
 
 from dit_accel import AccelerationHandle, apply
+from dit_accel.plans import parse_plan
 
-#: one config (dit-accel's or a diffusers cache config), a sequence of them, or None
+#: one config (dit-accel's or a diffusers cache config), a sequence of them, a plan spec or plan file
+#: path (`dit-accel tune`'s), or None
 Acceleration = Any
 
 
 def as_config_list(acceleration: Acceleration) -> list[Any]:
-    """None, one config or a sequence of configs -> a list (empty means dense)."""
+    """None, one config, a sequence of configs, a plan spec or a plan file's path -> a list (empty means
+    dense); a plan file made for another model is refused when the plan is applied."""
     if acceleration is None:
         return []
+    if isinstance(acceleration, (str, Path)):
+        return parse_plan(str(acceleration))
     if isinstance(acceleration, (list, tuple)):
         return list(acceleration)
     return [acceleration]

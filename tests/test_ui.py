@@ -14,8 +14,12 @@ from gradio_client import Client
 from helpers import served
 from PIL import Image
 
+import torch
+from diffusers.hooks import FirstBlockCacheConfig
+
 import dit_accel
 import dit_accel.loading
+import dit_accel.testing
 from dit_accel.ui import Limits, build_app
 from dit_accel.ui.forms import config_from, technique_forms
 
@@ -29,9 +33,10 @@ def server():
 
 
 def _inputs(seed: int = 0, steps: int = 3, ras: bool = True, **overrides):
-    """The page's inputs in order: the call, the step cache, then each technique's switch and fields."""
+    """The page's inputs in order: the call, the step cache, the plan text, then each technique's switch and
+    fields."""
     values = dict(model=MODEL, prompt="a red circle", negative="", seed=seed, steps=steps, guidance=4.0, height=64,
-                  width=64, frames=1, cache="none", cache_fields="")
+                  width=64, frames=1, cache="none", cache_fields="", plan="")
     values.update(overrides)
     techniques = []
     for form in technique_forms():
@@ -73,7 +78,7 @@ def test_a_run_shows_both_sides_their_numbers_and_what_was_skipped(server):
 
 def test_sparse_attention_runs_draw_clusters_and_density(server):
     values = _inputs(ras=False)
-    at = 11  # after the call's inputs and the step cache
+    at = 12  # after the call's inputs, the step cache and the plan text
     for form in technique_forms():
         if form.name == "svg2":
             values[at] = True
@@ -98,6 +103,22 @@ def test_concurrent_clients_each_get_their_solo_result(server):
     assert not np.array_equal(solo[1], solo[2])
     for seed in (1, 2):
         assert np.array_equal(together[seed], solo[seed])
+
+
+def test_a_plan_spec_or_plan_file_replaces_the_forms(server, tmp_path):
+    pipe = dit_accel.loading.load_model(MODEL, "cpu", torch.float32)[0]
+    path = tmp_path / "tuned.json"
+    dit_accel.save_plan(path, [FirstBlockCacheConfig(threshold=0.5)], pipe, num_inference_steps=3)
+    for plan in (str(path), "fbcache:threshold=0.5"):
+        table = server.predict(*_inputs(ras=False, plan=plan), api_name="/run")[2]
+        assert "FLOPs" in table
+    other = tmp_path / "other.json"
+    dit_accel.save_plan(other, [FirstBlockCacheConfig(threshold=0.5)], dit_accel.testing.tiny_pipeline("sd3", seed=1),
+                        num_inference_steps=3)
+    with pytest.raises(Exception, match="does not fit this model"):
+        server.predict(*_inputs(plan=str(other)), api_name="/run")
+    with pytest.raises(Exception, match="tuned for 3 steps"):
+        server.predict(*_inputs(steps=4, plan=str(path)), api_name="/run")
 
 
 @pytest.mark.parametrize("overrides, message", [

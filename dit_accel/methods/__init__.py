@@ -7,6 +7,7 @@ from .flexdit import FlexDiTConfig  # isort: skip
 from .dydit import DyDiTConfig  # isort: skip
 from .svg2 import SVG2Config  # isort: skip
 from .proxy import ProxyAttentionConfig  # isort: skip
+from .model_check import ModelCheckConfig  # isort: skip
 from . import diffusers_caches  # noqa: F401  isort: skip
 
-__all__ = ["DyDiTConfig", "FlexDiTConfig", "ProxyAttentionConfig", "RASConfig", "SVG2Config"]
+__all__ = ["DyDiTConfig", "FlexDiTConfig", "ModelCheckConfig", "ProxyAttentionConfig", "RASConfig", "SVG2Config"]

@@ -8,6 +8,8 @@ are scored frame by frame and averaged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -24,6 +26,39 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
     return x
+
+
+#: per-frame PSNRs are capped here before they are averaged (float32 rounding alone gives ~150 dB)
+PSNR_CAP_DB = 100.0
+
+
+def frames(output: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) or pipeline videos (B, T, 3, H, W) as frames (N, 3, H, W)."""
+    return output.reshape(-1, *output.shape[-3:])
+
+
+def psnr_frames(output: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """PSNR in dB of every image or video frame against the reference's (inf where identical): averaged
+    per frame, one bad sample cannot hide behind a batch-wide MSE."""
+    ours, theirs = frames(output), frames(reference)
+    return [psnr(ours[i:i + 1], theirs[i:i + 1]) for i in range(len(ours))]
+
+
+def ssim_frames(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM over images or video frames."""
+    return ssim(frames(output), frames(reference))
+
+
+def mean_db(values: list[float]) -> float | None:
+    """The mean of per-frame PSNRs, each capped at `PSNR_CAP_DB` first: a frame equal up to float rounding
+    (150 dB and more) or bit for bit (inf) would otherwise outweigh every other frame of the row. inf
+    when every frame is identical, None when there is none. The sum is exact (`math.fsum`), so the frames'
+    order (processes merged by rank) does not change the mean."""
+    if not values:
+        return None
+    if all(value == math.inf for value in values):
+        return math.inf
+    return math.fsum(min(value, PSNR_CAP_DB) for value in values) / len(values)  # exact: any order, one mean
 
 
 def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:

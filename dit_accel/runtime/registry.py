@@ -60,6 +60,13 @@ def registrations() -> list[Registration]:
     return list(_REGISTRY.values())
 
 
+def plan_members() -> list[Registration]:
+    """What a user writes in a plan: every registration but those occupying no stage (a plan file's model
+    check, which comes only from the file)."""
+    return [r for r in _REGISTRY.values()
+            if not (issubclass(r.config_class, AccelerationConfig) and not r.stages(r.config_class()))]
+
+
 def stages_of(config: Any) -> frozenset[Stage]:
     return registration(config).stages(config)
 

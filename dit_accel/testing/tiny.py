@@ -13,6 +13,10 @@ by its ``sample_size``). Video families make 9 frames of 128x128 through a VAE
 with 8x spatial and 4x temporal compression and patch 2 (3 x 8x8 = 192 tokens).
 Video calls spend most of their time in the VAE decode; pass
 ``output_type="latent"`` when timing the transformer through the pipeline.
+
+``medium_pipeline`` / ``medium_call_kwargs`` (SD3, Wan, PixArt) are the same pipelines with a
+random-weight transformer of 4 blocks of 6 heads of 64 at 4,096 image/video tokens: big enough on a
+CPU for wall clock to follow FLOPs (the size of the official RAS CPU comparison), still offline.
 """
 
 from __future__ import annotations
@@ -551,3 +555,43 @@ def tiny_call_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
         **defaults,
         **overrides,
     }
+
+
+# ---------------------------------------------------------------- medium transformers
+
+MEDIUM_FAMILIES = ("sd3", "wan", "pixart")
+_MEDIUM_WIDTH = dict(num_layers=4, num_attention_heads=6, attention_head_dim=64)  # hidden 384
+_MEDIUM: dict[str, dict[str, Any]] = {
+    # sample_size: the 128x128 latent, as in the benchmarks these came from (for PixArt it also sets the
+    # position-embedding scale and the resolution conditioning of the 1024-px checkpoints)
+    "sd3": dict(_MEDIUM_WIDTH, sample_size=128),
+    "wan": dict(_MEDIUM_WIDTH, ffn_dim=4 * 384),
+    "pixart": dict(_MEDIUM_WIDTH, sample_size=128),
+}
+# 512x512 through the tiny image VAE (4x) and patch 2: 64x64 tokens; Wan: 13 frames of 512x512 through
+# its VAE (4x time, 8x space) and patch (1, 2, 2): 4 x 32 x 32 tokens, with 64 text tokens
+_MEDIUM_CALL: dict[str, dict[str, Any]] = {
+    "sd3": dict(height=512, width=512),
+    "wan": dict(height=512, width=512, num_frames=13, max_sequence_length=64),
+    "pixart": dict(height=512, width=512),
+}
+
+
+def _medium(family: str) -> None:
+    if family not in _MEDIUM:
+        raise ValueError(f"Unknown medium family {family!r}; supported: {', '.join(MEDIUM_FAMILIES)}")
+
+
+def medium_pipeline(family: str, *, seed: int = 0, **overrides: Any) -> DiffusionPipeline:
+    """``tiny_pipeline(family)`` with a medium transformer of the same class (see the module doc);
+    ``overrides`` update its config as in ``tiny_pipeline``."""
+    _medium(family)
+    return tiny_pipeline(family, seed=seed, **{**_MEDIUM[family], **overrides})
+
+
+def medium_call_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
+    """A call of ``medium_pipeline(family)`` at 4,096 tokens, 20 steps, batch 1 and no CFG: one
+    transformer pass a step, the bare denoising loop the RAS speed table was measured on."""
+    _medium(family)
+    return tiny_call_kwargs(family, **{"num_inference_steps": 20, "guidance_scale": 1.0,
+                                       **_MEDIUM_CALL[family], **overrides})

@@ -29,7 +29,8 @@ from ..api import PlanRun, compare
 from ..config import ConfigError
 from ..loading import UsageError, call_arguments, load_model
 from ..models import UnsupportedModelError
-from ..plans import parse_technique
+from ..plan_files import is_plan_file
+from ..plans import parse_plan, parse_technique
 from ..runtime.registry import check_composable
 from .forms import TechniqueForm, config_from, step_caches, technique_forms
 
@@ -220,6 +221,9 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
         with gr.Row():
             cache = gr.Dropdown(["none", *step_caches()], value="none", label="diffusers step cache")
             cache_fields = gr.Textbox("", label="cache fields (e.g. threshold=0.1)")
+        plan_text = gr.Textbox("", label="plan (replaces the choices above)",
+                               info="a plan spec, e.g. ras:sample_ratio=0.5+fbcache:threshold=0.1"
+                               + (", or a plan file from dit-accel tune (its path on this machine)" if local else ""))
         button = gr.Button("run", variant="primary")
         with gr.Row():
             baseline_out = gr.Image(label="baseline", type="filepath")
@@ -229,10 +233,16 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
         what = gr.JSON(label="what was skipped, per step")
 
         def run(model_spec, prompt_text, negative_text, seed_value, steps_value, guidance_value, height_value,
-                width_value, frames_value, cache_name, cache_text, *technique_values, progress=gr.Progress()):
+                width_value, frames_value, cache_name, cache_text, plan_spec, *technique_values,
+                progress=gr.Progress()):
             try:
-                plan = _plan(forms, technique_values, cache_name, cache_text)
                 numbers = _checked(limits, steps_value, height_value, width_value, frames_value, seed_value)
+                if plan_spec.strip():
+                    if is_plan_file(plan_spec) and not local:
+                        raise UsageError("plan files are read only by a server on localhost; give a plan spec")
+                    plan = parse_plan(plan_spec.strip(), numbers[0])
+                else:
+                    plan = _plan(forms, technique_values, cache_name, cache_text)
                 if model_spec not in allowed and not local:
                     raise UsageError(f"model {model_spec!r} is not served here; served: {', '.join(allowed)}")
                 with store.lock:
@@ -262,7 +272,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                     _table(runs), pictures(accelerated.report, dense.output), skipped(accelerated.report))
 
         button.click(run, [model, prompt, negative, seed, steps, guidance, height, width, frames, cache, cache_fields,
-                           *technique_inputs], [baseline_out, accelerated_out, table, gallery, what], api_name="run")
+                           plan_text, *technique_inputs], [baseline_out, accelerated_out, table, gallery, what], api_name="run")
     app.queue(default_concurrency_limit=1)
     return app
 

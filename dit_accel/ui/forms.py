@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import AccelerationConfig, ConfigError, config_fields
-from ..runtime.registry import registrations
+from ..runtime.registry import plan_members
 
 Widget = Literal["number", "integer", "checkbox", "choice", "text"]
 
@@ -79,7 +79,7 @@ def _widget(annotation: Any) -> tuple[Widget, tuple[str, ...]]:
 def technique_forms() -> list[TechniqueForm]:
     """A form per dit-accel technique that is built (diffusers' caches are picked by name instead)."""
     forms = []
-    for reg in registrations():
+    for reg in plan_members():
         cls = reg.config_class
         if not issubclass(cls, AccelerationConfig):
             continue
@@ -99,4 +99,4 @@ def config_from(form: TechniqueForm, shown: list[Any]) -> AccelerationConfig:
 
 def step_caches() -> list[str]:
     """Plan names of diffusers' step caches, offered beside the techniques."""
-    return [reg.name for reg in registrations() if not issubclass(reg.config_class, AccelerationConfig)]
+    return [reg.name for reg in plan_members() if not issubclass(reg.config_class, AccelerationConfig)]

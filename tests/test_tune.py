@@ -1,0 +1,181 @@
+"""`dit_accel.tune` / `dit-accel tune` and the plan files they write, on tiny random-weight pipelines."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+import dit_accel
+from dit_accel import Budget, ConfigError, Target
+from dit_accel.cli import main
+from dit_accel.methods import ModelCheckConfig
+from dit_accel.plans import parse_plan
+from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
+from dit_accel.tuning import Candidate, predicted_quality, predicted_speedup
+
+PROMPTS = ["a red circle on the left", "a blue square at the top", "a green circle", "a red square"]
+STEPS = 6
+
+
+def _call(family: str = "sd3") -> dict:
+    call = tiny_call_kwargs(family)
+    for key in ("prompt", "generator", "output_type", "num_inference_steps"):
+        call.pop(key, None)
+    return call
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _equal(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        same = torch.equal(torch.as_tensor(x), torch.as_tensor(y)) if isinstance(x, torch.Tensor) else x == y
+        if not same:
+            return False
+    return True
+
+
+def test_targets_and_budgets_parse_and_refuse_nonsense():
+    assert Target.parse("psnr=28.5") == Target("psnr", 28.5) and Target.parse("ssim=0.9") == Target("ssim", 0.9)
+    assert Budget.parse("45m") == Budget(seconds=2700) and Budget.parse("90s").seconds == 90
+    assert Budget.parse("120gen") == Budget(seconds=None, generations=120) and Budget.parse(None) == Budget()
+    for bad, message in (("lpips=0.1", "valid metrics"), ("psnr=high", "metric=value"), ("ssim=3", "(0, 1]")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            Target.parse(bad)
+    with pytest.raises(ConfigError, match="45m"):
+        Budget.parse("soon")
+
+
+def test_stacks_are_predicted_from_their_members():
+    a = Candidate("a", [], psnr_frames=[30.0, 30.0], flops_ratio=0.5, seconds=1.0, dense_seconds=1.8)
+    b = Candidate("b", [], psnr_frames=[30.0], flops_ratio=0.8, seconds=1.0, dense_seconds=1.25)
+    # equal errors add: twice the MSE is 3 dB less
+    assert predicted_quality((a, b), "psnr") == pytest.approx(30 - 10 * torch.log10(torch.tensor(2.0)).item())
+    # FLOPs speedups multiply, at the worse member's wall/FLOPs efficiency (a: 0.9, b: 1.0)
+    assert predicted_speedup((a, b)) == pytest.approx(0.9 / (0.5 * 0.8))
+
+
+def test_plan_files_round_trip_and_are_refused_for_another_model(pipe, tmp_path):
+    configs = [dit_accel.RASConfig.for_steps(STEPS, sample_ratio=0.5), dit_accel.DyDiTConfig.preset("fast"),
+               TaylorSeerCacheConfig(cache_interval=2, taylor_factors_dtype=torch.float32)]
+    magcache = [MagCacheConfig(threshold=0.06, mag_ratios=torch.linspace(1, 0.9, STEPS), num_inference_steps=STEPS),
+                dit_accel.FlexDiTConfig.preset("balanced")]
+    for plan, name in ((configs, "plan.json"), (magcache, "plan.yaml")):
+        path = tmp_path / name
+        dit_accel.save_plan(path, plan, pipe, num_inference_steps=STEPS, target="psnr>=30")
+        check, *loaded = dit_accel.load_plan(path)
+        assert isinstance(check, ModelCheckConfig) and check.num_inference_steps == STEPS
+        assert len(loaded) == len(plan) and all(_equal(a, b) for a, b in zip(plan, loaded))
+        assert all(_equal(a, b) for a, b in zip(parse_plan(str(path), STEPS)[1:], loaded))
+        dit_accel.apply(pipe, *dit_accel.load_plan(path)).remove()  # its own model: accepted
+    other = tiny_pipeline("sd3", seed=1)  # the same architecture, other weights
+    with pytest.raises(ConfigError, match="does not fit this model: .*other weights"):
+        dit_accel.apply(other, *dit_accel.load_plan(tmp_path / "plan.json"))
+    dit_accel.apply(other).remove()  # the refusal left nothing attached
+    with pytest.raises(ConfigError, match="another model class"):
+        dit_accel.apply(tiny_pipeline("pixart"), *dit_accel.load_plan(tmp_path / "plan.json"))
+    with pytest.raises(ConfigError, match=f"tuned for {STEPS} steps, not 9"):
+        parse_plan(str(tmp_path / "plan.json"), 9)
+    # a call with other steps is refused at its first transformer call, before any block runs
+    with dit_accel.apply(pipe, *dit_accel.load_plan(tmp_path / "plan.json")):
+        with pytest.raises(ConfigError, match=f"tuned for {STEPS} steps; this call runs 3"):
+            pipe(**_call(), prompt=PROMPTS[0], num_inference_steps=3)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ConfigError, match="not a dit-accel plan file"):
+        dit_accel.load_plan(tmp_path / "bad.json")
+
+
+def test_the_accelerated_pipeline_takes_a_plan_file(pipe, tmp_path):
+    from dit_accel.pipelines import AcceleratedStableDiffusion3Pipeline
+
+    path = tmp_path / "plan.json"
+    dit_accel.save_plan(path, [FirstBlockCacheConfig(threshold=0.3)], pipe, num_inference_steps=STEPS)
+    accelerated = AcceleratedStableDiffusion3Pipeline.from_pipe(pipe, acceleration=str(path))
+    accelerated(**_call(), prompt=PROMPTS[0], num_inference_steps=STEPS)
+    assert accelerated.acceleration_report()["flops_ratio"] < 1
+    accelerated.set_acceleration(None)
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        AcceleratedStableDiffusion3Pipeline.from_pipe(tiny_pipeline("sd3", seed=1), acceleration=str(path))
+
+
+def test_tune_finds_a_plan_that_meets_the_target_within_its_budget(pipe, tmp_path):
+    path = tmp_path / "tuned.json"
+    result = dit_accel.tune(pipe, PROMPTS, target="psnr=20", steps=STEPS, batch=2, budget="60gen",
+                            held_out=PROMPTS[:2][::-1], path=path, **_call())
+    assert result.generations <= 60
+    tried = [c for c in result.candidates if c.batches]
+    assert len(tried) >= 5 and all(c.quality("psnr") is not None for c in tried)
+    if result.configs:  # on a tiny model a plan may not beat dense's wall clock; when one does it holds
+        winner = next(c for c in result.candidates if c.label == result.label)
+        assert winner.status == "meets the target" and result.quality >= 20 and winner.batches == 2
+        assert result.held_out_quality is not None and result.quality_moved is not None
+    else:
+        assert "dense is returned" in result.message
+    content = json.loads(path.read_text())
+    assert content["target"] == "psnr>=20" and content["measured"]["generations"] == result.generations
+    assert content["num_inference_steps"] == STEPS and content["threads"] == torch.get_num_threads()
+    loaded = dit_accel.load_plan(path)[1:]
+    assert len(loaded) == len(result.configs)
+
+
+def test_tune_stops_at_its_budget_and_returns_the_best_so_far(pipe):
+    result = dit_accel.tune(pipe, PROMPTS, target="psnr=20", steps=STEPS, batch=2, budget="12gen", **_call())
+    assert result.generations <= 12
+    assert any(c.status == "budget spent" or not c.batches for c in result.candidates)
+
+
+def test_a_target_no_plan_meets_returns_dense_with_a_message(pipe):
+    result = dit_accel.tune(pipe, PROMPTS[:2], target="psnr=150", steps=STEPS, batch=2, budget="40gen", **_call())
+    assert result.configs == [] and result.label == "dense" and result.speedup == 1.0
+    assert "no plan met psnr>=150" in result.message and "dense is returned" in result.message
+
+
+def test_bad_input_is_refused_before_any_generation(pipe, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="non-empty list of prompts"):
+        dit_accel.tune(pipe, [], **_call())
+    with pytest.raises(ConfigError, match="no generator"):
+        dit_accel.tune(pipe, PROMPTS, generator=torch.Generator(), **_call())
+    for argv, message in ((["--target", "psnr=x"], "metric=value"), (["--budget", "later"], "45m"),
+                          (["--out", str(tmp_path / "plan.txt")], ".json, .yaml or .yml"),
+                          (["--model", "tiny:sd3"], "--prompts FILE")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tune", "--quiet", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_tune_then_generate_and_bench_with_the_plan_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    plan = tmp_path / "plan.json"
+    assert main(["tune", "--model", "tiny:sd3", "--prompts", str(prompts), "--steps", str(STEPS), "--batch", "2",
+                 "--target", "psnr=20", "--budget", "40gen", "--out", str(plan), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "candidates tried" in out and plan.is_file()
+    search = json.loads(plan.with_name("plan.search.json").read_text())
+    assert search["model"] == "tiny:sd3" and search["candidates"]
+    assert main(["generate", "--model", "tiny:sd3", "--steps", str(STEPS), "--plan", str(plan),
+                 "--out", str(tmp_path / "gen"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
+    assert summary["runs"][1]["label"] == str(plan)
+    assert main(["bench", "--model", "tiny:sd3", "--steps", str(STEPS), "--plan", str(plan), "--prompts",
+                 str(prompts), "--count", "2", "--batch", "2", "--out", str(tmp_path / "bench"), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert rows[2]["label"] == str(plan) and rows[2]["status"] == "ok"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "tiny:sd3", "--steps", "3", "--plan", str(plan), "--out", str(tmp_path / "g"),
+              "--quiet"])
+    assert exit_info.value.code == 2 and "tuned for 6 steps" in capsys.readouterr().err
