@@ -67,6 +67,8 @@ SUITE_SETTING = {"batch": 8, "guidance": 4.0, "steps": 20}
 SUITE_COUNT = {"image": 16, "video": 8}
 #: procedural scenes of the suites; SUITE_SEED + 1 draws the real images the reference FID compares with
 SUITE_SEED = 7
+#: built-in prompts used unless --count asks for more (benchmarks/prompts/ holds 64 image and 30 video ones)
+BUILT_IN_COUNT = {"image": 8, "video": 4}
 #: prompts a call when they come from a file or the built-in sets
 DEFAULT_BATCH = 4
 #: steps of each row's untimed warm-up run
@@ -184,7 +186,8 @@ def _suite_of(args: argparse.Namespace) -> str | None:
 def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | None, pipe: Any,
                video: bool) -> Prompts:
     """The prompts `given` (`--prompts`), the suite's captions, the class names of a class-conditional
-    pipeline (DiT), or the built-in prompts for images or videos; the first `--count`."""
+    pipeline (DiT), or the built-in prompts for images or videos; the first `--count` (of the built-in
+    sets, `BUILT_IN_COUNT` unless a count is given)."""
     if suite is not None:
         batch = procedural.image_batch if suite == "image" else procedural.video_batch
         _, scenes = batch(args.count or SUITE_COUNT[suite], SUITE_SEED)
@@ -199,6 +202,7 @@ def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | N
     else:
         path = PROMPTS_DIR / ("video.txt" if video else "image.txt")
         texts, source = read_prompts(path), f"built-in {path.stem} prompts"
+        texts = texts[:args.count or BUILT_IN_COUNT["video" if video else "image"]]
     return Prompts(texts[:args.count] if args.count else texts, source)
 
 

@@ -6,15 +6,19 @@ the search measures them on the user's own prompts against their own dense outpu
 1. dense runs once per batch of tuning prompts (its outputs are the reference of every candidate);
 2. every technique's documented presets and every diffusers cache at a few settings (the singles)
    run on the first batch only: its quality, the ledger's FLOPs and its time;
-3. a candidate whose first-batch quality is within a margin of the target runs on the other batches;
-   one that meets the target on all of them is confirmed;
-4. stacks of singles from different stages are predicted before they run: their FLOPs as the product
-   of their members' (the ledger's, free), their speedup from that and the members' measured
-   wall/FLOPs efficiency, their PSNR by adding the members' errors (MSE). Only stacks predicted to
-   meet the target and to beat the best confirmed plan run, the most promising first;
-5. the fastest confirmed candidates are timed again side by side with dense, in turn, and the winner
-   is the one with the best median speedup; a target no plan meets returns dense, said so;
-6. held-out prompts, when given, are generated dense and with the winner: how much quality moved.
+3. each knob's boldest setting that still holds the target goes bolder (`Candidate.bolder`) until it
+   fails, or changes nothing twice in a row;
+4. candidates are judged by their expected speed: the ledger's FLOPs, exact and free, times the
+   technique's median wall/FLOPs efficiency so far (`Predictor`); one within a margin of the target on
+   the first batch, and within `FINAL_SLACK` of the best expected speed, runs on the other batches,
+   and one that meets the target on all of them is confirmed;
+5. stacks of singles from different stages are predicted before they run (FLOPs as the product of
+   their members', PSNR by adding their errors, both corrected by the stacks of the same pairing run
+   so far); only stacks predicted to hold the target and beat the best run, the most promising first;
+6. the fastest expected distinct confirmed candidates are timed again side by side with dense, in
+   turn, over every tuning batch; the winner has the best median speedup; a target no plan meets
+   returns dense, said so;
+7. held-out prompts, when given, are generated dense and with the winner: how much quality moved.
 
 MagCache's ratios and DyDiT's head scores are calibrated inside the search, on the first batch, when
 a candidate needs them. The budget (seconds and/or generations) covers everything; the search stops
@@ -39,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from .api import PlanRun, apply, calibrate, timed_run
+from .api import PlanRun, calibrate, timed_run
 from .config import ConfigError
 from .loading import call_arguments
 from .methods.dydit import DyDiTConfig
@@ -47,20 +51,24 @@ from .methods.flexdit import FlexDiTConfig
 from .methods.proxy import ProxyAttentionConfig
 from .methods.ras import RASConfig
 from .methods.svg2 import SVG2Config
-from .metrics.quality import mean_db, psnr_frames, ssim_frames
 from .machine import machine
+from .metrics.quality import mean_db, psnr_frames, ssim_frames
 from .plan_files import save_plan
-from .runtime.registry import stages_of
+from .runtime.registry import registration, stages_of
 
 #: prompts a call (the reference models' standard setting)
 DEFAULT_BATCH = 8
 #: steps of each candidate's untimed warm-up
 WARMUP_STEPS = 2
-#: stacks tried at most, best predicted first (pairs, then triples on confirmed pairs)
-MAX_STACKS = 16
-#: candidates timed again side by side at the end, and rounds of it
-FINAL_CANDIDATES = 3
+#: stacks tried at most, best predicted first (pairs, then as many triples on confirmed pairs)
+MAX_STACKS = 24
+#: (threshold, max_skip_steps) of the MagCache candidates
+MAGCACHE_SETTINGS = ((0.03, 2), (0.06, 2), (0.1, 2), (0.15, 2), (0.25, 2), (0.15, 4), (0.25, 4), (0.25, 6))
+#: candidates timed again side by side at the end (over every tuning batch), and rounds of it
+FINAL_CANDIDATES = 4
 FINAL_ROUNDS = 2
+#: a candidate whose expected speed is this close below the best confirmed one's may still win the final
+FINAL_SLACK = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +142,10 @@ class Candidate:
     members: tuple = ()
     #: makes the configs when first run (calibrations), else None
     prepare: Callable[[], list] | None = None
+    #: the knob a setting belongs to ("fbcache", "magcache, 4 skips", ...), if it has one
+    knob: str | None = None
+    #: the next, bolder setting of the same knob (kept on the boldest one of the start), else None
+    bolder: Callable[[], "Candidate | None"] | None = None
     status: str = "not tried"
     error: str | None = None
     batches: int = 0
@@ -211,8 +223,11 @@ def singles(pipe: Any, steps: int, calibration_path: str, first_call: Callable[[
     calibration run)."""
     import diffusers.hooks as hooks
 
-    found = [Candidate(f"ras:sample_ratio={ratio:g}", [RASConfig.for_steps(steps, sample_ratio=ratio)])
-             for ratio in (0.75, 0.5, 0.25)]
+    def ras(ratio: float) -> Candidate:
+        return Candidate(f"ras:sample_ratio={ratio:.3g}", [RASConfig.for_steps(steps, sample_ratio=ratio)], knob="ras",
+                         bolder=lambda: ras(ratio * 0.6) if ratio * 0.6 >= 0.05 else None)
+
+    found = [ras(ratio) for ratio in (0.75, 0.5, 0.25)]
     for cls in (FlexDiTConfig, DyDiTConfig, SVG2Config, ProxyAttentionConfig):
         found += [Candidate(f"{cls.name}:preset={name}", [cls.preset(name)]) for name in cls.presets]
 
@@ -225,44 +240,123 @@ def singles(pipe: Any, steps: int, calibration_path: str, first_call: Callable[[
     found += [Candidate(f"dydit:preset={name},calibrated", [], prepare=calibrated_dydit(name))
               for name, fields in DyDiTConfig.presets.items() if fields["width_ratio"] < 1]
     warmup = RASConfig.for_steps(steps).warmup_steps
-    found += [Candidate(f"fbcache:threshold={t:g}", [hooks.FirstBlockCacheConfig(threshold=t)])
-              for t in (0.05, 0.08, 0.12, 0.2, 0.3)]
-    found += [Candidate(f"taylorseer:cache_interval={n}", [hooks.TaylorSeerCacheConfig(
-        cache_interval=n, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=torch.float32)])
-        for n in (2, 3)]
+    def fbcache(threshold: float) -> Candidate:
+        return Candidate(f"fbcache:threshold={threshold:.3g}", [hooks.FirstBlockCacheConfig(threshold=threshold)],
+                         knob="fbcache", bolder=lambda: fbcache(threshold * 1.5) if threshold < 2 else None)
+
+    def taylorseer(interval: int) -> Candidate:
+        return Candidate(f"taylorseer:cache_interval={interval}", [hooks.TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=torch.float32)],
+            knob="taylorseer", bolder=lambda: taylorseer(interval + 1) if interval < steps // 2 else None)
+
+    found += [fbcache(t) for t in (0.05, 0.08, 0.12, 0.2, 0.3)] + [taylorseer(n) for n in (2, 3)]
     ratios: list = []
 
-    def magcache(threshold: float) -> Callable[[], list]:
+    def magcache(threshold: float, skips: int) -> Callable[[], list]:
         def prepare() -> list:
-            if not ratios:  # one calibration run serves every threshold
+            if not ratios:  # one calibration run serves every setting
                 calibrating("MagCache's per-step ratios")
-                probe = hooks.MagCacheConfig(threshold=threshold, max_skip_steps=2, calibrate=True)
+                probe = hooks.MagCacheConfig(threshold=threshold, calibrate=True)
                 ratios.append(calibrate(pipe, probe, **first_call()).mag_ratios)
-            return [hooks.MagCacheConfig(threshold=threshold, max_skip_steps=2, mag_ratios=ratios[0],
+            return [hooks.MagCacheConfig(threshold=threshold, max_skip_steps=skips, mag_ratios=ratios[0],
                                          num_inference_steps=steps)]
         return prepare
 
-    found += [Candidate(f"magcache:threshold={t:g}", [], prepare=magcache(t)) for t in (0.03, 0.06, 0.1, 0.15)]
+    def magcache_candidate(threshold: float, skips: int) -> Candidate:
+        return Candidate(f"magcache:threshold={threshold:.3g},max_skip_steps={skips}", [],
+                         prepare=magcache(threshold, skips), knob=f"magcache, {skips} skips",
+                         bolder=lambda: magcache_candidate(threshold * 1.6, skips) if threshold < 2 else None)
+
+    found += [magcache_candidate(t, n) for t, n in MAGCACHE_SETTINGS]
     found.append(Candidate("pab:spatial_attention_block_skip_range=2",
                            [hooks.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)]))
+    boldest = {c.knob: c for c in found if c.knob is not None}  # the last setting of each knob
     for candidate in found:
         candidate.members = (candidate,)
+        if boldest.get(candidate.knob) is not candidate:
+            candidate.bolder = None
     return found
 
 
 def predicted_quality(members: tuple[Candidate, ...], metric: str) -> float:
-    """A stack's quality from its members': PSNR by adding their mean squared errors, SSIM by adding
-    their losses (errors of independent stages roughly add)."""
+    """A stack's quality from its members' if their errors added: PSNR by adding their mean squared
+    errors, SSIM by adding their losses."""
     values = [m.quality(metric) for m in members]
     if metric == "psnr":
         return -10 * math.log10(sum(10 ** (-min(v, 100.0) / 10) for v in values))
     return 1 - sum(1 - v for v in values)
 
 
-def predicted_speedup(members: tuple[Candidate, ...]) -> float:
-    """The product of the members' FLOPs speedups (the ledger's) times the worst member's efficiency."""
-    flops = math.prod(m.flops_ratio or 1.0 for m in members)
-    return min(m.efficiency for m in members) / flops
+class Predictor:
+    """Speed and quality of candidates before (or without) timing them side by side.
+
+    Speed comes from the ledger's FLOPs, which are exact and free, times a wall/FLOPs efficiency per
+    technique: the median over every run of that technique so far (single runs on this machine drift by
+    10-30%, a FLOPs ratio does not). A stack's FLOPs are its members' product until it runs. Quality of
+    a stack starts as its members' errors added (`predicted_quality`) and its efficiency as its worst
+    member's; both are corrected by the stacks of the same techniques run so far (the median of measured
+    error / added errors, and of measured efficiency / predicted). Errors compound unevenly (a step
+    cache reusing residuals that token skipping already approximated loses far more than the two alone),
+    so each pairing of techniques is learnt on its own, and a pairing not run yet is tried optimistically.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.efficiencies: dict[str, list[float]] = {}
+        #: per pairing of techniques (their kinds, sorted): measured / predicted, error and efficiency
+        self.error_ratios: dict[tuple, list[float]] = {}
+        self.efficiency_ratios: dict[tuple, list[float]] = {}
+
+    @staticmethod
+    def _median(values: list[float] | None) -> float:
+        return statistics.median(values) if values else 1.0
+
+    @staticmethod
+    def _kind(candidate: Candidate) -> str:
+        return "+".join(sorted(registration(c).name for c in candidate.configs))
+
+    def _pairing(self, candidate: Candidate) -> tuple:
+        return tuple(sorted(self._kind(m) for m in candidate.members))
+
+    def efficiency(self, candidate: Candidate) -> float:
+        if len(candidate.members) <= 1:
+            return self._median(self.efficiencies.get(self._kind(candidate)))
+        worst = min(self.efficiency(m) for m in candidate.members)
+        return worst * self._median(self.efficiency_ratios.get(self._pairing(candidate)))
+
+    def flops(self, candidate: Candidate) -> float:
+        if candidate.flops_ratio is not None:
+            return candidate.flops_ratio
+        return math.prod(m.flops_ratio or 1.0 for m in candidate.members)
+
+    def speed(self, candidate: Candidate) -> float:
+        """The expected wall-clock speedup: the FLOPs speedup at the technique's efficiency."""
+        return self.efficiency(candidate) / self.flops(candidate)
+
+    def quality(self, candidate: Candidate) -> float:
+        """Measured, else (a stack not run yet) predicted."""
+        if candidate.batches:
+            return candidate.quality(self.metric)
+        added = predicted_quality(candidate.members, self.metric)
+        factor = self._median(self.error_ratios.get(self._pairing(candidate)))
+        return added - 10 * math.log10(factor) if self.metric == "psnr" else 1 - (1 - added) * factor
+
+    def observe(self, candidate: Candidate) -> None:
+        """Take in a candidate's run: its technique's efficiency; for a stack its error and efficiency
+        against the predicted ones."""
+        if not candidate.speedup or candidate.flops_ratio is None:
+            return
+        if len(candidate.members) <= 1:
+            self.efficiencies.setdefault(self._kind(candidate), []).append(candidate.efficiency)
+            return
+        pairing = self._pairing(candidate)
+        measured, added = candidate.quality(self.metric), predicted_quality(candidate.members, self.metric)
+        if self.metric == "psnr":
+            self.error_ratios.setdefault(pairing, []).append(10 ** ((added - min(measured, 100.0)) / 10))
+        elif added < 1:
+            self.error_ratios.setdefault(pairing, []).append((1 - measured) / (1 - added))
+        worst = min(self.efficiency(m) for m in candidate.members)
+        self.efficiency_ratios.setdefault(pairing, []).append(candidate.efficiency / worst)
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -276,6 +370,7 @@ class _Search:
         self.started = time.perf_counter()
         self.generations = 0
         self.dense: list[PlanRun] = []
+        self.predictor = Predictor(target.metric)
         #: seconds and generations kept back for the final timing and the held-out check
         self.reserve_seconds = 0.0
         self.reserve_generations = 0
@@ -326,76 +421,73 @@ class _Search:
             values = psnr_frames(run.output, dense.output)
             candidate.psnr_frames += values
             candidate.ssim_sum += ssim_frames(run.output, dense.output) * len(values)
+        self.predictor.observe(candidate)
 
-    def try_candidate(self, candidate: Candidate, best: float) -> bool:
-        """Screen on the first batch, then the other batches if it can still meet the target and win;
-        True when it is confirmed (meets the target on every tuning batch)."""
-        metric = self.target.metric
+    def _measured(self, candidate: Candidate, indices: list[int]) -> bool:
+        """`measure`, keeping a plan the runtime refuses or the model cannot run with its error."""
         try:
-            if not candidate.batches:
-                if not self.can_run(2):
-                    candidate.status = "budget spent"
-                    return False
-                self.measure(candidate, [0])
-            first = candidate.quality(metric)
-            if first < self.target.value - self.target.margin:
-                candidate.status = "misses the target on the first batch"
-                return False
-            if (candidate.speedup or 0) <= best:
-                candidate.status = "meets it, slower than the best so far" if first >= self.target.value else \
-                    "cannot win: slower than the best so far"
-                return False
-            rest = list(range(candidate.batches, len(self.batches)))
-            if rest:
-                if not self.can_run(len(rest)):
-                    candidate.status = "budget spent"
-                    return False
-                self.measure(candidate, rest)
+            self.measure(candidate, indices)
+            return True
         except ConfigError as error:
             candidate.status, candidate.error = "refused", str(error)
-            return False
         except Exception as error:  # a candidate the model cannot run is reported, not fatal
             candidate.status, candidate.error = "failed", f"{type(error).__name__}: {error}"[:300]
+        return False
+
+    def screen(self, candidate: Candidate) -> bool:
+        """Run `candidate` on the first batch, budget allowing; False when it did not run."""
+        if not self.can_run(2):
+            candidate.status = "budget spent"
+            return False
+        return self._measured(candidate, [0])
+
+    def try_candidate(self, candidate: Candidate, best: float) -> bool:
+        """Screen on the first batch, then the other batches if it can still meet the target and win
+        (expected speed within `FINAL_SLACK` of `best`, the best confirmed one's); True when it is
+        confirmed (meets the target on every tuning batch)."""
+        metric = self.target.metric
+        if not candidate.batches and not self.screen(candidate):
+            return False
+        first = candidate.quality(metric)
+        if first < self.target.value - self.target.margin:
+            candidate.status = "misses the target on the first batch"
+            return False
+        if self.predictor.speed(candidate) <= best * (1 - FINAL_SLACK):
+            candidate.status = "meets it, slower than the best so far" if first >= self.target.value else \
+                "cannot win: slower than the best so far"
+            return False
+        rest = list(range(candidate.batches, len(self.batches)))
+        if rest and not self.can_run(len(rest)):
+            candidate.status = "budget spent"
+            return False
+        if rest and not self._measured(candidate, rest):
             return False
         met = candidate.quality(metric) >= self.target.value
         candidate.status = "meets the target" if met else "misses the target"
         self.say(f"[{self.elapsed():.0f} s, {self.generations} runs] {candidate.label}: {metric} "
-                 f"{candidate.quality(metric):.3f}, {candidate.speedup:.2f}x, FLOPs {candidate.flops_ratio or 1:.3f}: "
+                 f"{candidate.quality(metric):.3f}, {candidate.speedup:.2f}x measured, "
+                 f"{self.predictor.speed(candidate):.2f}x expected, FLOPs {candidate.flops_ratio or 1:.3f}: "
                  f"{candidate.status}")
         return met
 
 
-def _composable(pipe: Any, configs: list) -> bool:
-    try:
-        apply(pipe, *configs).remove()
-    except ConfigError:
-        return False
-    return True
-
-
-def stacks(pipe: Any, pool: list[Candidate], best: float, target: Target, size: int,
-           bases: list[Candidate] | None = None) -> list[Candidate]:
-    """Stacks of `size` members from different stages, each member meeting the target alone (or, for
-    triples, a confirmed pair plus one), predicted to meet it and to beat `best`; most promising first."""
+def stack_options(pool: list[Candidate], target: Target, size: int,
+                  bases: list[Candidate] | None = None) -> list[Candidate]:
+    """Every stack of `size` members from different stages, each member meeting the target alone on the
+    first batch (triples: a confirmed pair plus one such member). Not yet checked to compose: a plan the
+    runtime refuses is refused when it is tried."""
     metric = target.metric
-    usable = [c for c in pool if c.batches and c.quality(metric) is not None and c.quality(metric) >= target.value]
+    usable = [c for c in pool if len(c.members) == 1 and c.batches and c.quality(metric) >= target.value]
     groups = ([base.members + (extra,) for base in bases for extra in usable if extra not in base.members]
               if bases is not None else itertools.combinations(usable, size))
     found, seen = [], set()
     for members in groups:
         key = frozenset(m.label for m in members)
-        stages = [m.stages for m in members]
-        if key in seen or any(a & b for a, b in itertools.combinations(stages, 2)):
+        if key in seen or any(a.stages & b.stages for a, b in itertools.combinations(members, 2)):
             continue
         seen.add(key)
-        speed, quality = predicted_speedup(members), predicted_quality(members, metric)
-        if quality < target.value - target.margin or speed <= best:
-            continue
-        configs = [c for m in members for c in m.configs]
-        if not _composable(pipe, configs):
-            continue
-        found.append(Candidate("+".join(m.label for m in members), configs, members, predicted=(speed, quality)))
-    return sorted(found, key=lambda c: -c.predicted[0])
+        found.append(Candidate("+".join(m.label for m in members), [c for m in members for c in m.configs], members))
+    return found
 
 
 def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", steps: int | None = None,
@@ -436,52 +528,82 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     dense_batch = statistics.mean(d.seconds for d in search.dense)
     say(f"dense: {dense_batch:.2f} s a batch")
     held = calls(list(held_out)) if held_out else []
-    search.reserve_generations = FINAL_CANDIDATES * FINAL_ROUNDS + FINAL_ROUNDS + 2 * len(held)
+    search.reserve_generations = (FINAL_CANDIDATES + 1) * FINAL_ROUNDS * len(batches) + 2 * len(held)
     search.reserve_seconds = search.reserve_generations * dense_batch
 
     pool = singles(pipe, steps, str(workdir / f"{stem}.dydit.safetensors"),
                    lambda: {**batches[0], "generator": torch.Generator().manual_seed(seed)}, search.calibrating)
     confirmed: list[Candidate] = []
 
+    predictor = search.predictor
+
     def best() -> float:
-        return max((c.speedup for c in confirmed), default=1.0)
+        return max((predictor.speed(c) for c in confirmed), default=1.0)
 
     # the singles: all on the first batch first (they are the stacks' members), then the rest of the batches
     for candidate in pool:
-        try:
-            if search.can_run(2):
-                search.measure(candidate, [0])
-        except ConfigError as error:
-            candidate.status, candidate.error = "refused", str(error)
-        except Exception as error:
-            candidate.status, candidate.error = "failed", f"{type(error).__name__}: {error}"[:300]
-    for candidate in sorted((c for c in pool if c.batches), key=lambda c: -(c.speedup or 0)):
+        search.screen(candidate)
+    # each knob's boldest setting that still holds goes one step bolder, while it holds on the first batch
+    bolder = [c for c in pool if c.bolder is not None]
+    unchanged = {id(c): 0 for c in bolder}  # steps in a row that changed neither work nor output
+    while bolder and search.can_run(2):
+        base = bolder.pop(0)
+        if base.quality(target.metric) is None or base.quality(target.metric) < target.value - target.margin:
+            continue
+        step = base.bolder()
+        if step is None:
+            continue
+        step.members = (step,)
+        pool.append(step)
+        search.screen(step)
+        same = step.flops_ratio == base.flops_ratio and step.psnr_frames == base.psnr_frames
+        unchanged[id(step)] = unchanged[id(base)] + 1 if same else 0
+        if step.bolder is not None and unchanged[id(step)] < 2:  # past its effect, a knob changes nothing more
+            bolder.append(step)
+    for candidate in sorted((c for c in pool if c.batches), key=lambda c: -predictor.speed(c)):
         if search.try_candidate(candidate, best()):
             confirmed.append(candidate)
+    # stacks, the most promising by the (corrected) prediction first, while any is predicted to win
     for size in (2, 3):
         bases = [c for c in confirmed if len(c.members) == 2] if size == 3 else None
-        tried = stacks(pipe, pool, best(), target, size, bases)[:MAX_STACKS // 2 if size == 3 else MAX_STACKS]
-        pool += tried
-        for candidate in tried:
-            if candidate.predicted[0] > best() and search.try_candidate(candidate, best()):
+        options = stack_options(pool, target, size, bases)
+        pool += options
+        for _ in range(MAX_STACKS):
+            live = [c for c in options if c.status == "not tried" and predictor.speed(c) > best()
+                    and predictor.quality(c) >= target.value - target.margin]
+            if not live or not search.can_run(2):
+                break
+            candidate = max(live, key=predictor.speed)
+            candidate.predicted = (predictor.speed(candidate), predictor.quality(candidate))
+            if search.try_candidate(candidate, best()):
                 confirmed.append(candidate)
-            elif candidate.status == "not tried":
-                candidate.status = "cannot win: predicted slower than the best so far"
+        for candidate in options:
+            if candidate.status == "not tried":
+                candidate.status = "cannot win or hold the target, as predicted"
 
-    # the final, side by side: the fastest confirmed ones in turn with dense
-    finalists = sorted(confirmed, key=lambda c: -c.speedup)[:FINAL_CANDIDATES]
-    if len(finalists) > 1 and search.can_run(len(finalists) + 1, reserved=False):
+    # the final, side by side: the fastest expected distinct confirmed ones in turn with dense, every batch
+    finalists: list[Candidate] = []
+    for candidate in sorted(confirmed, key=lambda c: -predictor.speed(c)):
+        same = next((f for f in finalists if f.flops_ratio == candidate.flops_ratio
+                     and f.psnr_frames == candidate.psnr_frames), None)
+        if same is not None:  # the same work and outputs: the same plan in effect
+            candidate.status = f"meets the target, does what {same.label} does"
+        elif len(finalists) < FINAL_CANDIDATES:
+            finalists.append(candidate)
+    rounds = len(search.batches) * (len(finalists) + 1)
+    if len(finalists) > 1 and search.can_run(rounds, reserved=False):
         ratios: dict[str, list[float]] = {c.label: [] for c in finalists}
         for _ in range(FINAL_ROUNDS):
-            if not search.can_run(len(finalists) + 1, reserved=False):
+            if not search.can_run(rounds, reserved=False):
                 break
-            dense = search.run([], 0)
-            for candidate in finalists:
-                ratios[candidate.label].append(dense.seconds / search.run(candidate.configs, 0).seconds)
+            for index in range(len(search.batches)):
+                dense = search.run([], index)
+                for candidate in finalists:
+                    ratios[candidate.label].append(dense.seconds / search.run(candidate.configs, index).seconds)
         for candidate in finalists:
             if ratios[candidate.label]:
                 candidate.final_speedup = statistics.median(ratios[candidate.label])
-    winner = max(finalists, key=lambda c: c.final_speedup or c.speedup, default=None)
+    winner = max(finalists, key=lambda c: c.final_speedup or predictor.speed(c), default=None)
 
     metric = target.metric
     if winner is None:

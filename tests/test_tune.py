@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from dit_accel.cli import main
 from dit_accel.methods import ModelCheckConfig
 from dit_accel.plans import parse_plan
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
-from dit_accel.tuning import Candidate, predicted_quality, predicted_speedup
+from dit_accel.tuning import Candidate, Predictor, predicted_quality
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green circle", "a red square"]
 STEPS = 6
@@ -59,13 +60,30 @@ def test_targets_and_budgets_parse_and_refuse_nonsense():
         Budget.parse("soon")
 
 
-def test_stacks_are_predicted_from_their_members():
-    a = Candidate("a", [], psnr_frames=[30.0, 30.0], flops_ratio=0.5, seconds=1.0, dense_seconds=1.8)
-    b = Candidate("b", [], psnr_frames=[30.0], flops_ratio=0.8, seconds=1.0, dense_seconds=1.25)
-    # equal errors add: twice the MSE is 3 dB less
-    assert predicted_quality((a, b), "psnr") == pytest.approx(30 - 10 * torch.log10(torch.tensor(2.0)).item())
-    # FLOPs speedups multiply, at the worse member's wall/FLOPs efficiency (a: 0.9, b: 1.0)
-    assert predicted_speedup((a, b)) == pytest.approx(0.9 / (0.5 * 0.8))
+def test_stacks_are_predicted_from_their_members_and_corrected_by_the_stacks_run():
+    def single(label, config, psnr, flops, dense_seconds):
+        candidate = Candidate(label, [config], psnr_frames=psnr, flops_ratio=flops, seconds=1.0,
+                              dense_seconds=dense_seconds, batches=1)
+        candidate.members = (candidate,)
+        return candidate
+
+    a = single("a", FirstBlockCacheConfig(threshold=0.2), [30.0, 30.0], 0.5, 1.8)  # efficiency 0.9
+    b = single("b", dit_accel.RASConfig(), [30.0], 0.8, 1.25)  # efficiency 1.0
+    predictor = Predictor("psnr")
+    predictor.observe(a)
+    predictor.observe(b)
+    stack = Candidate("a+b", a.configs + b.configs, (a, b))
+    added = 30 - 10 * math.log10(2)  # equal errors add: twice the MSE is 3 dB less
+    assert predicted_quality((a, b), "psnr") == pytest.approx(added)
+    assert predictor.quality(stack) == pytest.approx(added)
+    # FLOPs speedups multiply, at the worse member's efficiency
+    assert predictor.speed(stack) == pytest.approx(0.9 / (0.5 * 0.8))
+    # a stack that ran 3 dB under the added errors, at 0.8 of its members' efficiency, corrects the next one
+    stack.batches, stack.psnr_frames, stack.flops_ratio, stack.seconds, stack.dense_seconds = 1, [added - 3], 0.4, 1.0, 1.8
+    predictor.observe(stack)
+    other = Candidate("b+a", b.configs + a.configs, (b, a))
+    assert predictor.quality(other) == pytest.approx(added - 3)
+    assert predictor.speed(other) == pytest.approx(0.9 * 0.8 / 0.4)
 
 
 def test_plan_files_round_trip_and_are_refused_for_another_model(pipe, tmp_path):
