@@ -35,6 +35,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -490,6 +491,17 @@ def stack_options(pool: list[Candidate], target: Target, size: int,
     return found
 
 
+def _kept_calibration(config: Any, scratch: Path, plan: Path) -> Any:
+    """A DyDiT config whose calibration the search wrote in `scratch`, with the file moved beside `plan`."""
+    calibration = getattr(config, "calibration", None)
+    if not isinstance(config, DyDiTConfig) or calibration is None or Path(calibration).parent != scratch:
+        return config
+    kept = plan.with_name(plan.stem + ".dydit.safetensors")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(calibration, kept)
+    return dataclasses.replace(config, calibration=str(kept))
+
+
 def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", steps: int | None = None,
          budget: str | Budget | float | None = None, batch: int = DEFAULT_BATCH, seed: int = 0,
          held_out: list[str] | None = None, path: str | os.PathLike | None = None,
@@ -519,8 +531,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
 
     batches = calls(list(prompts))
     search = _Search(pipe, batches, seed, target, budget, say)
-    workdir = Path(path).parent if path is not None else Path(tempfile.mkdtemp(prefix="dit-accel-tune-"))
-    stem = Path(path).stem if path is not None else "tuned"
+    scratch = Path(tempfile.mkdtemp(prefix="dit-accel-tune-"))  # calibrations; the winner's moves beside the plan
 
     say(f"dense on {len(batches)} batch(es) of up to {batch}, {steps} steps")
     search.run([], 0, min(WARMUP_STEPS, steps))
@@ -531,7 +542,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     search.reserve_generations = (FINAL_CANDIDATES + 1) * FINAL_ROUNDS * len(batches) + 2 * len(held)
     search.reserve_seconds = search.reserve_generations * dense_batch
 
-    pool = singles(pipe, steps, str(workdir / f"{stem}.dydit.safetensors"),
+    pool = singles(pipe, steps, str(scratch / "dydit.safetensors"),
                    lambda: {**batches[0], "generator": torch.Generator().manual_seed(seed)}, search.calibrating)
     confirmed: list[Candidate] = []
 
@@ -630,6 +641,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     result = TuneResult(configs, label, target, speedup, quality, held_quality, pool, search.generations,
                         search.elapsed(), message)
     if path is not None:
+        configs = result.configs = [_kept_calibration(c, scratch, Path(path)) for c in configs]
         save_plan(path, configs, pipe, num_inference_steps=steps, target=str(target),
                   measured={k: v for k, v in result.summary().items() if k != "candidates"},
                   machine=machine(getattr(pipe, "device", "cpu")), threads=torch.get_num_threads(),

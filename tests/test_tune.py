@@ -16,6 +16,7 @@ import dit_accel
 from dit_accel import Budget, ConfigError, Target
 from dit_accel.cli import main
 from dit_accel.methods import ModelCheckConfig
+from dit_accel.models.identity import model_identity
 from dit_accel.plans import parse_plan
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 from dit_accel.tuning import Candidate, Predictor, predicted_quality
@@ -114,6 +115,19 @@ def test_plan_files_round_trip_and_are_refused_for_another_model(pipe, tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ConfigError, match="not a dit-accel plan file"):
         dit_accel.load_plan(tmp_path / "bad.json")
+
+
+def test_the_weight_fingerprint_does_not_depend_on_module_order():
+    # cache-dit's enable/disable re-registers modules: the same weights, in another order
+    first, second = torch.nn.Module(), torch.nn.Module()
+    first.a, first.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    second.b, second.a = torch.nn.Linear(3, 2), torch.nn.Linear(3, 3)
+    second.load_state_dict(first.state_dict())
+    assert list(first.state_dict()) != list(second.state_dict())
+    assert model_identity(first) == model_identity(second)
+    with torch.no_grad():
+        second.a.weight[0, 0] += 1
+    assert model_identity(first)["weights"] != model_identity(second)["weights"]
 
 
 def test_the_accelerated_pipeline_takes_a_plan_file(pipe, tmp_path):

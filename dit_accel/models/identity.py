@@ -27,7 +27,7 @@ def _config_hash(module: nn.Module) -> str:
 def _weights_fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in module.state_dict().items():
+        for name, tensor in sorted(module.state_dict().items()):  # by name: wrappers may re-register modules
             flat = tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // _SAMPLES)
             sample = flat[::stride][:_SAMPLES].to("cpu", torch.float32)
