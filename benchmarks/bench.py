@@ -47,7 +47,7 @@ import torch
 import dit_accel
 from dit_accel.api import PlanRun
 from dit_accel.benchmarks.common import markdown_table, timed
-from dit_accel.cli import (DEFAULT_PLANS, _call_options, _load, _model_options, _plain_fields, _plan_spec,
+from dit_accel.cli import (DEFAULT_PLANS, TUNING_SEED, _call_options, _load, _model_options, _plain_fields, _plan_spec,
                            _status, call_kwargs)
 from dit_accel.config import ConfigError
 from dit_accel.loading import UsageError, default_model, read_prompts
@@ -65,8 +65,9 @@ PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 SUITE_SETTING = {"batch": 8, "guidance": 4.0, "steps": 20}
 #: captions per suite (image: 2 batches; video: 1, a video sample costs ~3x an image one)
 SUITE_COUNT = {"image": 16, "video": 8}
-#: procedural scenes of the suites; SUITE_SEED + 1 draws the real images the reference FID compares with
-SUITE_SEED = 7
+#: procedural scenes of the suites: the captions `dit-accel tune` tunes on; SUITE_SEED + 1 draws the real
+#: images the reference FID compares with
+SUITE_SEED = TUNING_SEED
 #: built-in prompts used unless --count asks for more (benchmarks/prompts/ holds 64 image and 30 video ones)
 BUILT_IN_COUNT = {"image": 8, "video": 4}
 #: prompts a call when they come from a file or the built-in sets

@@ -647,5 +647,4 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
                   machine=machine(getattr(pipe, "device", "cpu")), threads=torch.get_num_threads(),
                   prompts=len(prompts), held_out_prompts=len(held_out or []))
         result.path = str(path)
-    say(message)
     return result
