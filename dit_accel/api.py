@@ -19,7 +19,7 @@ from . import methods  # noqa: F401  (registers every technique and diffusers ca
 from .config import ConfigError
 from .methods.diffusers_caches import logged_mag_ratios
 from .methods.dydit import DyDiTConfig, DyDiTScores, save_calibration
-from .models import adapter_for
+from .models import adapter_for, pipeline_transformers
 from .runtime.context import StepTracker
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
@@ -139,26 +139,6 @@ class AccelerationHandle:
         self.remove()
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model under `torch.compile`'s wrapper (hooks go on the real modules)."""
-    return getattr(module, "_orig_mod", module)
-
-
-def _transformers_of(target: Any) -> tuple[list[nn.Module], Any | None]:
-    if isinstance(target, nn.Module):
-        return [_unwrap(target)], None
-    if not hasattr(target, "components"):
-        raise TypeError(f"dit_accel.apply expects a diffusers pipeline or a transformer model, got {type(target).__name__}")
-    transformer = getattr(target, "transformer", None)
-    if transformer is None:
-        raise TypeError(
-            f"{type(target).__name__} has no `transformer` component: dit-accel accelerates diffusion-transformer "
-            "pipelines (SD3, Flux, PixArt, DiT, Wan, HunyuanVideo, CogVideoX), not UNet ones"
-        )
-    second = getattr(target, "transformer_2", None)
-    return [_unwrap(transformer)] + ([_unwrap(second)] if second is not None else []), target
-
-
 def _is_accelerated(module: nn.Module) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
@@ -207,7 +187,7 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     for config in configs:
         registration(config)
     check_composable(configs)
-    transformers, pipeline = _transformers_of(pipe_or_transformer)
+    transformers, pipeline = pipeline_transformers(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]
     for transformer in transformers:
         if _is_accelerated(transformer):

@@ -22,6 +22,7 @@ import torch
 
 from .config import ConfigError
 from .methods.model_check import ModelCheckConfig
+from .models import pipeline_transformers
 from .models.identity import model_identity
 from .runtime.registry import registration, registrations
 
@@ -121,13 +122,6 @@ def plan_summary(configs: list[Any]) -> str:
     return "+".join(members) or "dense"
 
 
-def transformers_of(pipe: Any) -> list[torch.nn.Module]:
-    """The pipeline's transformers (`transformer`, and Wan 2.2's `transformer_2`), or a bare one."""
-    if isinstance(pipe, torch.nn.Module):
-        return [pipe]
-    return [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if m is not None]
-
-
 def save_plan(path: str | Path, configs: list[Any], pipe: Any, *, num_inference_steps: int | None,
               **details: Any) -> dict[str, Any]:
     """Write `configs` as a plan file for `pipe`'s transformers at `num_inference_steps`, with `details`
@@ -135,7 +129,7 @@ def save_plan(path: str | Path, configs: list[Any], pipe: Any, *, num_inference_
     path = Path(path)
     plain = [c for c in configs if not isinstance(c, ModelCheckConfig)]
     content = {"format": FORMAT, "version": VERSION,
-               "models": [ModelCheckConfig.joined(model_identity(t)) for t in transformers_of(pipe)],
+               "models": [ModelCheckConfig.joined(model_identity(t)) for t in pipeline_transformers(pipe)[0]],
                "num_inference_steps": num_inference_steps, "summary": plan_summary(plain),
                "configs": [config_record(c) for c in plain], **details}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -172,6 +172,10 @@ class Candidate:
             return None
         return mean_db(self.psnr_frames) if metric == "psnr" else self.ssim_sum / len(self.psnr_frames)
 
+    def does_what(self, other: "Candidate") -> bool:
+        """The same work and the same outputs as `other`: the same plan in effect (a knob past its effect)."""
+        return self.flops_ratio == other.flops_ratio and self.psnr_frames == other.psnr_frames
+
     @property
     def efficiency(self) -> float:
         """Wall-clock speedup over the FLOPs speedup (1: time falls exactly as the counted work does)."""
@@ -471,6 +475,24 @@ class _Search:
                  f"{candidate.status}")
         return met
 
+    def time_side_by_side(self, finalists: list[Candidate]) -> None:
+        """`FINAL_ROUNDS` rounds of dense then every finalist, in turn, on every tuning batch, as far as
+        the whole budget goes; each finalist's `final_speedup` is the median of its ratios to dense."""
+        rounds = len(self.batches) * (len(finalists) + 1)
+        if len(finalists) < 2:
+            return
+        ratios: dict[str, list[float]] = {c.label: [] for c in finalists}
+        for _ in range(FINAL_ROUNDS):
+            if not self.can_run(rounds, reserved=False):
+                break
+            for index in range(len(self.batches)):
+                dense = self.run([], index)
+                for candidate in finalists:
+                    ratios[candidate.label].append(dense.seconds / self.run(candidate.configs, index).seconds)
+        for candidate in finalists:
+            if ratios[candidate.label]:
+                candidate.final_speedup = statistics.median(ratios[candidate.label])
+
 
 def stack_options(pool: list[Candidate], target: Target, size: int,
                   bases: list[Candidate] | None = None) -> list[Candidate]:
@@ -567,8 +589,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         step.members = (step,)
         pool.append(step)
         search.screen(step)
-        same = step.flops_ratio == base.flops_ratio and step.psnr_frames == base.psnr_frames
-        unchanged[id(step)] = unchanged[id(base)] + 1 if same else 0
+        unchanged[id(step)] = unchanged[id(base)] + 1 if step.does_what(base) else 0
         if step.bolder is not None and unchanged[id(step)] < 2:  # past its effect, a knob changes nothing more
             bolder.append(step)
     for candidate in sorted((c for c in pool if c.batches), key=lambda c: -predictor.speed(c)):
@@ -595,25 +616,12 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     # the final, side by side: the fastest expected distinct confirmed ones in turn with dense, every batch
     finalists: list[Candidate] = []
     for candidate in sorted(confirmed, key=lambda c: -predictor.speed(c)):
-        same = next((f for f in finalists if f.flops_ratio == candidate.flops_ratio
-                     and f.psnr_frames == candidate.psnr_frames), None)
-        if same is not None:  # the same work and outputs: the same plan in effect
+        same = next((f for f in finalists if candidate.does_what(f)), None)
+        if same is not None:
             candidate.status = f"meets the target, does what {same.label} does"
         elif len(finalists) < FINAL_CANDIDATES:
             finalists.append(candidate)
-    rounds = len(search.batches) * (len(finalists) + 1)
-    if len(finalists) > 1 and search.can_run(rounds, reserved=False):
-        ratios: dict[str, list[float]] = {c.label: [] for c in finalists}
-        for _ in range(FINAL_ROUNDS):
-            if not search.can_run(rounds, reserved=False):
-                break
-            for index in range(len(search.batches)):
-                dense = search.run([], index)
-                for candidate in finalists:
-                    ratios[candidate.label].append(dense.seconds / search.run(candidate.configs, index).seconds)
-        for candidate in finalists:
-            if ratios[candidate.label]:
-                candidate.final_speedup = statistics.median(ratios[candidate.label])
+    search.time_side_by_side(finalists)
     winner = max(finalists, key=lambda c: c.final_speedup or predictor.speed(c), default=None)
 
     metric = target.metric
