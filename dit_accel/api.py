@@ -20,7 +20,7 @@ from .config import ConfigError
 from .methods.diffusers_caches import logged_mag_ratios
 from .methods.dydit import DyDiTConfig, DyDiTScores, save_calibration
 from .models import adapter_for, pipeline_transformers
-from .runtime.context import StepTracker
+from .runtime.context import SchedulerClock, StepTracker
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
 from .runtime.session import Session
@@ -144,25 +144,6 @@ def _is_accelerated(module: nn.Module) -> bool:
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
 
 
-def _schedule(scheduler: Any):
-    """(steps, sigmas) of the run a pipeline starts: from the scheduler's begin index (img2img), else
-    from where the first call's timestep sits in its timesteps."""
-
-    def schedule(timestep: float) -> tuple[int | None, list[float] | None]:
-        timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None:
-            return None, None
-        values = [float(t) for t in timesteps]
-        begin = getattr(scheduler, "begin_index", None)
-        if begin is None:
-            begin = next((i for i, t in enumerate(values) if abs(t - timestep) <= 1e-3 * max(1.0, abs(t))), 0)
-        sigmas = getattr(scheduler, "sigmas", None)
-        steps = len(values) - begin
-        return steps, None if sigmas is None else [float(s) for s in sigmas[begin:begin + steps]]
-
-    return schedule
-
-
 def _cfg_hint(pipeline: Any):
     """The pipeline's own word on whether its calls batch CFG, where it has one."""
 
@@ -192,9 +173,8 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     for transformer in transformers:
         if _is_accelerated(transformer):
             raise RuntimeError(f"{type(transformer).__name__} is already accelerated: call .remove() on its handle first")
-    scheduler = getattr(pipeline, "scheduler", None)
-    tracker = StepTracker(_schedule(scheduler) if scheduler is not None else None,
-                          _cfg_hint(pipeline) if pipeline is not None else None)
+    clock = SchedulerClock(lambda: getattr(pipeline, "scheduler", None)) if hasattr(pipeline, "scheduler") else None
+    tracker = StepTracker(clock, _cfg_hint(pipeline) if pipeline is not None else None)
     sessions: list[Session] = []
     try:
         for transformer, adapter in zip(transformers, adapters):

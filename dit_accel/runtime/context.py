@@ -1,17 +1,19 @@
 """The step context: where the denoising loop is, for every hook of every technique.
 
-A `StepTracker` is shared by all transformers of one pipeline (Wan 2.2 alternates two). It counts
-steps from the calls the transformer receives, so it needs no cooperation from the scheduler: a call
-with the same timestep and the same latents as the last one is another branch of the same step (CFG,
-skip-layer guidance), any other call starts a new step (second-order schedulers such as Heun repeat
-a timestep with new latents, and each scheduler timestep is a step), and a run starts when the
-pipeline resets its scheduler (`begin_run`) or, for a bare transformer, when the noise level goes
-back up. Where the pipeline passes diffusers' `CacheContext` with a step index, step count or sigma,
-those win. The step count and sigmas of a run come from the scheduler at the run's first call, from
-its begin index on, so img2img (`strength < 1`) counts the steps it really runs.
+A `StepTracker` is shared by all transformers of one pipeline (Wan 2.2 alternates two). It places
+each call by the scheduler's own position: diffusers schedulers count the evaluations they took in
+`step_index` (a second-order scheduler such as Heun takes two per step, at repeated timesteps), so
+every call between two `scheduler.step()`s belongs to one step of the schedule, whatever their batch
+(batched or two-call CFG, skip-layer guidance's third call). A scheduler without `step_index` (DDIM)
+is placed by where the call's timestep sits in its timesteps. A diffusers `CacheContext` with a
+step index, step count or sigma wins over both. A run starts when the pipeline resets its scheduler
+(`begin_run`) or the position goes back. The step count and sigmas of a run come from the scheduler
+at the run's first call, from its begin index on, so img2img (`strength < 1`) counts the steps it
+really runs.
 
-The tracker keeps no tensor of the caller's: it remembers the last latents by a weak reference and
-a 64-value fingerprint.
+A bare transformer (no scheduler) counts on its own: a call at the timestep of the previous call
+with the same latents tensor is another branch of that step, any other call starts a new step, and
+a noisier call starts a new run. The tracker keeps no tensor of the caller's (a weak reference).
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from typing import Any, Callable
 import torch
 
 from ..models.base import CallInfo
-
-#: (num_steps, sigmas) of the run that starts at a call with this timestep
-Schedule = Callable[[float], tuple[int | None, list[float] | None]]
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,53 @@ class StepContext:
         return "uncond" if self.branch == "call1" else self.branch
 
 
-def _fingerprint(latents: torch.Tensor) -> torch.Tensor:
-    flat = latents.detach().reshape(-1)
-    stride = max(1, flat.numel() // 64)
-    return flat[::stride][:64].float().cpu()
+class SchedulerClock:
+    """Reads a pipeline's scheduler (looked up at every call, so a scheduler swapped after `apply()` is
+    read too): the schedule of a run, and which evaluation of it a call belongs to."""
+
+    def __init__(self, scheduler_of: Callable[[], Any]):
+        self._scheduler_of = scheduler_of
+        self._begin = 0
+        self._last = 0
+
+    def _timesteps(self, scheduler: Any) -> list[float] | None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        return None if timesteps is None else [float(t) for t in timesteps]
+
+    def schedule(self, timestep: float) -> tuple[int | None, list[float] | None]:
+        """(steps, sigmas) of the run that starts at a call with `timestep`: from the scheduler's begin
+        index (img2img), else from where `timestep` sits in its timesteps."""
+        scheduler = self._scheduler_of()
+        values = self._timesteps(scheduler)
+        self._begin = self._last = 0
+        if values is None:
+            return None, None
+        begin = getattr(scheduler, "begin_index", None)
+        self._begin = begin if begin is not None else (_find(values, timestep, 0) or 0)
+        sigmas = getattr(scheduler, "sigmas", None)
+        steps = len(values) - self._begin
+        return steps, None if sigmas is None else [float(s) for s in sigmas[self._begin:self._begin + steps]]
+
+    def position(self, timestep: float) -> int | None:
+        """The run-relative index of the evaluation a call at `timestep` belongs to (None: unknown)."""
+        scheduler = self._scheduler_of()
+        if scheduler is None:
+            return None
+        if hasattr(type(scheduler), "step_index") or hasattr(scheduler, "_step_index"):
+            taken = getattr(scheduler, "step_index", None)
+            self._last = 0 if taken is None else taken - self._begin
+            return self._last
+        values = self._timesteps(scheduler)
+        found = None if values is None else _find(values, timestep, self._begin + self._last)
+        if found is None:
+            return None
+        self._last = found - self._begin
+        return self._last
+
+
+def _find(values: list[float], timestep: float, start: int) -> int | None:
+    return next((i for i in range(start, len(values))
+                 if abs(values[i] - timestep) <= 1e-3 * max(1.0, abs(values[i]))), None)
 
 
 def _halves_equal(latents: torch.Tensor) -> bool:
@@ -82,9 +124,9 @@ def _halves_equal(latents: torch.Tensor) -> bool:
 class StepTracker:
     """Turns a sequence of transformer calls into (run, step, branch)."""
 
-    def __init__(self, schedule: Schedule | None = None, cfg_hint: Callable[[], bool | None] | None = None):
-        #: the pipeline's scheduler, read at a run's first call
-        self._schedule = schedule
+    def __init__(self, clock: SchedulerClock | None = None, cfg_hint: Callable[[], bool | None] | None = None):
+        #: the pipeline's scheduler (None for a bare transformer)
+        self._clock = clock
         #: the pipeline's own "does this call batch CFG" when it says so (None: not known)
         self._cfg_hint = cfg_hint
         self.run_index = -1
@@ -94,7 +136,6 @@ class StepTracker:
         self._pending = False
         self._last_timestep: float | None = None
         self._last_latents: weakref.ref | None = None
-        self._last_fingerprint: torch.Tensor | None = None
         self._calls_in_step = 0
         #: this run's batched-CFG verdict: revised to False once a call's halves differ
         self._cfg_batched: bool | None = None
@@ -106,12 +147,6 @@ class StepTracker:
     def end_run(self) -> None:
         """The pipeline call is over: forget the last latents."""
         self._last_latents = None
-        self._last_fingerprint = None
-
-    def _same_latents(self, latents: torch.Tensor, fingerprint: torch.Tensor) -> bool:
-        if self._last_latents is not None and self._last_latents() is latents:
-            return True
-        return self._last_fingerprint is not None and torch.equal(fingerprint, self._last_fingerprint)
 
     def _batched(self, latents: torch.Tensor, named: bool) -> bool:
         if named:
@@ -123,25 +158,37 @@ class StepTracker:
             self._cfg_batched = _halves_equal(latents)
         return self._cfg_batched
 
+    def _place(self, timestep: float, latents: torch.Tensor, cache_context: Any | None) -> None:
+        """Advance (run, step, call in step) to this call."""
+        given = getattr(cache_context, "step_index", None)
+        position = int(given) if given is not None else (
+            self._clock.position(timestep) if self._clock is not None else None)
+        if position is not None:
+            new_run = self._pending or self._last_timestep is None or position < self.step_index
+            same_step = position == self.step_index
+        else:
+            new_run = self._pending or self._last_timestep is None or timestep > self._last_timestep
+            same_latents = self._last_latents is not None and self._last_latents() is latents
+            same_step = timestep == self._last_timestep and same_latents
+        if new_run:
+            self.run_index += 1
+            self._calls_in_step, self._cfg_batched, self._pending = 0, None, False
+            self.num_steps, self._sigmas = self._clock.schedule(timestep) if self._clock else (None, None)
+            if self._clock is not None and given is None:  # the clock's origin is the run's begin index now
+                position = self._clock.position(timestep)
+            self.step_index = position or 0
+        elif same_step:
+            self._calls_in_step += 1
+        else:
+            self.step_index = self.step_index + 1 if position is None else position
+            self._calls_in_step = 0
+        self._last_timestep = timestep
+        self._last_latents = weakref.ref(latents)
+
     def on_call(self, call: CallInfo, cache_context: Any | None) -> StepContext:
         """The step context of a call; `cache_context` is the diffusers `CacheContext` the pipeline opened."""
         timestep = float(call.timestep.reshape(-1)[0])
-        fingerprint = _fingerprint(call.latents)
-        noisier = self._last_timestep is not None and timestep > self._last_timestep
-        if self._pending or self._last_timestep is None or noisier:
-            self.run_index += 1
-            self.step_index, self._calls_in_step, self._cfg_batched = 0, 0, None
-            self.num_steps, self._sigmas = self._schedule(timestep) if self._schedule else (None, None)
-            self._pending = False
-        elif timestep == self._last_timestep and self._same_latents(call.latents, fingerprint):
-            self._calls_in_step += 1
-        else:
-            self.step_index += 1
-            self._calls_in_step = 0
-        self._last_timestep = timestep
-        self._last_latents = weakref.ref(call.latents)
-        self._last_fingerprint = fingerprint
-
+        self._place(timestep, call.latents, cache_context)
         name = getattr(cache_context, "name", None)
         named = name not in (None, "cond_uncond")
         cfg_batched = self._batched(call.latents, named)
@@ -154,12 +201,10 @@ class StepTracker:
         else:
             branch = f"call{self._calls_in_step}"
         step_index, num_steps = self.step_index, self.num_steps
-        sigma = self._sigmas[step_index] if self._sigmas is not None and step_index < len(self._sigmas) else None
-        given_step = getattr(cache_context, "step_index", None)
-        if given_step is not None:
-            step_index = int(given_step)
-            num_steps = getattr(cache_context, "num_inference_steps", None) or num_steps
-            given_sigma = getattr(cache_context, "sigma", None)
-            sigma = sigma if given_sigma is None else given_sigma
+        sigma = self._sigmas[step_index] if self._sigmas is not None and 0 <= step_index < len(self._sigmas) else None
+        if getattr(cache_context, "sigma", None) is not None:
+            sigma = float(cache_context.sigma)
+        if getattr(cache_context, "num_inference_steps", None) is not None:
+            num_steps = int(cache_context.num_inference_steps)
         return StepContext(self.run_index, step_index, num_steps, timestep, sigma, branch, self._calls_in_step,
                            cfg_batched, call)
