@@ -4,12 +4,14 @@ benchmarks)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import time
+import weakref
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, MagCacheConfig
@@ -26,38 +28,135 @@ from .runtime.registry import check_composable, registration
 from .runtime.session import Session
 
 
-class AccelerationHandle:
-    """What `apply` returns: `remove()` undoes it, `report()` describes the last pipeline call."""
+#: the handle whose hooks are on each transformer, to name it when another `apply()` comes
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, AccelerationHandle]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, target: Any, pipeline: Any | None, sessions: list[Session], tracker: StepTracker):
+
+def _before(call: Callable[[], None]) -> Callable[[Callable], Callable]:
+    """Wraps a method so that it calls `call()` first."""
+
+    def wrap(original: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            call()
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    return wrap
+
+
+class AccelerationHandle:
+    """What `apply` returns: `remove()` undoes it, `report()` describes the last pipeline call.
+
+    The hooks live on the transformer(s), so every pipeline built on them (`from_pipe`,
+    `Pipeline(**pipe.components)`) runs under the plan. The handle follows the runs of the pipeline it
+    was applied to and of those given to `follow` or `running`: their scheduler's `set_timesteps`
+    starts a run, their `maybe_free_model_hooks` ends it and frees what the run kept. A step cache that
+    `enable_cache` adds (or `disable_cache` takes off) later joins the plan at once.
+    """
+
+    def __init__(self, target: Any, pipeline: Any | None):
         self.target = target
-        self.sessions = sessions
-        self.tracker = tracker
+        self.sessions: list[Session] = []
         self._pipeline = pipeline
+        #: the pipeline whose call is in progress, where it said so (`running`)
+        self._running: Any | None = None
+        #: the followed pipeline whose scheduler last set up a run
+        self._run_pipeline = pipeline
+        #: set once a pipeline announces its calls (`running`): a call outside `running` then comes from a
+        #: pipeline that does not, whose CFG verdict is unknown
+        self._announced = False
+        clock = SchedulerClock(self._scheduler) if hasattr(pipeline, "scheduler") else None
+        self.tracker = StepTracker(clock, self._cfg_hint if pipeline is not None else None)
         #: perf_counter() when the pipeline last set up its scheduler, i.e. started a call
         self._run_started: float | None = None
         self._removed = False
-        self._wrapped: list[tuple[Any, str]] = []
+        self._wrapped: list[tuple[weakref.ref, str]] = []
         if pipeline is not None:
-            if getattr(pipeline, "scheduler", None) is not None:
-                self._wrap(pipeline.scheduler, "set_timesteps", self._begin_run)
-            if hasattr(pipeline, "maybe_free_model_hooks"):
-                self._wrap(pipeline, "maybe_free_model_hooks", self._end_run)
+            self.follow(pipeline)
 
-    def _wrap(self, owner: Any, name: str, before) -> None:
-        """`owner.name` calls `before()` first (each pipeline call sets timesteps first and frees hooks last)."""
+    def follow(self, pipeline: Any) -> None:
+        """Follow the runs of `pipeline` too, another pipeline built on these transformers (a pipeline
+        sharing a followed one's scheduler is followed through it already)."""
+        if getattr(pipeline, "scheduler", None) is not None:
+            pipeline_ref = weakref.ref(pipeline)
+            self._wrap(pipeline.scheduler, "set_timesteps", _before(lambda: self._begin_run(pipeline_ref())))
+        if hasattr(pipeline, "maybe_free_model_hooks"):
+            self._wrap(pipeline, "maybe_free_model_hooks", _before(self._end_run))
+
+    @contextlib.contextmanager
+    def running(self, pipeline: Any) -> Iterator["AccelerationHandle"]:
+        """The transformer calls inside the block come from `pipeline`: the step context reads its scheduler
+        and CFG verdict, and the run's state is freed when the block ends, on errors too (the
+        Accelerated* pipelines sharing a plan say so around each call)."""
+        self.follow(pipeline)
+        self._announced = True
+        outer, self._running = self._running, pipeline
+        try:
+            yield self
+        finally:
+            self._running = outer
+            self._end_run()
+
+    def _scheduler(self) -> Any:
+        """The running pipeline's scheduler, looked up at every call (a scheduler swapped since is read too)."""
+        return getattr(self._running or self._run_pipeline, "scheduler", None)
+
+    def _cfg_hint(self) -> bool | None:
+        """The running pipeline's own word on whether its calls batch CFG, where it has one."""
+        pipeline = self._running if self._announced else self._run_pipeline
+        try:
+            value = getattr(pipeline, "do_classifier_free_guidance", None)
+        except (AttributeError, TypeError):
+            return None
+        return value if isinstance(value, bool) else None
+
+    def _wrap(self, owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+        """`owner.name` becomes `wrap(owner.name)` until `remove()` (once per owner)."""
+        if getattr(owner.__dict__.get(name), "_dit_accel", None) is self:
+            return
         original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def wrapped(*args, **kwargs):
-            before()
-            return original(*args, **kwargs)
-
-        wrapped._dit_accel = True
+        wrapped = functools.update_wrapper(wrap(original), original)
+        wrapped._dit_accel = self
         setattr(owner, name, wrapped)
-        self._wrapped.append((owner, name))
+        self._wrapped.append((weakref.ref(owner), name))
 
-    def _begin_run(self) -> None:
+    def _watch_step_caches(self, session: Session) -> None:
+        """`enable_cache` / `disable_cache` on the transformer lay the plan's hooks out again around the cache
+        at once; a cache the plan cannot take is refused before diffusers applies it (or undone). SD3, PixArt
+        and DiT have no `enable_cache`: a cache applied there by `apply_*_cache` joins at the next run start."""
+        transformer = session.transformer
+        if not hasattr(transformer, "enable_cache"):
+            return
+
+        def enable_cache(original):
+            def wrapped(config):
+                try:
+                    session.check_step_cache(config)
+                except ConfigError as error:
+                    raise ConfigError(f"{type(config).__name__} cannot join the dit-accel plan on "
+                                      f"{type(transformer).__name__}: {error}") from None
+                original(config)
+                try:
+                    session.follow_step_caches()
+                except ConfigError:
+                    transformer.disable_cache()
+                    raise
+
+            return wrapped
+
+        def disable_cache(original):
+            def wrapped():
+                original()
+                session.follow_step_caches()
+
+            return wrapped
+
+        self._wrap(transformer, "enable_cache", enable_cache)
+        self._wrap(transformer, "disable_cache", disable_cache)
+
+    def _begin_run(self, pipeline: Any | None) -> None:
+        self._run_pipeline = pipeline or self._pipeline
         self.tracker.begin_run()
         self._run_started = time.perf_counter()
 
@@ -65,6 +164,11 @@ class AccelerationHandle:
         for session in self.sessions:
             session.end_run()
         self.tracker.end_run()
+
+    def describe(self) -> str:
+        """The plan and where it was applied, for messages."""
+        labels = "+".join(t.label for t in self.sessions[0].techniques) if self.sessions else ""
+        return f"the plan [{labels or 'measure'}] applied to {type(self._pipeline or self.target).__name__}"
 
     @property
     def techniques(self):
@@ -76,9 +180,12 @@ class AccelerationHandle:
             return
         for session in self.sessions:
             session.detach()
+            if _HANDLES.get(session.transformer) is self:
+                del _HANDLES[session.transformer]
         self.tracker.end_run()
-        for owner, name in self._wrapped:
-            if getattr(owner.__dict__.get(name), "_dit_accel", False):
+        for owner_ref, name in self._wrapped:
+            owner = owner_ref()
+            if owner is not None and getattr(owner.__dict__.get(name), "_dit_accel", None) is self:
                 delattr(owner, name)
         self._wrapped.clear()
         self._removed = True
@@ -130,6 +237,8 @@ class AccelerationHandle:
             "wall_seconds": (max(r.ended for r in records) - self._run_started
                              if records and self._run_started is not None else None),
             "state_bytes": dict(peak),
+            # where the last run did other than its plan says (RAS without its K/V source, ...)
+            "notes": sorted({note for session in self.sessions for note in session.notes}),
         }
 
     def __enter__(self) -> "AccelerationHandle":
@@ -142,19 +251,6 @@ class AccelerationHandle:
 def _is_accelerated(module: nn.Module) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
-
-
-def _cfg_hint(pipeline: Any):
-    """The pipeline's own word on whether its calls batch CFG, where it has one."""
-
-    def hint() -> bool | None:
-        try:
-            value = getattr(pipeline, "do_classifier_free_guidance", None)
-        except (AttributeError, TypeError):
-            return None
-        return value if isinstance(value, bool) else None
-
-    return hint
 
 
 def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
@@ -172,20 +268,23 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     adapters = [adapter_for(t) for t in transformers]
     for transformer in transformers:
         if _is_accelerated(transformer):
-            raise RuntimeError(f"{type(transformer).__name__} is already accelerated: call .remove() on its handle first")
-    clock = SchedulerClock(lambda: getattr(pipeline, "scheduler", None)) if hasattr(pipeline, "scheduler") else None
-    tracker = StepTracker(clock, _cfg_hint(pipeline) if pipeline is not None else None)
-    sessions: list[Session] = []
+            holder = _HANDLES.get(transformer)
+            raise RuntimeError(
+                f"{type(transformer).__name__} is already accelerated"
+                f"{'' if holder is None else ' by ' + holder.describe()}: call .remove() on that handle first "
+                "(pipelines built from the same components share the transformer, its hooks and its plan)")
+    handle = AccelerationHandle(pipe_or_transformer, pipeline)
     try:
         for transformer, adapter in zip(transformers, adapters):
-            session = Session(transformer, adapter, tracker, configs)
+            session = Session(transformer, adapter, handle.tracker, configs)
             session.attach()
-            sessions.append(session)
+            handle.sessions.append(session)
+            _HANDLES[transformer] = handle
+            handle._watch_step_caches(session)
     except Exception:
-        for session in sessions:
-            session.detach()
+        handle.remove()
         raise
-    return AccelerationHandle(pipe_or_transformer, pipeline, sessions, tracker)
+    return handle
 
 
 def measure(pipe_or_transformer: Any) -> AccelerationHandle:

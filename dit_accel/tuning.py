@@ -454,6 +454,10 @@ class _Search:
         if not candidate.batches and not self.screen(candidate):
             return False
         first = candidate.quality(metric)
+        if candidate.flops_ratio is not None and candidate.flops_ratio >= 1.0:
+            # it ran dense here (a sparse attention on too few tokens): dense itself, not a plan
+            candidate.status = "saves nothing here"
+            return False
         if first < self.target.value - self.target.margin:
             candidate.status = "misses the target on the first batch"
             return False

@@ -10,6 +10,7 @@ from .accelerated import (
     AcceleratedStableDiffusion3Pipeline,
     AcceleratedWanPipeline,
     AccelerationMixin,
+    accelerated_class,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "AcceleratedStableDiffusion3Pipeline",
     "AcceleratedWanPipeline",
     "AccelerationMixin",
+    "accelerated_class",
 ]

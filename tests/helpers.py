@@ -89,3 +89,24 @@ class AttentionRecorderTechnique(Technique):
                                  "queries": query.shape[2], "keys": key.shape[2],
                                  "image_queries": image.stop - image.start, "batch": query.shape[0]})
         return dense_attention(query, key, value, bias, **kwargs), query.shape[2] * key.shape[2]
+
+
+def add_tiny_flux_ip_adapter(pipe, image_embed_dim: int = 32, seed: int = 0) -> dict:
+    """Load a random-weight IP-Adapter (4 image tokens) into a tiny Flux pipeline's transformer through
+    diffusers' own loader, with no download; returns the call arguments that pass an image embedding
+    (and a zero negative one, since the pipeline has no image encoder to make it)."""
+    transformer = pipe.transformer
+    generator = torch.Generator().manual_seed(seed)
+    cross, inner, tokens = transformer.config.joint_attention_dim, transformer.inner_dim, 4
+
+    def weights(*shape):
+        return 0.1 * torch.randn(*shape, generator=generator)
+
+    image_proj = {"proj.weight": weights(tokens * cross, image_embed_dim), "proj.bias": weights(tokens * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip_adapter = {f"{block}.{name}.{kind}": weights(inner, cross) if kind == "weight" else weights(inner)
+                  for block in range(len(transformer.transformer_blocks)) for name in ("to_k_ip", "to_v_ip")
+                  for kind in ("weight", "bias")}
+    transformer._load_ip_adapter_weights({"image_proj": image_proj, "ip_adapter": ip_adapter}, low_cpu_mem_usage=False)
+    embeds = torch.randn(1, 1, image_embed_dim, generator=generator)
+    return {"ip_adapter_image_embeds": [embeds], "negative_ip_adapter_image_embeds": [torch.zeros_like(embeds)]}

@@ -159,7 +159,7 @@ def test_configs_that_share_a_stage_are_refused_by_name():
     pipe = tiny_pipeline("sd3")
     before = model_state(pipe.transformer)
     cases = [((dit_accel.SVG2Config(), dit_accel.ProxyAttentionConfig()), "SVG2Config and ProxyAttentionConfig.*stage 6"),
-             ((dit_accel.RASConfig(), dit_accel.FlexDiTConfig()), "RASConfig and FlexDiTConfig.*stage 5"),
+             ((dit_accel.RASConfig(), dit_accel.FlexDiTConfig.preset("quality")), "RASConfig and FlexDiTConfig.*stage 5"),
              ((FirstBlockCacheConfig(), TaylorSeerCacheConfig()), "FirstBlockCacheConfig and TaylorSeerCacheConfig"),
              ((dit_accel.RASConfig(), dit_accel.RASConfig(cache_kv=False)), "stage 2")]
     for configs, message in cases:

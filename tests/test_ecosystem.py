@@ -112,7 +112,8 @@ def restore_attention_backend():
 @pytest.mark.parametrize("family", ["wan", "flux"])
 def test_attention_backends(family, restore_attention_backend):
     """Stages 1-4 work under any diffusers backend; stages 5-6 run their dense part under a backend that
-    ends in torch's SDPA, and refuse any other by name before running anything."""
+    ends in torch's SDPA, and a kernel refuses any other by name before running anything, while RAS runs
+    there without its K/V source and says so."""
     pipe = tiny_pipeline(family)
     dense = _out(pipe, family)
     pipe.transformer.set_attention_backend("_native_math")
@@ -120,12 +121,14 @@ def test_attention_backends(family, restore_attention_backend):
         torch.testing.assert_close(_out(pipe, family), dense, rtol=1e-4, atol=1e-4)
     pipe.transformer.set_attention_backend("flex")
     with pytest.raises(dit_accel.ConfigError, match="backend 'flex'"):
-        dit_accel.apply(pipe, RAS_HALF)
+        dit_accel.apply(pipe, dit_accel.SVG2Config())
     for plan in ([FirstBlockCacheConfig(threshold=0.5)], [dit_accel.RASConfig(cache_kv=False, **{
-            k: getattr(RAS_HALF, k) for k in ("sample_ratio", "warmup_steps", "error_reset_steps")})]):
+            k: getattr(RAS_HALF, k) for k in ("sample_ratio", "warmup_steps", "error_reset_steps")})], [RAS_HALF]):
         with dit_accel.apply(pipe, *plan) as handle:
             assert torch.isfinite(_out(pipe, family)).all()
-            assert handle.report()["flops_ratio"] < 0.95
+            report = handle.report()
+            assert report["flops_ratio"] < 0.95
+            assert bool(report["notes"]) == (plan == [RAS_HALF])
 
 
 @pytest.mark.parametrize("family", ["sd3", "wan"])

@@ -15,7 +15,9 @@ from dit_accel.models.base import TokenGrid, adapter_for, pool_tokens
 from dit_accel.plans import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
-SPARSE = dit_accel.FlexDiTConfig(sparse_blocks=(0, 1), pooled_kv_blocks=0)
+SPARSE = dit_accel.FlexDiTConfig(sparse_blocks=(0, 1), pooled_kv_blocks=0, schedule=None)
+#: pooled K/V alone
+POOLED_KV = dict(sparse_blocks=None, schedule=None)
 
 
 def _attention_pairs(report: dict) -> float:
@@ -183,7 +185,7 @@ def test_pooled_kv_attends_to_fewer_keys_and_composes(family):
     baseline = run(pipe, family)
     dense_report = dense_run.report()
     dense_run.remove()
-    pooled = dit_accel.FlexDiTConfig(pooled_kv_blocks=1, pool_size=2)
+    pooled = dit_accel.FlexDiTConfig(pooled_kv_blocks=1, pool_size=2, **POOLED_KV)
     with dit_accel.apply(pipe, pooled) as handle:
         out = run(pipe, family)
         report = handle.report()
@@ -224,7 +226,7 @@ def test_refusals_at_apply_and_run():
     with pytest.raises(dit_accel.ConfigError, match="RASConfig's K/V source"):
         dit_accel.apply(pipe, sparse, dit_accel.RASConfig())
     with pytest.raises(dit_accel.ConfigError, match="stage 5"):  # RAS's K/V cache and FlexDiT's pooled K/V
-        dit_accel.apply(pipe, dit_accel.FlexDiTConfig(), dit_accel.RASConfig())
+        dit_accel.apply(pipe, dit_accel.FlexDiTConfig.preset("quality"), dit_accel.RASConfig())
     with pytest.raises(dit_accel.ConfigError, match="pooled blocks"):  # PAB caches attention outputs
         dit_accel.apply(pipe, sparse, *parse_plan("pab"))
     with dit_accel.apply(pipe, dit_accel.FlexDiTConfig(sparse_blocks=(0, 0), schedule=(0.5, 0.5, 0.5))), \
@@ -238,7 +240,7 @@ def test_mean_v_poolingformer_gives_every_query_the_mean_value(family):
     """The paper's Poolingformer in the bottom block: a uniform attention, one key for all."""
     pipe = tiny_pipeline(family)
     baseline = run(pipe, family)
-    config = dit_accel.FlexDiTConfig(pooled_kv_blocks=1, bottom_attention="mean_v")
+    config = dit_accel.FlexDiTConfig(pooled_kv_blocks=1, bottom_attention="mean_v", **POOLED_KV)
     with dit_accel.apply(pipe, config) as handle:
         out = run(pipe, family)
         report = handle.report()
@@ -266,3 +268,23 @@ def test_mean_v_keys_make_sdpa_the_mean_of_the_allowed_values():
     per_query = allowed.expand(5, 5).clone()
     key, value, bias, mask = FlexDiT._mean_value(Plan(), k, v, per_query)
     torch.testing.assert_close(dense_attention(q, key, value, bias, attn_mask=mask), expected)
+
+
+def test_the_default_pools_every_block_at_the_noisy_steps():
+    """Every block at half the tokens at the first step, rising to all of them where the last quarter
+    of the steps runs dense; without the run's step count (a bare transformer) it runs dense, and says so."""
+    pipe = tiny_pipeline("sd3")
+    with dit_accel.apply(pipe, dit_accel.FlexDiTConfig()) as handle:
+        run(pipe, "sd3", num_inference_steps=8)
+        report = handle.report()
+    calls = _calls(report)
+    assert [call["flexdit_density"] for call in calls] == pytest.approx([0.5 + 0.5 * s / 6 for s in range(6)] + [1, 1])
+    assert sorted(calls[0]["flexdit_tokens_by_block"]) == list(range(len(pipe.transformer.transformer_blocks)))
+    assert report["flops_ratio"] < 0.85
+    transformer = pipe.transformer
+    inputs = dict(hidden_states=torch.randn(1, 16, 32, 32), encoder_hidden_states=torch.randn(1, 8, 64),
+                  pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    with dit_accel.apply(transformer, dit_accel.FlexDiTConfig()) as handle, \
+            pytest.warns(UserWarning, match="schedule needs the run's step count"):
+        transformer(**inputs)
+        assert handle.report()["flops_ratio"] == 1.0

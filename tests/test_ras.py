@@ -188,7 +188,7 @@ def test_starvation_makes_long_skipped_tokens_more_likely_to_be_recomputed():
         ras = _ras(handle)
         # four tokens whose outputs [-a, a] have focus scores proportional to a = 1, 1, 2, 3
         outputs = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0], [-2.0, 2.0], [-3.0, 3.0]]])
-        ras.state.outputs = {"call0": outputs}
+        ras.state.outputs, ras.state.output_steps = {"call0": outputs}, {"call0": 0}
         assert ras._select(_plan(1, 1, 4)).index.tolist() == [[2, 3]]
         assert ras.state.skipped.tolist() == [[1.0, 1.0, 0.0, 0.0]]
         # token 0 now skipped three steps in a row: e^3 * 1 beats 2 and it is recomputed

@@ -17,12 +17,15 @@ SVG2_SPARSE = dict(query_clusters=4, key_clusters=8, top_p=0.5, min_key_cluster_
 PROXY_SPARSE = dict(local_window=(1, 2, 2), proxy_window=(1, 1, 2), shift_windows=True, dense_warmup=0.25,
                     dense_first_blocks=0.0)
 SPARSE = {"svg2": dit_accel.SVG2Config(**SVG2_SPARSE), "proxy": dit_accel.ProxyAttentionConfig(**PROXY_SPARSE)}
-#: keep-all, and a dense setting that still cuts the tokens into several clusters / windows
+#: keep-all, and a dense setting that still cuts the tokens into several clusters / windows (planned on
+#: every layer: by default a layer that cannot save runs dense)
 DENSE = {
     "svg2": (dit_accel.SVG2Config.keep_all(),
-             dit_accel.SVG2Config(**{**SVG2_SPARSE, "top_p": 1.0, "min_key_cluster_ratio": 1.0, "dense_warmup": 0.0})),
+             dit_accel.SVG2Config(**{**SVG2_SPARSE, "top_p": 1.0, "min_key_cluster_ratio": 1.0, "dense_warmup": 0.0,
+                                     "plan_every_layer": True})),
     "proxy": (dit_accel.ProxyAttentionConfig.keep_all(),
-              dit_accel.ProxyAttentionConfig(**{**PROXY_SPARSE, "proxy_window": (1, 1, 1), "dense_warmup": 0.0})),
+              dit_accel.ProxyAttentionConfig(**{**PROXY_SPARSE, "proxy_window": (1, 1, 1), "dense_warmup": 0.0,
+                                                "plan_every_layer": True})),
 }
 
 

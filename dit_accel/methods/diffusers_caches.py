@@ -97,12 +97,14 @@ class DiffusersCache(Technique):
             raise ConfigError(f"{type(transformer).__name__} already has a diffusers cache ({', '.join(present)}, e.g. "
                               f"from enable_cache); a plan takes one step cache: call `disable_cache()` first or "
                               f"leave {self.label} out of the plan")
+        self.applied = self._completed(self.config)
+        self.spec.apply(transformer, self.applied)
+
+    def check_plan(self) -> None:
         token_set = self.session.by_stage.get(Stage.TOKEN_SET)
         if self.spec.splits_batch and token_set is not None:
             raise ConfigError(f"{self.label} runs only part of the batch on some steps, so it cannot be combined "
                               f"with {token_set.label} (stage 2), whose token selection is per sample")
-        self.applied = self._completed(self.config)
-        self.spec.apply(transformer, self.applied)
 
     def detach(self) -> None:
         remove_named_hooks(self.session.transformer, self.spec.hook_names)

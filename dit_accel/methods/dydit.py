@@ -427,8 +427,21 @@ class DyDiT(Technique):
             self._bucket = bucket
             self._sliced.clear()
             self._features.clear()
+        self._check_processors()
         plan.widths.update(self._widths[bucket])
         self._mlp_fractions = {}
+
+    def _check_processors(self) -> None:
+        """A processor with weights of its own over every head (IP-Adapter's `to_k_ip`, whose output it adds
+        in head space) cannot run on fewer heads: refused before any block runs."""
+        for part in self._parts:
+            processor = getattr(part.attention, "processor", None)
+            if isinstance(processor, nn.Module) and any(True for _ in processor.parameters()) \
+                    and any(len(kept[part.key]) < len(part.units) for kept in self._kept):
+                raise ConfigError(f"DyDiTConfig narrows the heads of {part.key}, whose processor "
+                                  f"{type(processor).__name__} has weights of its own over every head (an "
+                                  "IP-Adapter?): keep every head (width_ratio=1; token skipping still works) or "
+                                  "unload it")
 
     def end_run(self) -> None:
         self._sliced.clear()

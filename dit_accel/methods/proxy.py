@@ -7,10 +7,16 @@ per `proxy_window` (the mean key and value of that window, logit biased by log(i
 parts merge by log-sum-exp (`attention.proxy`). Windows can shift by half on every other block
 (Swin), so window borders do not stay fixed. Text queries attend densely; cross-attention is
 untouched. With RAS the queries are the tokens RAS computes and the keys its full-length cache.
+
+A layer where windows cannot save runs dense, decided from the grid before any window is placed
+(`why_no_saving`): one local window holds the whole grid, or the padded windows, proxies and text
+would attend more than `DENSE_ABOVE` of the dense pairs. `report()` counts those layers per call
+(`dense_layers`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,7 @@ from ..attention.intercept import dense_attention
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.plan import CallPlan
 from ..runtime.registry import register_technique
-from .sparse_attention import SparseAttention
+from .sparse_attention import DENSE_ABOVE, SparseAttention
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class ProxyAttentionConfig(AccelerationConfig):
     shift_windows: bool = param(False, "shift windows by half a local window on every other block (Swin)")
     dense_first_blocks: float = param(0.03, "fraction of blocks (from the first) kept dense", low=0.0, high=1.0)
     dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
+    plan_every_layer: bool = param(False, "run windows and proxies on every layer, also where that cannot save "
+                                          "(too few tokens, density near 1); False runs those dense at no overhead")
 
     name = "proxy"
     #: measured on the reference video model (4 captions, CFG 4, 20 steps): PSNR vs dense about
@@ -56,7 +64,7 @@ class ProxyAttentionConfig(AccelerationConfig):
     def keep_all(cls) -> "ProxyAttentionConfig":
         """Proxies of one token from the first step and block on: windows, the local and proxy
         attentions and their LSE merge all run, and the result is dense attention."""
-        return cls(proxy_window=(1, 1, 1), dense_first_blocks=0.0, dense_warmup=0.0)
+        return cls(proxy_window=(1, 1, 1), dense_first_blocks=0.0, dense_warmup=0.0, plan_every_layer=True)
 
 
 def _split(x: torch.Tensor, part: slice, dim: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,6 +112,26 @@ class ProxyAttention(SparseAttention):
                                   self.config.local_window, self.config.proxy_window, shifted)
             prepared = self._layouts[cache_key] = proxy.Prepared.of(windows, dtype, text)
         return prepared
+
+    def why_no_saving(self, plan, call, queries, keys):
+        """The pairs `proxy.attention` computes, from the grid alone: the padded local windows, every
+        image query against every proxy and text key, the text queries against everything."""
+        grid = plan.grid
+        extent = (grid.frames, grid.rows, grid.cols)
+        local = [min(w, e) for w, e in zip(self.config.local_window, extent)]
+        proxy_size = [min(p, w) for p, w in zip(self.config.proxy_window, local)]
+        shifted = self.config.shift_windows and call.block_index % 2 == 1
+        shift = [(w // 2 // p) * p if shifted and w < e else 0 for w, p, e in zip(local, proxy_size, extent)]
+        local_windows = math.prod((e - 1 + s) // w + 1 for e, s, w in zip(extent, shift, local))
+        if local_windows == 1:
+            return "too few tokens"  # one local window holds the grid: its exact part is dense attention
+        q_image, k_image = call.image_slice(queries), call.image_slice(keys)
+        image_q, image_k = q_image.stop - q_image.start, k_image.stop - k_image.start
+        width = math.prod(local)  # a full local window: the padded layout's width on the whole grid
+        exact = local_windows * width * width * (image_q / grid.num_tokens) * (image_k / grid.num_tokens)
+        proxies = math.prod(-(-e // p) for e, p in zip(extent, proxy_size))
+        pairs = exact + image_q * (proxies + keys - image_k) + (queries - image_q) * keys
+        return "density near 1" if pairs > DENSE_ABOVE * queries * keys else None
 
     def sparse(self, plan, call, query, key, value, key_bias, scale):
         q_part, k_part = call.image_slice(query.shape[2]), call.image_slice(key.shape[2])

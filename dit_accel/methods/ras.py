@@ -14,7 +14,10 @@ of often-dropped tokens and then drops the highest scores, the opposite of its o
 
 The selection lives in transformer hooks, not in a scheduler, so any diffusers scheduler works.
 Batches: every sample gets its own selection of the same size (static shapes), shared by its CFG
-branches; families whose rotary tables are shared by the batch (Flux) share one selection.
+branches and by extra calls of the step on the samples alone (skip-layer guidance's third call has
+batch B beside the batched call's 2B); families whose rotary tables are shared by the batch (Flux)
+share one selection. A call reuses its branch's output of the step before; a branch that did not run
+then (skip-layer guidance starts after the first steps) runs dense.
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ class _StepSelection:
     step_index: int
     #: per sample (S, n) sorted token indices, or (n,) shared by the batch; None: dense step
     index: torch.Tensor | None
+    #: samples S of the step (a call holds S, or 2S under batched CFG)
+    samples: int
+    #: the step whose outputs this one reuses (the last one that wrote any), -1 for none
+    previous: int
 
 
 @dataclass
@@ -98,8 +105,9 @@ class RASState:
     """Everything RAS remembers between calls of one pipeline run (freed when the run ends)."""
 
     run_index: int = -1
-    #: per branch slot: the last full per-token output (B_call, N, C')
+    #: per branch slot: the last full per-token output (B_call, N, C'), and the step that wrote it
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_steps: dict[str, int] = field(default_factory=dict)
     #: per (slot, block, attention id): the keys and values (B, H, S, D) of the last dense call, text
     #: included, refreshed in place with every computed token
     kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -108,9 +116,12 @@ class RASState:
     selection: _StepSelection | None = None
 
 
-def _samples_view(tokens: torch.Tensor, cfg_batched: bool) -> torch.Tensor:
-    """(branches, samples, ...) view of a call's batch: batched CFG holds two halves."""
-    return tokens.unflatten(0, (2, -1)) if cfg_batched else tokens.unsqueeze(0)
+def _per_sample(tokens: torch.Tensor, samples: int) -> torch.Tensor | None:
+    """(branches, samples, ...) view of a call's batch of `samples` or of both CFG halves of them
+    (None: neither)."""
+    if tokens.shape[0] == samples:
+        return tokens.unsqueeze(0)
+    return tokens.unflatten(0, (2, samples)) if tokens.shape[0] == 2 * samples else None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +144,10 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 @register_technique(RASConfig, "region-adaptive sampling: recompute only the image tokens in the model's focus")
 class RAS(Technique):
+    #: where a processor never calls torch's SDPA, RAS is its `cache_kv=False` self there: the computed tokens
+    #: attend to each other and the text (`report()["notes"]` says where)
+    kv_source_optional = True
+
     def __init__(self, config: RASConfig, session):
         super().__init__(config, session)
         self.state = RASState()
@@ -145,17 +160,18 @@ class RAS(Technique):
     def _is_ras_step(self, ctx: StepContext) -> bool:
         return ctx.step_index >= self.config.warmup_steps and ctx.step_index not in self.config.error_reset_steps
 
-    def _scores(self, cfg_batched: bool) -> torch.Tensor | None:
-        """(samples, N) focus scores from the previous step's outputs of every branch (read with this
-        call's batched-CFG verdict, which a run may revise once)."""
-        total = None
-        for tokens in self.state.outputs.values():
-            score = tokens.float().std(dim=-1) if self.config.metric == "std" else tokens.float().norm(dim=-1)
-            score = _samples_view(score, cfg_batched).sum(0)
-            if total is not None and total.shape != score.shape:
-                return None
-            total = score if total is None else total + score
-        return total
+    def _scores(self, samples: int, previous: int) -> tuple[torch.Tensor | None, int]:
+        """((samples, N) focus scores summed over the outputs every branch wrote at step `previous`,
+        or None; the output elements read)."""
+        total, read = None, 0
+        for slot, tokens in self.state.outputs.items():
+            branches = _per_sample(tokens, samples)
+            if self.state.output_steps.get(slot) != previous or branches is None:
+                continue
+            score = branches.float().std(dim=-1) if self.config.metric == "std" else branches.float().norm(dim=-1)
+            total = score.sum(0) if total is None else total + score.sum(0)
+            read += tokens.numel()
+        return total, read
 
     def _select(self, plan: CallPlan) -> _StepSelection:
         ctx, state = plan.ctx, self.state
@@ -165,10 +181,11 @@ class RAS(Technique):
         index = None
         num_tokens = ctx.call.grid.num_tokens
         keep = max(1, math.ceil(self.config.ratio_at(ctx.step_index, ctx.num_steps) * num_tokens - 1e-9))
-        scores = self._scores(ctx.cfg_batched) if self._is_ras_step(ctx) else None
+        samples = ctx.call.batch_size // 2 if ctx.cfg_batched else ctx.call.batch_size
+        previous = max((s for s in state.output_steps.values() if s < ctx.step_index), default=-1)
+        scores, read = self._scores(samples, previous) if self._is_ras_step(ctx) else (None, 0)
         if scores is not None and scores.shape[-1] == num_tokens:
-            plan.record_overhead("ras scoring", 3.0 * sum(t.numel() for t in state.outputs.values()), num_tokens)
-            samples = scores.shape[0]
+            plan.record_overhead("ras scoring", 3.0 * read, num_tokens)
             if state.skipped is None or state.skipped.shape != scores.shape:
                 state.skipped = torch.zeros_like(scores)
             scores = scores * torch.exp(self.config.starvation_scale * state.skipped)
@@ -184,18 +201,20 @@ class RAS(Technique):
                 index = index[0]
         else:
             state.skipped = None
-        state.selection = _StepSelection(ctx.run_index, ctx.step_index, index)
+        state.selection = _StepSelection(ctx.run_index, ctx.step_index, index, samples, previous)
         return state.selection
 
     def _call_index(self, plan: CallPlan) -> torch.Tensor | None:
-        """Index for this call's batch: per-sample rows repeated for both halves of batched CFG."""
-        index = self._select(plan).index
-        ctx = plan.ctx
-        if ctx.slot not in self.state.outputs:
+        """Index for this call's batch: per-sample rows, repeated for both halves of batched CFG; None
+        (dense) where the branch has no output of the previous step to merge into."""
+        selection = self._select(plan)
+        index, ctx, state = selection.index, plan.ctx, self.state
+        if index is None or state.output_steps.get(ctx.slot) != selection.previous:
             return None
-        if index is None or index.ndim == 1 or not ctx.cfg_batched:
-            return index
-        return torch.cat([index, index])
+        batch = ctx.call.batch_size
+        if state.outputs[ctx.slot].shape[0] != batch or batch not in (selection.samples, 2 * selection.samples):
+            return None
+        return index if index.ndim == 1 or batch == selection.samples else torch.cat([index, index])
 
     # -- per call ------------------------------------------------------------------------------
     def begin_call(self, plan: CallPlan) -> None:
@@ -214,6 +233,7 @@ class RAS(Technique):
             tokens = scatter_tokens(self.state.outputs[ctx.slot], plan.tokens.index, fresh)
             output = self.adapter.tokens_to_output(tokens, ctx.call.grid)
         self.state.outputs[ctx.slot] = tokens
+        self.state.output_steps[ctx.slot] = ctx.step_index
         self._kv_rows = None
         return output
 
@@ -236,6 +256,11 @@ class RAS(Technique):
             self.state.kv[cache_key] = (_writable(key), _writable(value))
             return key, value, None, attn_mask
         cached = self.state.kv.get(cache_key)
+        if cached is not None and cached[0].shape[1] != key.shape[1]:
+            # stage 4 changed the heads since the cache was filled (DyDiT's next bucket): the computed
+            # tokens attend to each other until the next dense call fills it again
+            del self.state.kv[cache_key]
+            cached = None
         if cached is None:
             return key, value, None, attn_mask
         length = cached[0].shape[2]

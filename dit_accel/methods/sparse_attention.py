@@ -2,15 +2,19 @@
 
 Both run dense for the first `dense_warmup` of the steps and the first `dense_first_blocks` of the
 blocks (the fractions of the official SVG2 scripts), for attentions they cannot make sparse (a mask
-per query, causal, grouped heads) and where `sparse` declines. Each call counts, per block, the
-(query, key) pairs computed against the dense ones: `attention_density` in `report()`, with its
-`attention_density_by_block` for the UI.
+per query, causal, grouped heads), where `sparse` declines, and where their plan cannot save: before
+any planning work, `why_no_saving` judges from the shapes, the grid, the config and the step count
+alone (no host sync) whether the plan can save (not with too few tokens to pay for the planning, nor
+at a density near 1); such a layer runs dense at no overhead, unless the config's `plan_every_layer`
+asks for the real path everywhere (what `keep_all()` runs). Each call counts, per block, the (query,
+key) pairs computed against the dense ones: `attention_density` in `report()`, with its
+`attention_density_by_block` for the UI, and the attentions that ran dense and why (`dense_layers`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -18,6 +22,9 @@ import torch
 from ..attention.intercept import AttentionCall, dense_attention, mask_bias, per_key
 from ..runtime.plan import CallPlan
 from ..runtime.technique import Technique
+
+#: a target density (or a planned one) from which a layer cannot save enough to pay for its planning
+DENSE_ABOVE = 0.95
 
 
 def per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -30,21 +37,51 @@ def per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: to
 
 
 class SparseAttention(Technique):
-    """Base of the stage-6 techniques: subclasses implement `sparse`."""
+    """Base of the stage-6 techniques: subclasses implement `why_no_saving` and `sparse`."""
 
     def __init__(self, config, session):
         super().__init__(config, session)
         self._dense_blocks = math.floor(config.dense_first_blocks * len(self.adapter.blocks()))
         #: per block this call: [pairs computed, dense pairs]
         self._pairs: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        #: attentions of this call that ran dense, by reason
+        self._dense_layers: Counter[str] = Counter()
+        #: per attention shape (and step count): why its plan cannot save, None where it can
+        self._verdicts: dict[tuple, str | None] = {}
 
     def begin_call(self, plan: CallPlan) -> None:
         self._pairs = defaultdict(lambda: [0.0, 0.0])
+        self._dense_layers = Counter()
 
-    def dense_here(self, plan: CallPlan, call: AttentionCall) -> bool:
+    def sparse_steps(self, plan: CallPlan) -> int | None:
+        """Steps of the run after the dense warm-up (None: the run's length is unknown)."""
         steps = plan.ctx.num_steps
-        warmup = math.floor(self.config.dense_warmup * steps) if steps is not None else 0
-        return plan.ctx.step_index < warmup or call.block_index < self._dense_blocks
+        return None if steps is None else max(1, steps - math.floor(self.config.dense_warmup * steps))
+
+    def _why_dense(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+                   mask: torch.Tensor | None, sdpa_kwargs: dict) -> str | None:
+        """Why this attention runs dense (None: it runs sparse), from shapes and the step alone."""
+        if sdpa_kwargs.get("is_causal") or sdpa_kwargs.get("dropout_p") or key.shape[1] != query.shape[1] or \
+                not per_key(mask):
+            return "mask per query, causal or grouped heads"
+        steps = plan.ctx.num_steps
+        if steps is not None and plan.ctx.step_index < math.floor(self.config.dense_warmup * steps):
+            return "warm-up step"
+        if call.block_index < self._dense_blocks:
+            return "first blocks"
+        if self.config.plan_every_layer:
+            return None
+        # block parity: proxy attention shifts its windows on odd blocks
+        shape = (call.layout, call.text_tokens, query.shape[2], key.shape[2], query.shape[-1], plan.grid, steps,
+                 call.block_index % 2)
+        if shape not in self._verdicts:
+            self._verdicts[shape] = self.why_no_saving(plan, call, query.shape[2], key.shape[2])
+        return self._verdicts[shape]
+
+    def why_no_saving(self, plan: CallPlan, call: AttentionCall, queries: int, keys: int) -> str | None:
+        """Why an attention of `queries` x `keys` tokens cannot save (None: it can), from the shapes,
+        the grid and the step count alone, before any planning work."""
+        raise NotImplementedError
 
     def sparse(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, key_bias: torch.Tensor | None, scale: float | None
@@ -54,17 +91,18 @@ class SparseAttention(Technique):
 
     def attend(self, plan, call, query, key, value, bias, **sdpa_kwargs):
         mask = sdpa_kwargs.pop("attn_mask", None)
-        simple = not sdpa_kwargs.get("is_causal") and not sdpa_kwargs.get("dropout_p") and \
-            key.shape[1] == query.shape[1]
         dense_pairs = query.shape[2] * key.shape[2]
         counts = self._pairs[call.block_index]
         counts[1] += dense_pairs
-        if per_key(mask) and simple and not self.dense_here(plan, call):
+        reason = self._why_dense(plan, call, query, key, mask, sdpa_kwargs)
+        if reason is None:
             result = self.sparse(plan, call, query, key, value, per_key_bias(bias, mask, query.dtype),
                                  sdpa_kwargs.get("scale"))
             if result is not None:
                 counts[0] += result[1]
                 return result[0], round(result[1])
+            reason = "tokens not placed on the grid"
+        self._dense_layers[reason] += 1
         counts[0] += dense_pairs
         return dense_attention(query, key, value, bias, attn_mask=mask, **sdpa_kwargs), dense_pairs
 
@@ -72,4 +110,5 @@ class SparseAttention(Technique):
         computed = sum(c for c, _ in self._pairs.values())
         dense = sum(d for _, d in self._pairs.values())
         return {"attention_density": computed / dense if dense else 1.0,
-                "attention_density_by_block": {b: c / d for b, (c, d) in sorted(self._pairs.items()) if d}}
+                "attention_density_by_block": {b: c / d for b, (c, d) in sorted(self._pairs.items()) if d},
+                "dense_layers": dict(self._dense_layers)}

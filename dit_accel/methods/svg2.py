@@ -16,6 +16,12 @@ that cluster's mean key and value, biased by log(its size), as proxy attention d
 extra key per skipped cluster. The kernel is `block_sparse.gathered` on CPU (measured faster than
 the padded batched kernel at every size tried, 1.8k-16k tokens, even at 1.5x padding) and
 `block_sparse.padded` elsewhere (no Python loop per cluster).
+
+A layer where clustering cannot pay runs dense, decided from its shapes before any k-means
+(`why_no_saving`): too few tokens (one query or key cluster: below ~380 image tokens at the default
+cluster sizes; or a k-means that costs more than the plan could skip) or a target density near 1
+(top_p or min_key_cluster_ratio of 0.95 or more). `report()` counts those layers per call
+(`dense_layers`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from ..attention import block_sparse, kmeans, pooling
 from ..config import AccelerationConfig, Stage, param
 from ..runtime.registry import register_technique
-from .sparse_attention import SparseAttention
+from .sparse_attention import DENSE_ABOVE, SparseAttention
 
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
 TOKENS_PER_QUERY_CLUSTER = 252
@@ -53,6 +59,8 @@ class SVG2Config(AccelerationConfig):
     dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
     stand_ins: bool = param(True, "attend to each skipped key cluster through its mean key and value (log-size "
                                   "biased) instead of dropping it; False is the paper's SVG2")
+    plan_every_layer: bool = param(False, "cluster every layer, also where that cannot save (too few tokens, "
+                                          "density near 1); False runs those dense at no overhead")
 
     name = "svg2"
     #: chosen on the reference video model (4 captions, CFG 4, 20 steps): quality 25.0 dB and fast
@@ -71,7 +79,8 @@ class SVG2Config(AccelerationConfig):
     def keep_all(cls) -> "SVG2Config":
         """Every cluster pair kept from the first step and block on: k-means, permutation and the
         block-sparse kernel all run, and the output is the dense one."""
-        return cls(top_p=1.0, min_key_cluster_ratio=1.0, dense_first_blocks=0.0, dense_warmup=0.0)
+        return cls(top_p=1.0, min_key_cluster_ratio=1.0, dense_first_blocks=0.0, dense_warmup=0.0,
+                   plan_every_layer=True)
 
     def clusters_for(self, queries: int, keys: int) -> tuple[int, int]:
         query = self.query_clusters or max(1, round(queries / TOKENS_PER_QUERY_CLUSTER))
@@ -128,6 +137,27 @@ class SVG2(SparseAttention):
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.centroids.values() for t in pair)
+
+    def why_no_saving(self, plan, call, queries, keys):
+        """Too few tokens: one query cluster (every query would keep the key clusters of the mean query,
+        which spreads its attention widest) or one key cluster, or a k-means (averaged over the run's
+        sparse steps) that costs more than the plan could skip at best; or a target density near 1."""
+        config = self.config
+        if max(config.top_p, config.min_key_cluster_ratio) >= DENSE_ABOVE:
+            return "density near 1"
+        q_image, k_image = call.image_slice(queries), call.image_slice(keys)
+        image_q, image_k = q_image.stop - q_image.start, k_image.stop - k_image.start
+        q_clusters, k_clusters = config.clusters_for(image_q, image_k)
+        if min(q_clusters, k_clusters) < 2:
+            return "too few tokens"
+        least_kept = max(1, math.ceil(config.min_key_cluster_ratio * k_clusters))
+        # at best each query keeps the least key clusters, and attends to one stand-in per skipped one
+        skippable = image_q * (k_clusters - least_kept) * (image_k / k_clusters - (1 if config.stand_ins else 0))
+        steps = self.sparse_steps(plan) or 1
+        iterations = (config.kmeans_iters_first + (steps - 1) * max(config.kmeans_iters_next, 1)) / steps
+        # k-means: 2 * iterations * head_dim * points * clusters FLOPs; an attended pair: 4 * head_dim
+        kmeans_pairs = iterations * (image_q * q_clusters + image_k * k_clusters) / 2
+        return "too few tokens" if kmeans_pairs >= skippable else None
 
     def sparse(self, plan, call, query, key, value, key_bias, scale):
         batch, heads, q_len, dim = query.shape

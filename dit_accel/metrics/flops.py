@@ -168,12 +168,15 @@ class TransformerCostModel:
 
     def __init__(self, adapter: ModelAdapter):
         self.blocks = [BlockCostModel(adapter, block) for block in adapter.blocks()]
-        self._dense: dict[tuple[int, int, int], float] = {}
+        self._dense: dict[tuple, float] = {}
 
-    def dense_flops(self, batch: int, image_tokens: int, text_tokens: int) -> float:
-        key = (batch, image_tokens, text_tokens)
+    def dense_flops(self, batch: int, image_tokens: int, text_tokens: int,
+                    skipped_blocks: frozenset[int] = frozenset()) -> float:
+        """The blocks a call runs, all at full size (`skipped_blocks`: those the call does not run)."""
+        key = (batch, image_tokens, text_tokens, skipped_blocks)
         if key not in self._dense:
-            self._dense[key] = sum(block.dense_flops(batch, image_tokens, text_tokens) for block in self.blocks)
+            self._dense[key] = sum(block.dense_flops(batch, image_tokens, text_tokens)
+                                   for index, block in enumerate(self.blocks) if index not in skipped_blocks)
         return self._dense[key]
 
 

@@ -45,6 +45,9 @@ class CallInfo:
     text_tokens: int
     timestep: torch.Tensor
     latents: torch.Tensor
+    #: blocks this call does not run (SD3's `skip_layers` for skip-layer guidance): nothing computes
+    #: them, so neither the ledger nor the dense baseline counts them
+    skipped_blocks: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,13 @@ class ModelAdapter:
         """Order of image and text tokens in the sequence that `attention` hands to SDPA."""
         raise NotImplementedError
 
+    def sdpa_call_layout(self, layout: AttentionLayout, call_index: int) -> AttentionLayout:
+        """Layout of the `call_index`-th SDPA call of one forward of a self-attention whose own call has
+        `layout`. Processors that add conditioning tokens (IP-Adapter image tokens in Flux and SD3) first
+        run the attention itself, then attend its image queries to those tokens alone: "cross", which the
+        techniques leave dense (and the ledger out, as the dense model does)."""
+        return layout if call_index == 0 else "cross"
+
     def linear_streams(self, block: nn.Module) -> dict[str, TokenStream]:
         """Token stream each nn.Linear of `block` (by qualified name) applies to, for FLOPs."""
         raise NotImplementedError
@@ -271,7 +281,11 @@ class ModelAdapter:
         latents = bound["hidden_states"]
         text = bound.get("encoder_hidden_states")
         return CallInfo(self.latent_grid(latents), latents.shape[0], 0 if text is None else text.shape[1],
-                        torch.as_tensor(bound["timestep"]), latents)
+                        torch.as_tensor(bound["timestep"]), latents, self.skipped_blocks(bound))
+
+    def skipped_blocks(self, arguments: dict[str, Any]) -> frozenset[int]:
+        """Blocks a transformer call with these (bound) arguments does not run."""
+        return frozenset()
 
     # -- gathering image tokens ----------------------------------------------------------------
     def gather_rotary(self, rotary: Any, index: torch.Tensor, text_tokens: int) -> Any:
@@ -496,11 +510,12 @@ def classify_linears(block: nn.Module, text: tuple[str, ...] = (), joint: tuple[
 
     Modulation layers (inside a module whose name starts with "norm") see one vector per sample;
     names starting with a `text` prefix see text tokens, `joint` prefixes see text and image tokens,
-    everything else sees image tokens.
+    everything else sees image tokens. An attention processor's own linears (IP-Adapter's `to_k_ip`)
+    project conditioning tokens outside the dense model and are left out, as their attention is.
     """
     streams: dict[str, TokenStream] = {}
     for name, module in block.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or ".processor." in f".{name}":
             continue
         if name.split(".")[0].startswith("norm"):
             streams[name] = "pooled"

@@ -3,6 +3,11 @@
 Both block kinds take image and text tokens as separate arguments and return (text, image). The
 rotary table covers text rows then image rows and is shared by the batch, so a gathered subset of
 image tokens must be shared by the batch too (`per_sample_positions = False`).
+
+IP-Adapter image tokens never enter the joint sequence: `FluxIPAdapterAttnProcessor` runs the joint
+attention, then a second SDPA call of the image queries against the IP tokens alone (the "cross" calls
+of `sdpa_call_layout`), whose output the block adds to the image stream. So a token subset or pooled
+tokens carry their IP attention with them, and stages 5-6 leave that call dense.
 """
 
 from __future__ import annotations

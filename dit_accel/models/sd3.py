@@ -1,7 +1,8 @@
 """Stable Diffusion 3 / 3.5 (MMDiT): image tokens first in one joint attention; absolute positions.
 
 SD3.5's dual attention adds an image-only `attn2` in the first blocks; SD3.5's qk-norm lives inside
-the attention processors and needs nothing here.
+the attention processors and needs nothing here. Skip-layer guidance (SD3.5's `skip_guidance_layers`)
+makes an extra call per step that passes `skip_layers`: the transformer does not run those blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class SD3Adapter(ModelAdapter):
 
     def blocks(self):
         return list(self.transformer.transformer_blocks)
+
+    def skipped_blocks(self, arguments):
+        # skip-layer guidance's extra call: `forward` runs none of these blocks
+        return frozenset(int(i) for i in arguments.get("skip_layers") or ())
 
     def block_signature(self, block):
         return BlockSignature(output_hidden_index=1)

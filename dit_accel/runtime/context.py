@@ -137,6 +137,9 @@ class StepTracker:
         self._last_timestep: float | None = None
         self._last_latents: weakref.ref | None = None
         self._calls_in_step = 0
+        #: the batch size of the step's first call: a call of another size (skip-layer guidance's cond-only
+        #: call beside a batched CFG call) is its own branch
+        self._step_batch = 0
         #: this run's batched-CFG verdict: revised to False once a call's halves differ
         self._cfg_batched: bool | None = None
 
@@ -149,7 +152,9 @@ class StepTracker:
         self._last_latents = None
 
     def _batched(self, latents: torch.Tensor, named: bool) -> bool:
-        if named:
+        if self._calls_in_step == 0:
+            self._step_batch = latents.shape[0]
+        if named or latents.shape[0] != self._step_batch:
             return False
         hint = self._cfg_hint() if self._cfg_hint is not None else None
         if hint is not None:

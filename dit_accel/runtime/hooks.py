@@ -125,10 +125,17 @@ class HookSet:
             rewritten = registry._module_ref.forward
         self._added.append(_Added(module, full_name, rewritten))
 
+    def __len__(self) -> int:
+        return len(self._added)
+
     def remove_all(self) -> None:
-        for added in reversed(self._added):
+        self.remove_since(0)
+
+    def remove_since(self, count: int) -> None:
+        """Take off the hooks added after the first `count`, last added first."""
+        for added in reversed(self._added[count:]):
             _unlink(added.module._diffusers_hook, added.name, added.rewritten)
-        self._added.clear()
+        del self._added[count:]
 
 
 @dataclass(frozen=True)

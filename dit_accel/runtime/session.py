@@ -14,6 +14,8 @@ Hooks a session adds, outermost first on each module:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from ..models.base import ModelAdapter
 from .context import StepTracker
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
 from .plan import CallPlan
-from .registry import registration
+from .registry import check_composable, registration
 from .technique import Technique
 from .token_set import TokenSet
 from .token_transform import TokenTransform
@@ -57,6 +59,29 @@ def _has_foreign_stateful_hooks(root: nn.Module) -> bool:
     return any(not name.startswith(HOOK_PREFIX) and hook._is_stateful
                for module in root.modules() if hasattr(module, "_diffusers_hook")
                for name, hook in module._diffusers_hook.hooks.items())
+
+
+@functools.cache
+def _calls_sdpa_itself(processor_class: type) -> bool:
+    """Whether a processor that dispatches to no diffusers backend calls torch's SDPA in its `__call__`
+    (AttnProcessor2_0, JointAttnProcessor2_0, ...; not AttnProcessor, SlicedAttnProcessor or xFormers'). A
+    class without readable source is trusted: the routed call checks again."""
+    try:
+        return "scaled_dot_product_attention" in inspect.getsource(processor_class.__call__)
+    except (OSError, TypeError):
+        return True
+
+
+def sdpa_obstacle(attention: nn.Module) -> str | None:
+    """What keeps `attention` from reaching torch's SDPA, where stages 5 and 6 act (None: nothing)."""
+    backend = attention_backend(attention)
+    if backend not in SDPA_BACKENDS:
+        return f"the diffusers backend {backend!r}"
+    processor = getattr(attention, "processor", None)
+    if processor is not None and not hasattr(processor, "_attention_backend") \
+            and not _calls_sdpa_itself(type(processor)):
+        return f"its processor {type(processor).__name__}"
+    return None
 
 
 def attention_backend(attention: nn.Module) -> str:
@@ -212,23 +237,19 @@ class Session:
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> None:
         self._before = Leftovers.of(self.transformer)
+        #: what the last run did other than its plan says, for `report()` (RAS without its K/V source, ...)
+        self.notes: set[str] = set()
         try:
             for technique in self.techniques:
-                technique.attach()
-            self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
+                technique.check_plan()
             self._check_attention_backends()
-            self._cached = cached_blocks, cached_attentions = self._cached_modules()
-            for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
-                self._attach_units(index, block, cost.units, cached_attentions)
-            self._complete_text_outputs(cached_blocks)
-            if Stage.TOKEN_SET in self.by_stage:
-                self.token_set = TokenSet(self, cached_blocks, cached_attentions)
-                self.token_set.attach()
-            if Stage.TOKEN_TRANSFORM in self.by_stage:  # innermost: pools what stage 2 gathered
-                self.token_transform = TokenTransform(self, self.by_stage[Stage.TOKEN_TRANSFORM])
-                self.token_transform.attach()
+            for technique in self.techniques:
+                technique.attach()
             self._receiver = _ContextReceiver()
             self.hooks.add(self.transformer, self._receiver, "context")
+            #: hooks from here on are laid out around the step caches, and laid out again when those change
+            self._layout_start = len(self.hooks)
+            self._lay_out()
             # torch's own hooks, outside every forward wrapper (accelerate's offload hook re-wraps the
             # transformer's forward after each pipeline call and would drop a hook inside it); nearest
             # the call among torch's hooks: a user's forward hook sees the finished output
@@ -238,6 +259,42 @@ class Session:
         except Exception:
             self.detach()
             raise
+        invalidate_registry_caches(self.transformer)
+
+    def _lay_out(self) -> None:
+        """The stage hooks, around the step caches on the model now (see the module docstring)."""
+        self._cached = cached_blocks, cached_attentions = self._cached_modules()
+        for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
+            self._attach_units(index, block, cost.units, cached_attentions)
+        self._complete_text_outputs(cached_blocks)
+        self.token_set = self.token_transform = None
+        if Stage.TOKEN_SET in self.by_stage:
+            self.token_set = TokenSet(self, cached_blocks, cached_attentions)
+            self.token_set.attach()
+        if Stage.TOKEN_TRANSFORM in self.by_stage:  # innermost: pools what stage 2 gathered
+            self.token_transform = TokenTransform(self, self.by_stage[Stage.TOKEN_TRANSFORM])
+            self.token_transform.attach()
+
+    def check_step_cache(self, config: Any) -> None:
+        """Refuse (`ConfigError`), before diffusers applies it, a step cache `enable_cache(config)` would add
+        to this plan: a second one, or one a technique cannot work with."""
+        try:
+            technique = registration(config).technique
+        except ConfigError:
+            return  # not a cache dit-accel knows: diffusers' own enable_cache decides
+        check_composable([t.config for t in self.techniques] + [config])
+        if technique is not None:
+            technique(config, self).check_plan()
+
+    def follow_step_caches(self) -> None:
+        """A step cache enabled or disabled since the hooks were laid out joins the plan where apply() would
+        have put it: the stage hooks are laid out again around it. Where the plan cannot take it, a
+        `ConfigError` and nothing changed."""
+        cached = self._cached_modules()
+        if cached == self._cached:
+            return
+        self.hooks.remove_since(self._layout_start)
+        self._lay_out()
         invalidate_registry_caches(self.transformer)
 
     def detach(self) -> None:
@@ -310,19 +367,27 @@ class Session:
         if with_block:
             self.hooks.add(block, _LedgerHook(self, index, with_block), "ledger", innermost=True)
 
+    def _needing_sdpa(self) -> list[str]:
+        """The techniques that act inside torch's SDPA and cannot do without it."""
+        return [t.label for t in self.techniques if Stage.ATTENTION_KERNEL in t.stages
+                or (Stage.KV_SOURCE in t.stages and not t.kv_source_optional)]
+
     def _check_attention_backends(self) -> None:
-        if not self.routes_attention:
+        """Stages 5-6 act inside torch's SDPA: refuse, before any block runs, an attention that never reaches
+        it, unless every technique there can do without (RAS runs without its K/V source)."""
+        needs = self._needing_sdpa()
+        if not needs:
             return
-        for block in self.adapter.blocks():
+        for index, block in enumerate(self.adapter.blocks()):
             for attention in self.adapter.self_attentions(block):
-                backend = attention_backend(attention)
-                if backend not in SDPA_BACKENDS:
-                    names = ", ".join(t.label for t in self.techniques
-                                      if {Stage.KV_SOURCE, Stage.ATTENTION_KERNEL} & t.stages)
+                obstacle = sdpa_obstacle(attention)
+                if obstacle is not None:
                     raise ConfigError(
-                        f"{names}: stages 5-6 change attention, which runs through torch's SDPA; this model's "
-                        f"attention uses the diffusers backend {backend!r}. Use one of {', '.join(SDPA_BACKENDS)} "
-                        "(`transformer.set_attention_backend('native')`) or a plan without stages 5-6.")
+                        f"{', '.join(needs)}: stages 5-6 change attention inside torch's SDPA, which block {index}'s "
+                        f"{type(attention).__name__} never reaches ({obstacle}). Use a diffusers backend among "
+                        f"{', '.join(SDPA_BACKENDS)} (`transformer.set_attention_backend('native')`) with a processor "
+                        "that calls torch's scaled_dot_product_attention (the model's default), or a plan without "
+                        "stages 5-6.")
 
     # -- per run -------------------------------------------------------------------------------
     def end_run(self) -> None:
@@ -335,15 +400,11 @@ class Session:
     def _begin_run(self, cache_context: Any) -> None:
         self.end_run()
         self.records.clear()
+        self.notes.clear()
+        # before any block runs: processors set since apply(), caches added by other means than enable_cache
+        self._check_attention_backends()
+        self.follow_step_caches()
         self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
-        cached = self._cached_modules()
-        if cached != self._cached:  # a step cache enabled or disabled since apply()
-            if self.token_set is not None:
-                raise ConfigError("a step cache was enabled or disabled on the transformer after dit_accel.apply(): "
-                                  f"{self.by_stage[Stage.TOKEN_SET].label} must hand it full-length tokens; remove "
-                                  "the handle and apply again")
-            self._complete_text_outputs(cached[0] - self._cached[0])
-            self._cached = cached
         if self._resets_caches:
             # diffusers resets stateful cache hooks only in CacheMixin models' pipelines (not SD3, PixArt, DiT)
             HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
@@ -408,7 +469,8 @@ class Session:
             held = technique.state_bytes() + (self.token_set.state_bytes() if self.token_set and
                                               Stage.TOKEN_SET in technique.stages else 0)
             self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
-        dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens)
+        dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens,
+                                            ctx.call.skipped_blocks)
         self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.num_steps, ctx.timestep, ctx.sigma,
                                        ctx.branch, dense, ended - self._started, ended, plan.ledger, stats))
         if isinstance(output, tuple):
@@ -422,8 +484,14 @@ class Session:
         kv_source = self.by_stage.get(Stage.KV_SOURCE)
         kernel = self.by_stage.get(Stage.ATTENTION_KERNEL)
         call = AttentionCall(hook.call.layout, plan.text_tokens, hook.call.block_index, hook.call.attention_index)
+        calls = 0
 
         def attend(query, key, value, **sdpa_kwargs):
+            nonlocal calls
+            calls += 1
+            if self.adapter.sdpa_call_layout(call.layout, calls - 1) == "cross":
+                # conditioning tokens a processor adds (IP-Adapter): outside the plan, as outside the dense model
+                return dense_attention(query, key, value, None, **sdpa_kwargs)
             bias = None
             if kv_source is not None:
                 key, value, bias, mask = kv_source.kv_source(plan, call, query, key, value,
@@ -437,10 +505,28 @@ class Session:
                                               query.shape[1]))
             return output
 
-        with routed_sdpa(attend) as routed_calls:
+        with routed_sdpa(attend):
             output = hook.fn_ref.original_forward(*args, **kwargs)
-        if routed_calls[0] == 0:
-            raise RuntimeError(
-                f"{type(module).__name__}'s processor did not call torch's scaled_dot_product_attention (backend "
-                f"{attention_backend(module)!r}), so stages 5-6 could not act; use one of {', '.join(SDPA_BACKENDS)}")
+        if calls == 0:
+            self._ran_without_sdpa(hook, module, plan)
         return output
+
+    def _ran_without_sdpa(self, hook: _AttentionHook, module: nn.Module, plan: CallPlan) -> None:
+        """`module` computed its attention without torch's SDPA (a processor the static check trusted, or one
+        that RAS can run beside): dense over what it was given, said in `report()`; a kernel or a K/V source
+        that cannot do without raises."""
+        obstacle = sdpa_obstacle(module) or f"its processor {type(getattr(module, 'processor', None)).__name__}"
+        needs = self._needing_sdpa()
+        if needs:
+            raise RuntimeError(
+                f"{', '.join(needs)}: {type(module).__name__} of block {hook.block} did not call torch's "
+                f"scaled_dot_product_attention ({obstacle}), so stages 5-6 could not act; use one of "
+                f"{', '.join(SDPA_BACKENDS)} with a processor that calls it")
+        queries, keys = hook.cost.attention_shape(plan.image_tokens, plan.text_tokens)
+        width = plan.widths.get((hook.block, hook.cost.name))
+        plan.record(hook.cost.core_record(hook.block, plan.batch, queries, keys, queries * keys,
+                                          None if width is None else width.heads))
+        label = self.by_stage[Stage.KV_SOURCE].label
+        self.notes.add(f"{label} ran without its K/V source (stage 5) where attention never reaches torch's "
+                       f"scaled_dot_product_attention ({obstacle}): there the tokens computed attended to each "
+                       "other and the text only")

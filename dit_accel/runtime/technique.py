@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class Technique:
     """One technique bound to one transformer. Override what its stages need."""
 
+    #: whether the technique still works, without its stage 5, where attention never reaches torch's SDPA
+    kv_source_optional: bool = False
+
     def __init__(self, config: Any, session: "Session"):
         self.config = config
         self.session = session
@@ -31,6 +34,10 @@ class Technique:
     @property
     def label(self) -> str:
         return type(self.config).__name__
+
+    def check_plan(self) -> None:
+        """Refuse (`ConfigError`) the plan around this technique before anything is attached; also run for
+        a step cache that `enable_cache` adds to an applied plan."""
 
     def attach(self) -> None:
         """Add the technique's own hooks (the session adds the stage hooks)."""

@@ -2,13 +2,15 @@
 full-length tensors.
 
 Without a step cache the image tokens are gathered before the first block and scattered after the
-last one, so nothing is copied in between. A module that a step cache wraps (a foreign diffusers hook
-with its own `new_forward`: FirstBlockCache and MagCache on blocks, TaylorSeer and PAB on attention
-modules) is a *boundary*: there the tokens are scattered to full length before the cache stores or
-compares them and gathered again after it, and the tokens not computed carry what they had at that
-boundary the last time they were computed (a block's residual, an attention module's output; a
-per-branch buffer freed at the end of the run). A step cache therefore never compares or forecasts
-tensors of two different token subsets; tokens not recomputed simply do not change.
+last one the call runs (skip-layer guidance's call skips some), so nothing is copied in between. A
+module that a step cache wraps (a foreign diffusers hook with its own `new_forward`: FirstBlockCache
+and MagCache on blocks, TaylorSeer and PAB on attention modules) is a *boundary*: there the tokens
+are scattered to full length before the cache stores or compares them and gathered again after it,
+and the tokens not computed carry what they had at that boundary the last time they were computed (a
+block's residual, an attention module's output; a per-branch buffer freed at the end of the run). A
+step cache therefore never compares or forecasts tensors of two different token subsets; tokens not
+recomputed simply do not change. Buffers are per branch (the step context's `slot`), so a call whose
+batch differs from the step's others (skip-layer guidance: B beside 2B) keeps its own.
 """
 
 from __future__ import annotations
@@ -64,12 +66,11 @@ class TokenSet:
     def __init__(self, session: "Session", cached_blocks: set[int], cached_attentions: dict[Any, str]):
         self.session = session
         self.adapter = session.adapter
-        blocks = self.adapter.blocks()
-        last = len(blocks) - 1
         self.cached_blocks = cached_blocks
         #: attention module -> its q/k/v layout, for the attentions a step cache wraps
         self.cached_attentions = cached_attentions
-        self._scatter_after = [i in cached_blocks or i + 1 in cached_blocks or i == last for i in range(last + 1)]
+        #: blocks a call skips (skip-layer guidance) -> the blocks after which it scatters to full length
+        self._scatter_after: dict[frozenset[int], frozenset[int]] = {}
         #: per (branch, boundary): full-length image tokens the last time each token was computed there
         self._stale: dict[tuple, torch.Tensor] = {}
         #: the latest full-length image hidden state of this call, and whether the blocks now hold a subset
@@ -93,6 +94,17 @@ class TokenSet:
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._stale.values())
+
+    def _scatters_after(self, skipped: frozenset[int]) -> frozenset[int]:
+        """The blocks of a call that skips `skipped` after which the tokens go back to full length: a
+        cached block, the block before one, and the last block that runs."""
+        if skipped not in self._scatter_after:
+            running = [i for i in range(len(self.adapter.blocks())) if i not in skipped]
+            following = dict(zip(running, running[1:] + [None]))
+            self._scatter_after[skipped] = frozenset(
+                i for i, after in following.items()
+                if i in self.cached_blocks or after in self.cached_blocks or after is None)
+        return self._scatter_after[skipped]
 
     # -- blocks --------------------------------------------------------------------------------------
     def enter_block(self, index: int, block, args: tuple, kwargs: dict):
@@ -123,9 +135,9 @@ class TokenSet:
 
     def leave_block(self, index: int, block, output):
         """Full length where a step cache looks: a cached block's tokens not computed keep the residual
-        they had there last time; before another cached block (or after the last) they pass unchanged."""
+        they had there last time; before another cached block (or after the last that runs) they pass unchanged."""
         plan = self.session.plan
-        if plan is None or not self._scatter_after[index]:
+        if plan is None or index not in self._scatters_after(plan.ctx.call.skipped_blocks):
             return output
         hidden = self.adapter.block_hidden_output(block, output)
         key = (plan.ctx.slot, "block", index)

@@ -472,22 +472,37 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
+#: named variants: (family, transformer overrides) that make another release of the family's class
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # SD3.5 medium: dual attention (an image-only second attention) in the first blocks and RMS qk-norm;
+    # 4 blocks so that skip-layer guidance has middle blocks to skip (`skip_guidance_layers=[1, 2]` play
+    # SD3.5-medium's recommended [7, 8, 9] of 24)
+    "sd3.5": ("sd3", dict(num_layers=4, dual_attention_layers=(0, 1), qk_norm="rms_norm")),
+}
+
+
 def _family(family: str) -> _Family:
     if family not in _FAMILIES:
         raise ValueError(f"Unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
     return _FAMILIES[family]
 
 
-def tiny_pipeline(family: str, *, seed: int = 0, **overrides: Any) -> DiffusionPipeline:
+def tiny_pipeline(family: str, *, seed: int = 0, variant: str | None = None, **overrides: Any) -> DiffusionPipeline:
     """Build a tiny random-weight pipeline of ``family`` (see ``FAMILIES``), fully offline.
 
-    ``overrides`` update the transformer config (e.g. ``num_layers=4``; for SD3.5-style
+    ``variant`` names a release of the family's transformer class (``VARIANTS``: ``"sd3.5"`` for
+    ``"sd3"``). ``overrides`` update the transformer config (e.g. ``num_layers=4``; for SD3.5-style
     ``dual_attention_layers=(0,), qk_norm="rms_norm"``). Wan also accepts
     ``two_transformers=True`` (Wan 2.2: ``transformer_2`` plus ``boundary_ratio``) and
     ``boundary_ratio``. The same ``seed`` always gives the same weights, and the global
     torch RNG state is left untouched.
     """
     spec = _family(family)
+    if variant is not None:
+        if VARIANTS.get(variant, (None,))[0] != family:
+            names = ", ".join(f"{name} ({of})" for name, (of, _) in VARIANTS.items())
+            raise ValueError(f"Unknown variant {variant!r} of family {family!r}; variants: {names}")
+        overrides = {**VARIANTS[variant][1], **overrides}
     allowed = set(inspect.signature(spec.transformer_cls.__init__).parameters) - {"self"}
     unknown = sorted(set(overrides) - allowed - set(spec.pipeline_options))
     if unknown:
