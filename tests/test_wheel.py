@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
+import time
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -55,3 +58,28 @@ def test_the_wheel_runs_without_the_checkout(installed_wheel):
     assert (root / "out" / "grid.png").is_file() and (root / "out" / "summary.json").is_file()
     _check(["python", "-c", "import importlib.resources as r; "
             "assert (r.files('dit_accel') / 'assets' / 'reference_image' / 'model_index.json').is_file()"], root, env)
+
+
+def test_the_ui_serves_from_the_wheel(installed_wheel):
+    """`dit-accel ui` from the installed wheel serves its page (the wheel once shipped without `dit_accel.ui`)."""
+    root, env = installed_wheel
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["dit-accel", "ui", "--model", "tiny:sd3", "--port", str(port)], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"dit-accel ui exited:\n{server.stderr.read()[-3000:]}"
+            try:
+                with direct.open(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                    assert page.status == 200 and "gradio" in page.read().decode().lower()
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "dit-accel ui did not serve its page within 180 s"
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
