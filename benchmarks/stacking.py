@@ -12,7 +12,7 @@ its counted work does) at 256 tokens (image model) and 4,096 tokens (video model
 Every number is a median over repetitions run in turn (dense, plan, dense, plan, ...), so a drift of
 the machine's speed hits all plans alike; speedups are medians of per-repetition ratios.
 
-    python -m dit_accel.benchmarks.stacking --threads 2
+    python -m benchmarks.stacking --threads 2
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
 import dit_accel
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
+from dit_accel.bench.common import in_turn, markdown_table, medians, start, timed
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import channels_first, psnr, ssim
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline

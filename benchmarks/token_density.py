@@ -12,7 +12,7 @@
     5 steps, CFG): wall clock against the ledger's FLOPs, and how much of the FLOPs speedup the
     wall clock reaches.
 
-    python -m dit_accel.benchmarks.token_density --threads 2 --json benchmarks/figures/token_density.json
+    python -m benchmarks.token_density --threads 2 --json benchmarks/figures/token_density.json
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 from diffusers.hooks import MagCacheConfig
 
 import dit_accel
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
-from dit_accel.methods.dydit import save_calibration
+from dit_accel.bench.common import in_turn, markdown_table, medians, start, timed
+from dit_accel.techniques.dydit import save_calibration
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import psnr, ssim
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import medium_pipeline
 from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
 

@@ -11,7 +11,7 @@
 
 from .api import AccelerationHandle, PlanRun, apply, calibrate, compare, measure
 from .config import AccelerationConfig, ConfigError, Stage
-from .methods import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
+from .techniques import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
 from .models import UnsupportedModelError, adapter_for, supported_families
 from .plan_files import load_plan, save_plan
 from .tuning import Budget, Target, TuneResult, tune

@@ -17,10 +17,10 @@ import torch
 from diffusers.hooks import HookRegistry, MagCacheConfig
 from torch import nn
 
-from . import methods  # noqa: F401  (registers every technique and diffusers cache)
+from . import techniques  # noqa: F401  (registers every technique and diffusers cache)
 from .config import ConfigError
-from .methods.diffusers_caches import logged_mag_ratios
-from .methods.dydit import DyDiTConfig, DyDiTScores, save_calibration
+from .techniques.diffusers_caches import logged_mag_ratios
+from .techniques.dydit import DyDiTConfig, DyDiTScores, save_calibration
 from .models import adapter_for, pipeline_transformers
 from .runtime.context import SchedulerClock, StepTracker
 from .runtime.hooks import HOOK_PREFIX
@@ -376,7 +376,7 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
     the same call and seed, is reused instead of running dense again (the UI caches it). The CLI,
     the UI and the benchmarks share this function."""
     from .metrics.quality import channels_first, psnr, ssim
-    from .plans import parse_plan
+    from .plan_spec import parse_plan
 
     if "generator" in call_kwargs:
         raise ValueError("compare seeds every run itself from seed=...; pass no generator")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .methods.model_check import ModelCheckConfig
+from .techniques.model_check import ModelCheckConfig
 from .models import pipeline_transformers
 from .models.identity import model_identity
 from .runtime.registry import registration, registrations

@@ -47,11 +47,11 @@ import torch
 from .api import PlanRun, calibrate, timed_run
 from .config import ConfigError
 from .loading import call_arguments
-from .methods.dydit import DyDiTConfig
-from .methods.flexdit import FlexDiTConfig
-from .methods.proxy import ProxyAttentionConfig
-from .methods.ras import RASConfig
-from .methods.svg2 import SVG2Config
+from .techniques.dydit import DyDiTConfig
+from .techniques.flexdit import FlexDiTConfig
+from .techniques.proxy import ProxyAttentionConfig
+from .techniques.ras import RASConfig
+from .techniques.svg2 import SVG2Config
 from .machine import machine
 from .metrics.quality import mean_db, psnr_frames, ssim_frames
 from .plan_files import save_plan

@@ -67,8 +67,8 @@ class RecordingConfig(AccelerationConfig):
 
 @register_technique(RecordingConfig, "test probe: records the step context")
 class RecordingTechnique(Technique):
-    def begin_call(self, plan):
-        self.config.seen.append(plan.ctx)
+    def begin_call(self, call_state):
+        self.config.seen.append(call_state.ctx)
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ class AttentionRecorderConfig(RecordingConfig):
 
 @register_technique(AttentionRecorderConfig, "test probe: records attention shapes")
 class AttentionRecorderTechnique(Technique):
-    def attend(self, plan, call, query, key, value, bias, **kwargs):
+    def attend(self, call_state, call, query, key, value, bias, **kwargs):
         image = call.image_slice(query.shape[2])
-        self.config.seen.append({"step": plan.ctx.step_index, "branch": plan.ctx.branch, "block": call.block_index,
+        self.config.seen.append({"step": call_state.ctx.step_index, "branch": call_state.ctx.branch, "block": call.block_index,
                                  "queries": query.shape[2], "keys": key.shape[2],
                                  "image_queries": image.stop - image.start, "batch": query.shape[0]})
         return dense_attention(query, key, value, bias, **kwargs), query.shape[2] * key.shape[2]

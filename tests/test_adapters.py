@@ -27,7 +27,7 @@ from dit_accel.models.hunyuan_video import HunyuanVideoAdapter
 from dit_accel.models.pixart import PixArtAdapter
 from dit_accel.models.sd3 import SD3Adapter
 from dit_accel.models.wan import WanAdapter
-from dit_accel.runtime.plan import TokenSet
+from dit_accel.runtime.call_state import TokenSelection
 from dit_accel.runtime.registry import register_technique
 from dit_accel.runtime.technique import Technique
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
@@ -164,13 +164,13 @@ class _Permute(Technique):
                               first + torch.randperm(n - first, generator=self.generator)])
         return torch.randperm(n, generator=self.generator)
 
-    def begin_call(self, plan):
-        self.config.calls.append(plan.ctx.step_index)
+    def begin_call(self, call_state):
+        self.config.calls.append(call_state.ctx.step_index)
         if self.adapter.per_sample_positions:
-            index = torch.stack([self._order(plan.grid) for _ in range(plan.batch)])
+            index = torch.stack([self._order(call_state.grid) for _ in range(call_state.batch)])
         else:
-            index = self._order(plan.grid)
-        plan.tokens = TokenSet(index, plan.grid)
+            index = self._order(call_state.grid)
+        call_state.tokens = TokenSelection(index, call_state.grid)
 
 
 # ---------------------------------------------------------------- 1. geometry and token order

@@ -11,7 +11,7 @@ from helpers import RecordingConfig, model_state, run
 
 import dit_accel
 from dit_accel.config import ConfigError, Stage, config_fields
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 CONFIGS = [dit_accel.RASConfig, dit_accel.FlexDiTConfig, dit_accel.DyDiTConfig, dit_accel.SVG2Config,
@@ -257,10 +257,10 @@ def test_dense_attention_counts_a_pooled_key_by_its_log_count_bias():
 
 def test_token_set_coordinates_are_the_tokens_grid_positions():
     from dit_accel.models.base import TokenGrid
-    from dit_accel.runtime.plan import TokenSet
+    from dit_accel.runtime.call_state import TokenSelection
 
     grid = TokenGrid(2, 3, 4)
-    tokens = TokenSet(torch.tensor([[0, 5, 23], [1, 12, 13]]), grid)
+    tokens = TokenSelection(torch.tensor([[0, 5, 23], [1, 12, 13]]), grid)
     assert tokens.count == 3 and not tokens.shared
     assert tokens.coordinates()[0].tolist() == [[0, 0, 0], [0, 1, 1], [1, 2, 3]]
     assert tokens.coordinates()[1].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 1]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dit_accel.attention import block_sparse, kmeans, merge, proxy
+from dit_accel.attention import block_sparse, kmeans, merge, proxy_kernel
 
 
 def _randn(*shape, seed=0):
@@ -120,34 +120,34 @@ def test_proxy_attention_is_dense_with_one_window_or_one_token_proxies_and_match
     dense = F.scaled_dot_product_attention(query, torch.cat([key, text_k], 2), torch.cat([value, text_v], 2))
     for local, size, shifted in [((9, 9, 9), (1, 2, 2), False), ((1, 2, 2), (1, 1, 1), False),
                                  ((2, 4, 4), (1, 1, 1), True)]:
-        prepared = proxy.Prepared.of(proxy.place(coords, coords, extent, local, size, shifted), extra_keys=4)
-        torch.testing.assert_close(proxy.attention(query, key, value, prepared, None, text_k, text_v)[0], dense)
+        prepared = proxy_kernel.Prepared.of(proxy_kernel.place(coords, coords, extent, local, size, shifted), extra_keys=4)
+        torch.testing.assert_close(proxy_kernel.attention(query, key, value, prepared, None, text_k, text_v)[0], dense)
 
-    windows = proxy.place(coords, coords, extent, (1, 4, 4), (1, 2, 2), True)
+    windows = proxy_kernel.place(coords, coords, extent, (1, 4, 4), (1, 2, 2), True)
     bias = _randn(2, 1, 1, tokens, seed=25)  # stage 5's per-key bias
     text_bias = torch.zeros(1, 1, 1, 4)
     text_bias[..., -1] = float("-inf")  # a padded text token
-    out, pairs = proxy.attention(query, key, value, proxy.Prepared.of(windows, extra_keys=4), bias, text_k, text_v,
+    out, pairs = proxy_kernel.attention(query, key, value, proxy_kernel.Prepared.of(windows, extra_keys=4), bias, text_k, text_v,
                                  text_bias)
-    torch.testing.assert_close(out, proxy.reference(query, key, value, windows, bias, text_k, text_v, text_bias))
+    torch.testing.assert_close(out, proxy_kernel.reference(query, key, value, windows, bias, text_k, text_v, text_bias))
     assert pairs < tokens * (tokens + 4) and not torch.allclose(out, dense, atol=1e-2)
 
     # queries a per-sample subset (as RAS computes them), keys the whole grid
     index = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(s))[:40].sort().values
                          for s in (26, 27)])
     subset_q = query.gather(2, index[:, None, :, None].expand(-1, 3, -1, 16))
-    windows = proxy.place(coords[0][index], coords, extent, (1, 4, 4), (1, 2, 2))
-    torch.testing.assert_close(proxy.attention(subset_q, key, value, proxy.Prepared.of(windows))[0],
-                               proxy.reference(subset_q, key, value, windows))
+    windows = proxy_kernel.place(coords[0][index], coords, extent, (1, 4, 4), (1, 2, 2))
+    torch.testing.assert_close(proxy_kernel.attention(subset_q, key, value, proxy_kernel.Prepared.of(windows))[0],
+                               proxy_kernel.reference(subset_q, key, value, windows))
 
 
 def test_proxy_pooling_weighs_keys_by_their_bias_and_tiles_the_grid_exactly():
     coords = _grid_coordinates(2, 4, 4)
     key, value = _randn(1, 2, 32, 8, seed=28), _randn(1, 2, 32, 8, seed=29)
-    windows = proxy.place(coords, coords, (2, 4, 4), (1, 4, 4), (1, 2, 2))
+    windows = proxy_kernel.place(coords, coords, (2, 4, 4), (1, 4, 4), (1, 2, 2))
     assert windows.tiling is not None
-    tiled = proxy.pool(key, value, windows)
-    scattered = proxy.pool(key, value, windows, torch.zeros(1, 1, 1, 32))  # the general path
+    tiled = proxy_kernel.pool(key, value, windows)
+    scattered = proxy_kernel.pool(key, value, windows, torch.zeros(1, 1, 1, 32))  # the general path
     for a, b in zip(tiled, scattered):
         torch.testing.assert_close(a.expand_as(b), b)
     torch.testing.assert_close(tiled[2], torch.full((1, 1, 1, 8), 4.0).log())

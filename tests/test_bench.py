@@ -17,12 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_accel.benchmarks import bench
+from dit_accel.bench import main as bench_main
+from dit_accel.bench.judging import judge_features, reference_fid
+from dit_accel.bench.processes import Processes, merge_rows, partials
+from dit_accel.bench.prompts import PROMPTS_DIR
+from dit_accel.bench.report import pareto_front
+from dit_accel.bench.rows import Row, fewer_steps
 from dit_accel.cli import main
-from dit_accel.loading import UsageError
+from dit_accel.loading import UsageError, read_prompts
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
-from dit_accel.metrics.quality import PerceptualDistance
+from dit_accel.metrics.quality import PSNR_CAP_DB, PerceptualDistance, mean_db, psnr_frames, ssim_frames
 
 RAS = "ras:sample_ratio=0.5"
 
@@ -114,33 +119,33 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--help"])
+        bench_main(["--help"])
     assert exit_info.value.code == 0 and "--peers" in capsys.readouterr().out
 
 
 def test_prompt_files_are_lines_or_a_json_list(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("# comment\na red fox\n\n  a blue bird  \n")
-    assert bench.read_prompts(lines) == ["a red fox", "a blue bird"]
+    assert read_prompts(lines) == ["a red fox", "a blue bird"]
     listed = tmp_path / "prompts.json"
     listed.write_text('["one", "two, three"]')
-    assert bench.read_prompts(listed) == ["one", "two, three"]
+    assert read_prompts(listed) == ["one", "two, three"]
     for text in ("[1, 2]", "[broken", ""):
         listed.write_text(text)
         with pytest.raises(UsageError):
-            bench.read_prompts(listed)
-    assert len(bench.read_prompts(bench.PROMPTS_DIR / "image.txt")) >= 4
-    assert len(bench.read_prompts(bench.PROMPTS_DIR / "video.txt")) >= 2
+            read_prompts(listed)
+    assert len(read_prompts(PROMPTS_DIR / "image.txt")) >= 4
+    assert len(read_prompts(PROMPTS_DIR / "video.txt")) >= 2
 
 
 def test_psnr_and_ssim_per_frame_against_known_values():
     reference = torch.full((2, 3, 16, 16), 0.5)
-    assert bench.psnr_frames(reference, reference.clone()) == [math.inf, math.inf]
-    assert bench.mean_db([math.inf, math.inf]) == math.inf and bench.ssim_frames(reference, reference) == 1.0
+    assert psnr_frames(reference, reference.clone()) == [math.inf, math.inf]
+    assert mean_db([math.inf, math.inf]) == math.inf and ssim_frames(reference, reference) == 1.0
     # a +-0.01 checkerboard: mse 1e-4, so 40 dB in every image
     signs = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2 - 1
     noisy = reference + 0.01 * signs
-    assert bench.psnr_frames(noisy, reference) == pytest.approx([40.0, 40.0], abs=1e-3)
+    assert psnr_frames(noisy, reference) == pytest.approx([40.0, 40.0], abs=1e-3)
     # Gaussian noise of another level in each frame of a video (B, T, 3, H, W): one PSNR per frame
     generator = torch.Generator().manual_seed(0)
     video = torch.rand((2, 3, 3, 16, 16), generator=generator) * 0.8 + 0.1
@@ -148,24 +153,24 @@ def test_psnr_and_ssim_per_frame_against_known_values():
     other = video + levels * torch.randn(video.shape, generator=generator)
     mse = (other - video).square().mean(dim=(2, 3, 4)).flatten()
     expected = [10 * math.log10(1 / m) for m in mse.tolist()]
-    values = bench.psnr_frames(other, video)
+    values = psnr_frames(other, video)
     assert len(values) == 6 and values == pytest.approx(expected, abs=1e-3)
-    assert bench.mean_db(values) == pytest.approx(sum(expected) / 6, abs=1e-3)
+    assert mean_db(values) == pytest.approx(sum(expected) / 6, abs=1e-3)
     # a frame equal up to rounding (or bit for bit) counts at the cap, not at 150 dB or inf
-    assert bench.mean_db([40.0, math.inf]) == pytest.approx((40 + bench.PSNR_CAP_DB) / 2)
-    assert bench.mean_db([]) is None
+    assert mean_db([40.0, math.inf]) == pytest.approx((40 + PSNR_CAP_DB) / 2)
+    assert mean_db([]) is None
 
 
 def test_reference_fid_of_a_set_against_itself_is_zero():
     judge = judges.load_judge()
     images, _ = procedural.image_batch(32, 0)
     others, _ = procedural.image_batch(32, 1)
-    features = bench.judge_features(judge, images)
-    between = bench.reference_fid(features, bench.judge_features(judge, others))
+    features = judge_features(judge, images)
+    between = reference_fid(features, judge_features(judge, others))
     assert between > 100 and between == pytest.approx(judges.reference_fid(judge, images, others), rel=1e-9)
-    assert abs(bench.reference_fid(features, features)) < 1e-5 * between
+    assert abs(reference_fid(features, features)) < 1e-5 * between
     videos, _ = procedural.video_batch(2, 0, num_frames=5)
-    assert bench.judge_features(judge, videos.transpose(1, 2)).shape == (10, judge.num_features)  # one per frame
+    assert judge_features(judge, videos.transpose(1, 2)).shape == (10, judge.num_features)  # one per frame
 
 
 def test_perceptual_distance_is_zero_for_the_same_images_and_grows_with_noise():
@@ -185,15 +190,15 @@ def test_pareto_front_of_handmade_points():
               (0.9, 45.0), (2.5, 10.0)]
     # (1.2, 35) and (1.9, 25) are beaten on both axes, (0.9, 45) by dense's inf at a higher speedup,
     # (2.5, 10) by (2.5, 20); the two (2.0, 30) tie and both stay
-    assert bench.pareto_front(points) == [0, 1, 3, 5, 6]
-    assert bench.pareto_front([]) == [] and bench.pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front(points) == [0, 1, 3, 5, 6]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [0]
 
 
 def test_fewer_steps_match_the_fastest_plan():
-    assert bench.fewer_steps(20, 2.0) == (10, "time of the fastest plan")
-    assert bench.fewer_steps(20, 1.5)[0] == 13 and bench.fewer_steps(20, 100.0)[0] == 1
-    assert bench.fewer_steps(20, 1.01) == (10, "half the steps: no plan was faster")
-    assert bench.fewer_steps(20, None)[0] == 10 and bench.fewer_steps(2, 1.2)[0] == 1
+    assert fewer_steps(20, 2.0) == (10, "time of the fastest plan")
+    assert fewer_steps(20, 1.5)[0] == 13 and fewer_steps(20, 100.0)[0] == 1
+    assert fewer_steps(20, 1.01) == (10, "half the steps: no plan was faster")
+    assert fewer_steps(20, None)[0] == 10 and fewer_steps(2, 1.2)[0] == 1
 
 
 # -- several processes (accelerate launch) ---------------------------------------------------------
@@ -210,10 +215,10 @@ def _bench_command(out, *options, processes=1):
     the benchmark's `--device cpu` makes them talk over gloo."""
     bench_args = ["--model", "tiny:sd3", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out), *options]
     if processes == 1:
-        return [sys.executable, "-m", "dit_accel.benchmarks.bench", *bench_args]
+        return [sys.executable, "-m", "dit_accel.bench", *bench_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "dit_accel.benchmarks.bench", *bench_args]
+            "--main_process_port", str(_free_port()), "-m", "dit_accel.bench", *bench_args]
 
 
 def _finish(process: subprocess.Popen, what: str) -> None:
@@ -270,38 +275,38 @@ def test_two_processes_under_accelerate_launch_give_the_one_process_table(tmp_pa
 
 def test_partial_sums_of_processes_merge_into_one_process_row():
     def row(**measured):
-        return bench.Row("r", "plan", **measured)
+        return Row("r", "plan", **measured)
 
     features = [torch.full((1, 2), float(i)) for i in range(3)]
     single = row(samples=3, seconds=3.0, transformer_seconds=1.5, flops=30.0, dense_flops=60.0, peak_bytes=7,
                  psnr_frames=[30.0, 40.0, 50.0], ssim_sum=2.7, perceptual_sum=0.3, accuracy_sum=2.0,
                  features=features)
     # batch 0 and 2 ran on rank 0, batch 1 on rank 1; rank 2 had none
-    parts = [bench.partials([row(samples=2, seconds=2.0, transformer_seconds=1.0, flops=20.0, dense_flops=40.0,
+    parts = [partials([row(samples=2, seconds=2.0, transformer_seconds=1.0, flops=20.0, dense_flops=40.0,
                                  peak_bytes=5, psnr_frames=[30.0, 50.0], ssim_sum=1.8, perceptual_sum=0.2, accuracy_sum=1.0,
                                  features=[features[0], features[2]])], [0, 2]),
-             bench.partials([row(samples=1, seconds=1.0, transformer_seconds=0.5, flops=10.0, dense_flops=20.0,
+             partials([row(samples=1, seconds=1.0, transformer_seconds=0.5, flops=10.0, dense_flops=20.0,
                                  peak_bytes=7, psnr_frames=[40.0], ssim_sum=0.9, perceptual_sum=0.1, accuracy_sum=1.0,
                                  features=[features[1]])], [1]),
-             bench.partials([row()], [])]
+             partials([row()], [])]
     merged = [row()]
-    bench.merge_rows(merged, parts)
+    merge_rows(merged, parts)
     (got,) = merged
     for key in ("samples", "seconds", "transformer_seconds", "flops", "dense_flops", "ssim_sum", "perceptual_sum",
                 "accuracy_sum"):
         assert getattr(got, key) == pytest.approx(getattr(single, key)), key
     assert got.peak_bytes == 7 and got.error is None and sorted(got.psnr_frames) == single.psnr_frames
-    assert bench.mean_db(got.psnr_frames) == bench.mean_db(single.psnr_frames)
+    assert mean_db(got.psnr_frames) == mean_db(single.psnr_frames)
     assert torch.equal(torch.cat(got.features), torch.cat(single.features))  # back in batch order
     # a row without a handle has no ledger in any process that ran it; one that failed anywhere failed
-    bare = [bench.partials([row(transformer_seconds=None, flops=None, dense_flops=None, samples=1)], [0]),
-            bench.partials([row(error="RuntimeError: boom")], [])]
+    bare = [partials([row(transformer_seconds=None, flops=None, dense_flops=None, samples=1)], [0]),
+            partials([row(error="RuntimeError: boom")], [])]
     merged = [row()]
-    bench.merge_rows(merged, bare)
+    merge_rows(merged, bare)
     assert merged[0].flops is None and merged[0].transformer_seconds is None and merged[0].peak_bytes is None
     assert merged[0].error == "RuntimeError: boom"
-    assert bench.Processes(1, 3).share(7) == [1, 4] and bench.Processes(2, 3).share(2) == []
-    assert bench.Processes().broadcast("x") == "x" and bench.Processes().gather("x") == ["x"]
+    assert Processes(1, 3).share(7) == [1, 4] and Processes(2, 3).share(2) == []
+    assert Processes().broadcast("x") == "x" and Processes().gather("x") == ["x"]
 
 
 def test_repeated_rounds_keep_each_row_once_with_its_median_time(tmp_path):

@@ -15,7 +15,7 @@ import dit_accel
 from dit_accel import RASConfig, SVG2Config
 from dit_accel.cli import DEFAULT_PLANS, main
 from dit_accel.config import ConfigError
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 
 SPARSE_SPEC = "ras:sample_ratio=0.5,warmup_steps=1,error_reset_steps=()"
 RUN_KEYS = {"label", "configs", "seconds", "speedup", "flops_ratio", "dense_flops", "flops", "psnr_db", "ssim"}

@@ -10,9 +10,9 @@ import torch
 from helpers import RecordingConfig, model_state, run
 
 import dit_accel
-from dit_accel.methods.flexdit import token_groups, window_count
+from dit_accel.techniques.flexdit import token_groups, window_count
 from dit_accel.models.base import TokenGrid, adapter_for, pool_tokens
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 SPARSE = dit_accel.FlexDiTConfig(sparse_blocks=(0, 1), pooled_kv_blocks=0, schedule=None)
@@ -250,7 +250,7 @@ def test_mean_v_poolingformer_gives_every_query_the_mean_value(family):
 
 def test_mean_v_keys_make_sdpa_the_mean_of_the_allowed_values():
     from dit_accel.attention.intercept import dense_attention
-    from dit_accel.methods.flexdit import FlexDiT
+    from dit_accel.techniques.flexdit import FlexDiT
 
     class Plan:  # the one thing _mean_value asks of a plan
         def record_overhead(self, *args):

@@ -12,10 +12,10 @@ import torch
 from helpers import AttentionRecorderConfig, run
 
 import dit_accel
-from dit_accel.methods.ras import RAS
+from dit_accel.techniques.ras import RAS
 from dit_accel.models.base import CallInfo, TokenGrid
 from dit_accel.runtime.context import StepContext
-from dit_accel.runtime.plan import CallPlan
+from dit_accel.runtime.call_state import CallState
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 STEPS = 4
@@ -78,8 +78,8 @@ def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed():
         ras = _ras(handle)
         original_end = ras.end_call
 
-        def end_and_snapshot(plan, output):
-            result = original_end(plan, output)
+        def end_and_snapshot(call_state, output):
+            result = original_end(call_state, output)
             kv_snapshots.append({k: (v[0].clone(), v[1].clone()) for k, v in ras.state.kv.items()})
             return result
 
@@ -176,9 +176,9 @@ def test_for_steps_scales_the_paper_schedule():
     assert (config.warmup_steps, config.error_reset_steps) == (4, (12, 22))
 
 
-def _plan(step: int, samples: int, tokens: int) -> CallPlan:
+def _plan(step: int, samples: int, tokens: int) -> CallState:
     call = CallInfo(TokenGrid(1, 1, tokens), samples, 0, torch.tensor([1.0]), torch.zeros(samples, tokens))
-    return CallPlan(StepContext(0, step, 10, 1.0, None, "single", 0, False, call))
+    return CallState(StepContext(0, step, 10, 1.0, None, "single", 0, False, call))
 
 
 def test_starvation_makes_long_skipped_tokens_more_likely_to_be_recomputed():
@@ -228,8 +228,8 @@ def test_state_is_freed_when_the_call_ends_and_on_remove():
         ras = _ras(handle)
         original_end = ras.end_call
 
-        def end_and_watch(plan, output):
-            result = original_end(plan, output)
+        def end_and_watch(call_state, output):
+            result = original_end(call_state, output)
             held.extend(weakref.ref(t) for kv in ras.state.kv.values() for t in kv)
             held.extend(weakref.ref(t) for t in ras.state.outputs.values())
             held.extend(weakref.ref(t) for t in handle.sessions[0].token_set._stale.values())

@@ -8,7 +8,7 @@ import torch
 from helpers import model_state, run
 
 import dit_accel
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 #: small clusters and windows so the tiny models (64-256 tokens) have several of each

@@ -15,9 +15,9 @@ from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCac
 import dit_accel
 from dit_accel import Budget, ConfigError, Target
 from dit_accel.cli import main
-from dit_accel.methods import ModelCheckConfig
+from dit_accel.techniques import ModelCheckConfig
 from dit_accel.models.identity import model_identity
-from dit_accel.plans import parse_plan
+from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 from dit_accel.tuning import Candidate, Predictor, predicted_quality
 

@@ -2,7 +2,7 @@
 
 Techniques register themselves (`@register_technique(RASConfig)`); diffusers' cache configs are
 registered the same way with their plan names. Configs never import the runtime, and the runtime
-never imports the techniques: `dit_accel.methods` fills this registry when it is imported.
+never imports the techniques: `dit_accel.techniques` fills this registry when it is imported.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Hooks a session adds, outermost first on each module:
 
 - the transformer: torch forward hooks around every wrapper (they open the step context and the
-  per-call plan, and a diffusers cache context where the pipeline opens none), and a passive hook
+  call state, and a diffusers cache context where the pipeline opens none), and a passive hook
   that receives the pipeline's `cache_context`;
 - each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2), then
   stage 3's pool/unpool, so stage 3 pools what stage 2 gathered;
@@ -31,11 +31,11 @@ from ..metrics.flops import TransformerCostModel, UnitCost, Work
 from ..models.base import ModelAdapter
 from .context import StepTracker
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
-from .plan import CallPlan
+from .call_state import CallState
 from .registry import check_composable, registration
 from .technique import Technique
-from .token_set import TokenSet
-from .token_transform import TokenTransform
+from .token_set import TokenSetStage
+from .token_transform import TokenTransformStage
 
 #: diffusers attention backends that end in torch's SDPA, which stages 5 and 6 can take over
 SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
@@ -121,11 +121,11 @@ class _LedgerHook(ModelHook):
 
     @torch.compiler.disable
     def post_forward(self, module, output):
-        plan = self.session.plan
-        if plan is not None:
+        call_state = self.session.call_state
+        if call_state is not None:
             for cost in self.costs:
-                plan.ledger.extend(cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, False,
-                                                plan.widths.get((self.block, cost.name))))
+                call_state.ledger.extend(cost.records(self.block, call_state.batch, call_state.image_tokens, call_state.text_tokens, False,
+                                                call_state.widths.get((self.block, cost.name))))
         return output
 
 
@@ -141,19 +141,19 @@ class _AttentionHook(ModelHook):
 
     @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
-        session, plan = self.session, self.session.plan
-        if plan is None:
+        session, call_state = self.session, self.session.call_state
+        if call_state is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         routed = self.call is not None and session.routes_attention
         # linear work, and the dense attention core unless stages 5-6 record what they ran
-        plan.ledger.extend(self.cost.records(self.block, plan.batch, plan.image_tokens, plan.text_tokens, not routed,
-                                             plan.widths.get((self.block, self.cost.name))))
+        call_state.ledger.extend(self.cost.records(self.block, call_state.batch, call_state.image_tokens, call_state.text_tokens, not routed,
+                                             call_state.widths.get((self.block, self.cost.name))))
         if routed:
-            output = session.run_routed_attention(self, module, plan, args, kwargs)
+            output = session.run_routed_attention(self, module, call_state, args, kwargs)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if self.scatter_output:
-            output = session.token_set.scatter_attention_output(plan, module, output)
+            output = session.token_set.scatter_attention_output(call_state, module, output)
         return output
 
 
@@ -208,11 +208,11 @@ class Session:
         self.tracker = tracker
         self.hooks = HookSet()
         self.cost_model = TransformerCostModel(adapter)
-        self.plan: CallPlan | None = None
+        self.call_state: CallState | None = None
         self.records: list[CallRecord] = []
         self.run_index = -1
-        self.token_set: TokenSet | None = None
-        self.token_transform: TokenTransform | None = None
+        self.token_set: TokenSetStage | None = None
+        self.token_transform: TokenTransformStage | None = None
         techniques = []
         for config in configs:
             reg = registration(config)
@@ -269,10 +269,10 @@ class Session:
         self._complete_text_outputs(cached_blocks)
         self.token_set = self.token_transform = None
         if Stage.TOKEN_SET in self.by_stage:
-            self.token_set = TokenSet(self, cached_blocks, cached_attentions)
+            self.token_set = TokenSetStage(self, cached_blocks, cached_attentions)
             self.token_set.attach()
         if Stage.TOKEN_TRANSFORM in self.by_stage:  # innermost: pools what stage 2 gathered
-            self.token_transform = TokenTransform(self, self.by_stage[Stage.TOKEN_TRANSFORM])
+            self.token_transform = TokenTransformStage(self, self.by_stage[Stage.TOKEN_TRANSFORM])
             self.token_transform.attach()
 
     def check_step_cache(self, config: Any) -> None:
@@ -307,7 +307,7 @@ class Session:
             technique.detach()
         drop_leftovers(self.transformer, self._before)
         invalidate_registry_caches(self.transformer)
-        self.plan = None
+        self.call_state = None
 
     def _cached_modules(self) -> tuple[set[int], dict[nn.Module, str]]:
         """Blocks and attention modules a step cache wraps (a foreign hook with `new_forward`)."""
@@ -433,12 +433,12 @@ class Session:
             _set_cache_context(self.transformer, CacheContext(name, ctx.step_index, ctx.num_steps, ctx.timestep,
                                                               ctx.sigma))
             self._opened_cache_context = cache_context is None
-        self.plan = plan = CallPlan(ctx)
+        self.call_state = call_state = CallState(ctx)
         if self.token_set is not None:
             self.token_set.reset_call()
         try:
             for technique in self.techniques:
-                technique.begin_call(plan)
+                technique.begin_call(call_state)
         except Exception:
             self._close_call()
             raise
@@ -451,39 +451,39 @@ class Session:
         if self._opened_cache_context:
             _set_cache_context(self.transformer, None)
             self._opened_cache_context = False
-        self.plan = None
+        self.call_state = None
 
     def end_call(self, output: Any) -> Any:
-        plan = self.plan
+        call_state = self.call_state
         sample = output[0] if isinstance(output, tuple) else output.sample
         for technique in reversed(self.techniques):
-            sample = technique.end_call(plan, sample)
+            sample = technique.end_call(call_state, sample)
         self._close_call()
         if sample.is_cuda:
             torch.cuda.synchronize(sample.device)
         ended = time.perf_counter()
-        ctx = plan.ctx
+        ctx = call_state.ctx
         stats: dict[str, Any] = {}
         for technique in self.techniques:
-            stats.update(technique.call_stats(plan))
+            stats.update(technique.call_stats(call_state))
             held = technique.state_bytes() + (self.token_set.state_bytes() if self.token_set and
                                               Stage.TOKEN_SET in technique.stages else 0)
             self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
         dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens,
                                             ctx.call.skipped_blocks)
         self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.num_steps, ctx.timestep, ctx.sigma,
-                                       ctx.branch, dense, ended - self._started, ended, plan.ledger, stats))
+                                       ctx.branch, dense, ended - self._started, ended, call_state.ledger, stats))
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
         output.sample = sample
         return output
 
     # -- stages 5 and 6 ------------------------------------------------------------------------
-    def run_routed_attention(self, hook: _AttentionHook, module: nn.Module, plan: CallPlan, args: tuple,
+    def run_routed_attention(self, hook: _AttentionHook, module: nn.Module, call_state: CallState, args: tuple,
                              kwargs: dict) -> Any:
         kv_source = self.by_stage.get(Stage.KV_SOURCE)
         kernel = self.by_stage.get(Stage.ATTENTION_KERNEL)
-        call = AttentionCall(hook.call.layout, plan.text_tokens, hook.call.block_index, hook.call.attention_index)
+        call = AttentionCall(hook.call.layout, call_state.text_tokens, hook.call.block_index, hook.call.attention_index)
         calls = 0
 
         def attend(query, key, value, **sdpa_kwargs):
@@ -494,24 +494,24 @@ class Session:
                 return dense_attention(query, key, value, None, **sdpa_kwargs)
             bias = None
             if kv_source is not None:
-                key, value, bias, mask = kv_source.kv_source(plan, call, query, key, value,
+                key, value, bias, mask = kv_source.kv_source(call_state, call, query, key, value,
                                                              sdpa_kwargs.pop("attn_mask", None))
                 sdpa_kwargs["attn_mask"] = mask
             if kernel is not None:
-                output, pairs = kernel.attend(plan, call, query, key, value, bias, **sdpa_kwargs)
+                output, pairs = kernel.attend(call_state, call, query, key, value, bias, **sdpa_kwargs)
             else:
                 output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
-            plan.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs,
+            call_state.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs,
                                               query.shape[1]))
             return output
 
         with routed_sdpa(attend):
             output = hook.fn_ref.original_forward(*args, **kwargs)
         if calls == 0:
-            self._ran_without_sdpa(hook, module, plan)
+            self._ran_without_sdpa(hook, module, call_state)
         return output
 
-    def _ran_without_sdpa(self, hook: _AttentionHook, module: nn.Module, plan: CallPlan) -> None:
+    def _ran_without_sdpa(self, hook: _AttentionHook, module: nn.Module, call_state: CallState) -> None:
         """`module` computed its attention without torch's SDPA (a processor the static check trusted, or one
         that RAS can run beside): dense over what it was given, said in `report()`; a kernel or a K/V source
         that cannot do without raises."""
@@ -522,9 +522,9 @@ class Session:
                 f"{', '.join(needs)}: {type(module).__name__} of block {hook.block} did not call torch's "
                 f"scaled_dot_product_attention ({obstacle}), so stages 5-6 could not act; use one of "
                 f"{', '.join(SDPA_BACKENDS)} with a processor that calls it")
-        queries, keys = hook.cost.attention_shape(plan.image_tokens, plan.text_tokens)
-        width = plan.widths.get((hook.block, hook.cost.name))
-        plan.record(hook.cost.core_record(hook.block, plan.batch, queries, keys, queries * keys,
+        queries, keys = hook.cost.attention_shape(call_state.image_tokens, call_state.text_tokens)
+        width = call_state.widths.get((hook.block, hook.cost.name))
+        call_state.record(hook.cost.core_record(hook.block, call_state.batch, queries, keys, queries * keys,
                                           None if width is None else width.heads))
         label = self.by_stage[Stage.KV_SOURCE].label
         self.notes.add(f"{label} ran without its K/V source (stage 5) where attention never reaches torch's "

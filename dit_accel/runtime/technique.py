@@ -13,7 +13,7 @@ import torch
 
 from ..attention.intercept import AttentionCall
 from ..config import Stage
-from .plan import CallPlan
+from .call_state import CallState
 
 if TYPE_CHECKING:
     from .session import Session
@@ -45,10 +45,10 @@ class Technique:
     def detach(self) -> None:
         """Take off whatever `attach` added outside `self.session.hooks`."""
 
-    def begin_call(self, plan: CallPlan) -> None:
-        """Before the blocks run: stage 2 sets `plan.tokens` here."""
+    def begin_call(self, call_state: CallState) -> None:
+        """Before the blocks run: stage 2 sets `call_state.tokens` here."""
 
-    def end_call(self, plan: CallPlan, output: torch.Tensor) -> torch.Tensor:
+    def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
         """After the blocks ran; may replace the model output (same shape)."""
         return output
 
@@ -59,30 +59,30 @@ class Technique:
         """Stage 3: the blocks `token_groups` may pool (the session refuses a step cache inside them)."""
         raise NotImplementedError
 
-    def token_groups(self, plan: CallPlan, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
+    def token_groups(self, call_state: CallState, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
         """Stage 3: how the `tokens` image tokens entering the block (all, or stage 2's subset) are
-        pooled: (every token's group, (n,) shared or (B, n) per sample like `plan.tokens.index`; the
+        pooled: (every token's group, (n,) shared or (B, n) per sample like `call_state.tokens.index`; the
         number of groups M), or None to run the block on every token. The runtime pools the tokens and,
         through the adapter, their positions and masks, runs the block, and adds each group's change
         back to its tokens."""
         raise NotImplementedError
 
-    def kv_source(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+    def kv_source(self, call_state: CallState, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attn_mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Stage 5: (key, value, per-key log-count bias or None, attention mask) the kernel attends to."""
         raise NotImplementedError
 
-    def attend(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+    def attend(self, call_state: CallState, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, bias: torch.Tensor | None, **sdpa_kwargs) -> tuple[torch.Tensor, int]:
         """Stage 6: (the attention output, (query, key) pairs attended per head and sample); the
-        runtime records the pairs, the kernel records its own overhead (`plan.record_overhead`)."""
+        runtime records the pairs, the kernel records its own overhead (`call_state.record_overhead`)."""
         raise NotImplementedError
 
     def state_bytes(self) -> int:
         """Bytes of tensors held between calls right now (K/V caches, previous outputs)."""
         return 0
 
-    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
+    def call_stats(self, call_state: CallState) -> dict[str, Any]:
         """Per-call numbers for `report()` (e.g. tokens computed)."""
         return {}

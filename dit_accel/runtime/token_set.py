@@ -1,4 +1,4 @@
-"""Stage 2: the blocks compute only the plan's `TokenSet`, and a step cache around them still sees
+"""Stage 2: the blocks compute only the call's `TokenSelection`, and a step cache around them still sees
 full-length tensors.
 
 Without a step cache the image tokens are gathered before the first block and scattered after the
@@ -24,7 +24,7 @@ from ..models.base import gather_tokens, scatter_tokens
 from .hooks import BlockHook
 
 if TYPE_CHECKING:
-    from .plan import CallPlan
+    from .call_state import CallState
     from .session import Session
 
 
@@ -47,20 +47,20 @@ def image_part(output: Any, layout: str, text_tokens: int) -> tuple[torch.Tensor
 class _GatherOutputHook(ModelHook):
     """Outside a step cache on an attention module: back from full length to the tokens computed."""
 
-    def __init__(self, token_set: "TokenSet", layout: str):
+    def __init__(self, token_set: "TokenSetStage", layout: str):
         super().__init__()
         self.token_set, self.layout = token_set, layout
 
     @torch.compiler.disable
     def post_forward(self, module, output):
-        plan = self.token_set.session.plan
-        if plan is None or plan.tokens is None:
+        call_state = self.token_set.session.call_state
+        if call_state is None or call_state.tokens is None:
             return output
-        image, rebuild = image_part(output, self.layout, plan.text_tokens)
-        return rebuild(gather_tokens(image, plan.tokens.index))
+        image, rebuild = image_part(output, self.layout, call_state.text_tokens)
+        return rebuild(gather_tokens(image, call_state.tokens.index))
 
 
-class TokenSet:
+class TokenSetStage:
     """Gather/scatter hooks of one session; boundaries where a step cache looks."""
 
     def __init__(self, session: "Session", cached_blocks: set[int], cached_attentions: dict[Any, str]):
@@ -108,14 +108,14 @@ class TokenSet:
 
     # -- blocks --------------------------------------------------------------------------------------
     def enter_block(self, index: int, block, args: tuple, kwargs: dict):
-        plan = self.session.plan
-        if plan is None:
+        call_state = self.session.call_state
+        if call_state is None:
             return args, kwargs
-        tokens = plan.tokens
+        tokens = call_state.tokens
         adapter = self.adapter
         hidden_arg = adapter.block_signature(block).hidden_arg
         if tokens is None:
-            plan.image_tokens = plan.grid.num_tokens
+            call_state.image_tokens = call_state.grid.num_tokens
             if index in self.cached_blocks:
                 self._block_input = adapter.bind(block, args, kwargs)[hidden_arg]
             return args, kwargs
@@ -126,23 +126,23 @@ class TokenSet:
                                "something around the blocks split the batch (FasterCache?), which stage 2 cannot follow")
         if not self._gathered:
             self._full = bound[hidden_arg]
-        bound = adapter.gather_block_inputs(block, bound, tokens.index, plan.text_tokens,
+        bound = adapter.gather_block_inputs(block, bound, tokens.index, call_state.text_tokens,
                                             gather_hidden=not self._gathered)
         self._block_input = bound[hidden_arg]
         self._gathered = True
-        plan.image_tokens = tokens.count
+        call_state.image_tokens = tokens.count
         return adapter.unbind(block, bound)
 
     def leave_block(self, index: int, block, output):
         """Full length where a step cache looks: a cached block's tokens not computed keep the residual
         they had there last time; before another cached block (or after the last that runs) they pass unchanged."""
-        plan = self.session.plan
-        if plan is None or index not in self._scatters_after(plan.ctx.call.skipped_blocks):
+        call_state = self.session.call_state
+        if call_state is None or index not in self._scatters_after(call_state.ctx.call.skipped_blocks):
             return output
         hidden = self.adapter.block_hidden_output(block, output)
-        key = (plan.ctx.slot, "block", index)
+        key = (call_state.ctx.slot, "block", index)
         cached = index in self.cached_blocks
-        if plan.tokens is None:
+        if call_state.tokens is None:
             if cached:
                 self._stale[key] = hidden - self._block_input
             return output
@@ -151,25 +151,25 @@ class TokenSet:
             stale = self._stale.get(key)
             if stale is None:
                 stale = residual.new_zeros(self._full.shape)
-            self._stale[key] = stale = scatter_tokens(stale, plan.tokens.index, residual)
+            self._stale[key] = stale = scatter_tokens(stale, call_state.tokens.index, residual)
             full = self._full + stale
         else:
-            full = scatter_tokens(self._full, plan.tokens.index, hidden)
+            full = scatter_tokens(self._full, call_state.tokens.index, hidden)
         self._full, self._gathered, self._block_input = full, False, None
         return self.adapter.replace_block_hidden_output(block, output, full)
 
     # -- attention modules a step cache wraps ----------------------------------------------------------
-    def scatter_attention_output(self, plan: "CallPlan", attention, output):
+    def scatter_attention_output(self, call_state: "CallState", attention, output):
         """Inside the step cache: the attention output at full length, stale where not computed."""
         layout = self.cached_attentions[attention]
-        image, rebuild = image_part(output, layout, plan.text_tokens)
-        key = (plan.ctx.slot, "attention", id(attention))
-        if plan.tokens is None:
+        image, rebuild = image_part(output, layout, call_state.text_tokens)
+        key = (call_state.ctx.slot, "attention", id(attention))
+        if call_state.tokens is None:
             self._stale[key] = image
             return output
         stale = self._stale.get(key)
         if stale is None:
-            stale = image.new_zeros((image.shape[0], plan.grid.num_tokens, *image.shape[2:]))
-        full = scatter_tokens(stale, plan.tokens.index, image)
+            stale = image.new_zeros((image.shape[0], call_state.grid.num_tokens, *image.shape[2:]))
+        full = scatter_tokens(stale, call_state.tokens.index, image)
         self._stale[key] = full
         return rebuild(full)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .technique import Technique
 
 
-class TokenTransform:
+class TokenTransformStage:
     """Pool/unpool hooks of one session, innermost on every block (inside stage 2's gather)."""
 
     def __init__(self, session: Session, technique: Technique):
@@ -43,33 +43,33 @@ class TokenTransform:
         self._entry = None
 
     def enter_block(self, index: int, block, args: tuple, kwargs: dict):
-        plan = self.session.plan
-        if plan is None:
+        call_state = self.session.call_state
+        if call_state is None:
             return args, kwargs
-        plan.image_tokens = plan.grid.num_tokens if plan.tokens is None else plan.tokens.count
+        call_state.image_tokens = call_state.grid.num_tokens if call_state.tokens is None else call_state.tokens.count
         if index not in self.pooled_blocks:
             return args, kwargs
         adapter = self.adapter
         hidden_arg = adapter.block_signature(block).hidden_arg
         bound = adapter.bind(block, args, kwargs)
         dense = bound[hidden_arg]
-        groups = self.technique.token_groups(plan, index, dense.shape[1])
+        groups = self.technique.token_groups(call_state, index, dense.shape[1])
         if groups is None:
             return args, kwargs
         ids, count = groups
-        bound = adapter.pool_block_inputs(block, bound, ids, count, plan.text_tokens)
+        bound = adapter.pool_block_inputs(block, bound, ids, count, call_state.text_tokens)
         self._entry = (ids, dense, bound[hidden_arg])
-        plan.image_tokens = count
-        plan.record_overhead(f"{self.technique.config.name} token pooling", float(dense.numel()), dense.shape[1])
+        call_state.image_tokens = count
+        call_state.record_overhead(f"{self.technique.config.name} token pooling", float(dense.numel()), dense.shape[1])
         return adapter.unbind(block, bound)
 
     def leave_block(self, index: int, block, output):
-        plan, entry = self.session.plan, self._entry
-        if plan is None or entry is None:
+        call_state, entry = self.session.call_state, self._entry
+        if call_state is None or entry is None:
             return output
         self._entry = None
         ids, dense, pooled = entry
         change = self.adapter.block_hidden_output(block, output) - pooled
-        plan.record_overhead(f"{self.technique.config.name} token unpooling", float(pooled.numel() + dense.numel()),
+        call_state.record_overhead(f"{self.technique.config.name} token unpooling", float(pooled.numel() + dense.numel()),
                              dense.shape[1])
         return self.adapter.replace_block_hidden_output(block, output, dense + gather_tokens(change, ids))

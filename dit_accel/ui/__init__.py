@@ -6,10 +6,9 @@ import argparse
 
 import torch
 
+from ..cli_options import DTYPES
 from ..loading import UsageError, default_model
 from .app import DEFAULT_MODELS, Limits, build_app
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,16 +29,17 @@ from ..api import PlanRun, compare
 from ..config import ConfigError
 from ..loading import UsageError, call_arguments, load_model
 from ..models import UnsupportedModelError
+from ..outputs import save_gif
 from ..plan_files import is_plan_file
-from ..plans import parse_plan, parse_technique
+from ..plan_spec import parse_plan, parse_technique
 from ..runtime.registry import check_composable
+from ..testing import FAMILIES
 from .forms import TechniqueForm, config_from, step_caches, technique_forms
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-DEFAULT_MODELS = ("reference:image", "reference:video", "tiny:sd3", "tiny:flux", "tiny:pixart", "tiny:dit",
-                  "tiny:wan", "tiny:hunyuan_video", "tiny:cogvideox")
+#: the embedded reference models, then a tiny model of every family
+DEFAULT_MODELS = ("reference:image", "reference:video", *(f"tiny:{family}" for family in FAMILIES))
 BASELINES_KEPT = 8
-GIF_FRAME_MS = 120
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _save(output: torch.Tensor, folder: Path, name: str) -> str:
     if len(pictures) == 1:
         pictures[0].save(path)
     else:
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=GIF_FRAME_MS, loop=0)
+        save_gif(pictures, path)
     return str(path)
 
 

@@ -40,7 +40,7 @@ from ..attention import pooling
 from ..attention.intercept import mask_bias, per_key, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import TokenGrid
-from ..runtime.plan import CallPlan, TokenSet
+from ..runtime.call_state import CallState, TokenSelection
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -170,7 +170,7 @@ def token_groups(grid: TokenGrid, window: tuple[int, int, int], density: float,
     the whole grid (`index` None) or a token subset (sorted indices, shared or per sample)."""
     full = index is None
     positions = torch.arange(grid.num_tokens) if full else index
-    frame, row, col = TokenSet(positions, grid).coordinates().unbind(-1)
+    frame, row, col = TokenSelection(positions, grid).coordinates().unbind(-1)
     rows, cols = -(-grid.rows // window[1]), -(-grid.cols // window[2])
     windows = ((frame // window[0]) * rows + row // window[1]) * cols + col // window[2]
     tokens = positions.shape[-1]
@@ -220,11 +220,11 @@ class FlexDiT(Technique):
         first, last = self.config.sparse_blocks
         return frozenset(range(first, min(last, len(self.adapter.blocks()) - 1) + 1))
 
-    def begin_call(self, plan: CallPlan) -> None:
+    def begin_call(self, call_state: CallState) -> None:
         self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
-        self._density = self.config.density_at(plan.ctx.step_index, plan.ctx.num_steps)
+        self._density = self.config.density_at(call_state.ctx.step_index, call_state.ctx.num_steps)
         self._pooled = {}
-        if self.config.schedule is not None and plan.ctx.num_steps is None and not self._warned:
+        if self.config.schedule is not None and call_state.ctx.num_steps is None and not self._warned:
             self._warned = True
             warnings.warn("FlexDiTConfig.schedule needs the run's step count, which a transformer called without "
                           "its pipeline's scheduler does not give: it runs dense. Pass schedule=None to pool at "
@@ -233,44 +233,44 @@ class FlexDiT(Technique):
     def end_run(self) -> None:
         self._groups = {}
 
-    def _groups_of(self, plan: CallPlan, count: int, device) -> tuple[torch.Tensor, int] | None:
+    def _groups_of(self, call_state: CallState, count: int, device) -> tuple[torch.Tensor, int] | None:
         """(groups, M) of a sequence of `count` image tokens at this call's density, or None when they
         cannot be placed (pooled tokens)."""
-        placed = plan.placed(count)
+        placed = call_state.placed(count)
         if placed is None:
             return None
         cache_key, tokens = placed
         key = (cache_key, self._density)
         if key not in self._groups:
             index = None if cache_key[0] == "grid" else tokens.index
-            groups, groups_count = token_groups(plan.grid, self.config.window, self._density, index)
+            groups, groups_count = token_groups(call_state.grid, self.config.window, self._density, index)
             self._groups[key] = (groups.to(device), groups_count)
         return self._groups[key]
 
     # -- stage 3: sparse-dense blocks ----------------------------------------------------------------
-    def token_groups(self, plan: CallPlan, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
+    def token_groups(self, call_state: CallState, block_index: int, tokens: int) -> tuple[torch.Tensor, int] | None:
         if self._density is None:
             return None
-        groups = self._groups_of(plan, tokens, plan.ctx.call.latents.device)
+        groups = self._groups_of(call_state, tokens, call_state.ctx.call.latents.device)
         if groups is not None:
             self._pooled[block_index] = (groups[1], tokens)
         return groups
 
     # -- stage 5: pooled K/V -------------------------------------------------------------------------
-    def kv_source(self, plan, call, query, key, value, attn_mask):
+    def kv_source(self, call_state, call, query, key, value, attn_mask):
         if call.block_index >= self.config.pooled_kv_blocks:
             return key, value, None, attn_mask
         if self.config.bottom_attention == "mean_v":
-            return self._mean_value(plan, key, value, attn_mask)
+            return self._mean_value(call_state, key, value, attn_mask)
         if self._density is None or not per_key(attn_mask):
             return key, value, None, attn_mask
         part = call.image_slice(key.shape[2])
         image_keys = part.stop - part.start
-        groups = self._groups_of(plan, image_keys, key.device)
+        groups = self._groups_of(call_state, image_keys, key.device)
         if groups is None:  # a pooled block's keys: pooled already
             return key, value, None, attn_mask
         ids, count = groups
-        grid, window = plan.grid, self.config.window
+        grid, window = call_state.grid, self.config.window
         extent = (grid.frames, grid.rows, grid.cols)
         if image_keys == grid.num_tokens and count == window_count(grid, window) and \
                 all(e % w == 0 for e, w in zip(extent, window)):  # windows that tile the grid: successive sums
@@ -280,7 +280,7 @@ class FlexDiT(Technique):
         else:
             pooled_k, pooled_v, log_size = pooling.pool(key[:, :, part], value[:, :, part],
                                                         ids if ids.ndim == 2 else ids.unsqueeze(0), count)
-        plan.record_overhead("flexdit K/V pooling", 2.0 * key.shape[0] * key.shape[1] * image_keys * key.shape[-1],
+        call_state.record_overhead("flexdit K/V pooling", 2.0 * key.shape[0] * key.shape[1] * image_keys * key.shape[-1],
                              image_keys)
         text = log_size.new_zeros(*log_size.shape[:3], key.shape[2])  # text keys: no bias
         bias = torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1)
@@ -288,11 +288,11 @@ class FlexDiT(Technique):
         return _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v), bias, attn_mask
 
     @staticmethod
-    def _mean_value(plan: CallPlan, key, value, attn_mask):
+    def _mean_value(call_state: CallState, key, value, attn_mask):
         """Uniform attention: one zero key whose value is the mean of the values, weighted as a per-key
         mask weighs uniform logits (softmax of its bias: the mean of the keys it allows). A mask that
         differs per query keeps every key, all of them zero."""
-        plan.record_overhead("flexdit mean of values", float(value.numel()), key.shape[2])
+        call_state.record_overhead("flexdit mean of values", float(value.numel()), key.shape[2])
         if not per_key(attn_mask):
             return torch.zeros_like(key), value, None, attn_mask
         if attn_mask is None:
@@ -302,7 +302,7 @@ class FlexDiT(Technique):
             mean = weights @ value
         return key.new_zeros(*key.shape[:2], 1, key.shape[-1]), mean, None, None
 
-    def call_stats(self, plan: CallPlan) -> dict:
+    def call_stats(self, call_state: CallState) -> dict:
         """The step's density; with sparse-dense blocks, per block the tokens the pooled ones ran on and
         the density of every block (1.0: dense), which the UI draws."""
         blocks = len(self.adapter.blocks())

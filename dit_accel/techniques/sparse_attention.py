@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..attention.intercept import AttentionCall, dense_attention, mask_bias, per_key
-from ..runtime.plan import CallPlan
+from ..runtime.call_state import CallState
 from ..runtime.technique import Technique
 
 #: a target density (or a planned one) from which a layer cannot save enough to pay for its planning
@@ -49,54 +49,54 @@ class SparseAttention(Technique):
         #: per attention shape (and step count): why its plan cannot save, None where it can
         self._verdicts: dict[tuple, str | None] = {}
 
-    def begin_call(self, plan: CallPlan) -> None:
+    def begin_call(self, call_state: CallState) -> None:
         self._pairs = defaultdict(lambda: [0.0, 0.0])
         self._dense_layers = Counter()
 
-    def sparse_steps(self, plan: CallPlan) -> int | None:
+    def sparse_steps(self, call_state: CallState) -> int | None:
         """Steps of the run after the dense warm-up (None: the run's length is unknown)."""
-        steps = plan.ctx.num_steps
+        steps = call_state.ctx.num_steps
         return None if steps is None else max(1, steps - math.floor(self.config.dense_warmup * steps))
 
-    def _why_dense(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+    def _why_dense(self, call_state: CallState, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                    mask: torch.Tensor | None, sdpa_kwargs: dict) -> str | None:
         """Why this attention runs dense (None: it runs sparse), from shapes and the step alone."""
         if sdpa_kwargs.get("is_causal") or sdpa_kwargs.get("dropout_p") or key.shape[1] != query.shape[1] or \
                 not per_key(mask):
             return "mask per query, causal or grouped heads"
-        steps = plan.ctx.num_steps
-        if steps is not None and plan.ctx.step_index < math.floor(self.config.dense_warmup * steps):
+        steps = call_state.ctx.num_steps
+        if steps is not None and call_state.ctx.step_index < math.floor(self.config.dense_warmup * steps):
             return "warm-up step"
         if call.block_index < self._dense_blocks:
             return "first blocks"
         if self.config.plan_every_layer:
             return None
         # block parity: proxy attention shifts its windows on odd blocks
-        shape = (call.layout, call.text_tokens, query.shape[2], key.shape[2], query.shape[-1], plan.grid, steps,
+        shape = (call.layout, call.text_tokens, query.shape[2], key.shape[2], query.shape[-1], call_state.grid, steps,
                  call.block_index % 2)
         if shape not in self._verdicts:
-            self._verdicts[shape] = self.why_no_saving(plan, call, query.shape[2], key.shape[2])
+            self._verdicts[shape] = self.why_no_saving(call_state, call, query.shape[2], key.shape[2])
         return self._verdicts[shape]
 
-    def why_no_saving(self, plan: CallPlan, call: AttentionCall, queries: int, keys: int) -> str | None:
+    def why_no_saving(self, call_state: CallState, call: AttentionCall, queries: int, keys: int) -> str | None:
         """Why an attention of `queries` x `keys` tokens cannot save (None: it can), from the shapes,
         the grid and the step count alone, before any planning work."""
         raise NotImplementedError
 
-    def sparse(self, plan: CallPlan, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
+    def sparse(self, call_state: CallState, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, key_bias: torch.Tensor | None, scale: float | None
                ) -> tuple[torch.Tensor, float] | None:
         """(output, pairs computed per sample and head), or None to run this attention dense."""
         raise NotImplementedError
 
-    def attend(self, plan, call, query, key, value, bias, **sdpa_kwargs):
+    def attend(self, call_state, call, query, key, value, bias, **sdpa_kwargs):
         mask = sdpa_kwargs.pop("attn_mask", None)
         dense_pairs = query.shape[2] * key.shape[2]
         counts = self._pairs[call.block_index]
         counts[1] += dense_pairs
-        reason = self._why_dense(plan, call, query, key, mask, sdpa_kwargs)
+        reason = self._why_dense(call_state, call, query, key, mask, sdpa_kwargs)
         if reason is None:
-            result = self.sparse(plan, call, query, key, value, per_key_bias(bias, mask, query.dtype),
+            result = self.sparse(call_state, call, query, key, value, per_key_bias(bias, mask, query.dtype),
                                  sdpa_kwargs.get("scale"))
             if result is not None:
                 counts[0] += result[1]
@@ -106,7 +106,7 @@ class SparseAttention(Technique):
         counts[0] += dense_pairs
         return dense_attention(query, key, value, bias, attn_mask=mask, **sdpa_kwargs), dense_pairs
 
-    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
+    def call_stats(self, call_state: CallState) -> dict[str, Any]:
         computed = sum(c for c, _ in self._pairs.values())
         dense = sum(d for _, d in self._pairs.values())
         return {"attention_density": computed / dense if dense else 1.0,

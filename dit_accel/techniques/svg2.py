@@ -110,27 +110,27 @@ class SVG2(SparseAttention):
         #: this call's query clusters of one head over the grid (`_record_cluster_map`)
         self._cluster_map: dict | None = None
 
-    def begin_call(self, plan) -> None:
-        super().begin_call(plan)
+    def begin_call(self, call_state) -> None:
+        super().begin_call(call_state)
         self._cluster_map = None
 
     def end_run(self) -> None:
         self.centroids.clear()
 
-    def _record_cluster_map(self, plan, call, labels: torch.Tensor) -> None:
+    def _record_cluster_map(self, call_state, call, labels: torch.Tensor) -> None:
         """The query clusters of the first sample's first head at the call's first sparse attention,
         over the grid (-1 where a token was not computed), for the UI."""
-        grid = plan.grid
+        grid = call_state.grid
         cluster_map = torch.full((grid.num_tokens,), -1, dtype=torch.long)
-        placed = plan.placed(labels.shape[1])
+        placed = call_state.placed(labels.shape[1])
         if placed is not None:
             index = placed[1].index if placed[1].shared else placed[1].index[0]
             cluster_map[index.cpu()] = labels[0].cpu()
         self._cluster_map = {"block": call.block_index,
                              "labels": cluster_map.view(grid.frames, grid.rows, grid.cols).tolist()}
 
-    def call_stats(self, plan) -> dict:
-        stats = super().call_stats(plan)
+    def call_stats(self, call_state) -> dict:
+        stats = super().call_stats(call_state)
         if self._cluster_map is not None:
             stats["svg2_query_clusters"] = self._cluster_map
         return stats
@@ -138,7 +138,7 @@ class SVG2(SparseAttention):
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.centroids.values() for t in pair)
 
-    def why_no_saving(self, plan, call, queries, keys):
+    def why_no_saving(self, call_state, call, queries, keys):
         """Too few tokens: one query cluster (every query would keep the key clusters of the mean query,
         which spreads its attention widest) or one key cluster, or a k-means (averaged over the run's
         sparse steps) that costs more than the plan could skip at best; or a target density near 1."""
@@ -153,13 +153,13 @@ class SVG2(SparseAttention):
         least_kept = max(1, math.ceil(config.min_key_cluster_ratio * k_clusters))
         # at best each query keeps the least key clusters, and attends to one stand-in per skipped one
         skippable = image_q * (k_clusters - least_kept) * (image_k / k_clusters - (1 if config.stand_ins else 0))
-        steps = self.sparse_steps(plan) or 1
+        steps = self.sparse_steps(call_state) or 1
         iterations = (config.kmeans_iters_first + (steps - 1) * max(config.kmeans_iters_next, 1)) / steps
         # k-means: 2 * iterations * head_dim * points * clusters FLOPs; an attended pair: 4 * head_dim
         kmeans_pairs = iterations * (image_q * q_clusters + image_k * k_clusters) / 2
         return "too few tokens" if kmeans_pairs >= skippable else None
 
-    def sparse(self, plan, call, query, key, value, key_bias, scale):
+    def sparse(self, call_state, call, query, key, value, key_bias, scale):
         batch, heads, q_len, dim = query.shape
         k_len = key.shape[2]
         q_image, k_image = call.image_slice(q_len), call.image_slice(k_len)
@@ -167,7 +167,7 @@ class SVG2(SparseAttention):
         flat = lambda x, part: x[:, :, part].reshape(groups, -1, x.shape[-1])  # noqa: E731
         image_q, image_k = flat(query, q_image), flat(key, k_image)
         q_clusters, k_clusters = self.config.clusters_for(image_q.shape[1], image_k.shape[1])
-        cache_key = (plan.ctx.slot, call.block_index, call.attention_index)
+        cache_key = (call_state.ctx.slot, call.block_index, call.attention_index)
         warm = self.centroids.get(cache_key)
         if warm is not None and (warm[0].shape != (groups, q_clusters, dim) or warm[1].shape != (groups, k_clusters, dim)):
             warm = None
@@ -177,10 +177,10 @@ class SVG2(SparseAttention):
                                                        None if warm is None else warm[1])
         self.centroids[cache_key] = (q_centroids, k_centroids)
         if self._cluster_map is None:
-            self._record_cluster_map(plan, call, q_labels)
+            self._record_cluster_map(call_state, call, q_labels)
         keep = _keep(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, self.config.top_p,
                      math.ceil(self.config.min_key_cluster_ratio * k_clusters))
-        plan.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
+        call_state.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
                              (image_q.shape[1] * q_clusters + image_k.shape[1] * k_clusters), image_q.shape[1])
 
         # text (joint attention) is one more cluster on each side, kept by and keeping every cluster

@@ -25,7 +25,7 @@ from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig, mag_cache, ta
 
 from ..config import ConfigError, Stage, check_dataclass_fields
 from ..runtime.hooks import remove_named_hooks
-from ..runtime.plan import CallPlan
+from ..runtime.call_state import CallState
 from ..runtime.registry import register_config
 from ..runtime.technique import Technique
 
@@ -120,8 +120,8 @@ class DiffusersCache(Technique):
         return dataclasses.replace(config, **changes) if changes else config
 
     def _current_timestep(self) -> float | None:
-        plan = self.session.plan
-        return None if plan is None else plan.ctx.timestep
+        call_state = self.session.call_state
+        return None if call_state is None else call_state.ctx.timestep
 
     def _taylorseer_identifiers(self) -> dict[str, Any]:
         """diffusers' default patterns end in `attn`, so they miss `attn1` (Wan, CogVideoX) and hook nothing
@@ -135,9 +135,9 @@ class DiffusersCache(Technique):
         attentions = [names[id(a)] for block in adapter.blocks() for a in adapter.self_attentions(block)]
         return {"cache_identifiers": [re.escape(name) for name in attentions]}
 
-    def begin_call(self, plan: CallPlan) -> None:
-        steps = plan.ctx.num_steps
-        if isinstance(self.applied, MagCacheConfig) and steps is not None and plan.ctx.step_index == 0 \
+    def begin_call(self, call_state: CallState) -> None:
+        steps = call_state.ctx.num_steps
+        if isinstance(self.applied, MagCacheConfig) and steps is not None and call_state.ctx.step_index == 0 \
                 and steps != self.applied.num_inference_steps:
             raise ConfigError(f"MagCacheConfig.num_inference_steps is {self.applied.num_inference_steps} but this run "
                               f"has {steps} steps: its magnitude ratios are per step; pass num_inference_steps={steps}")

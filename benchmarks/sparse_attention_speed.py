@@ -14,7 +14,7 @@
 
 Times are medians of repetitions run in turn (dense, plan, dense, plan, ...).
 
-    python -m dit_accel.benchmarks.sparse_attention --threads 2 --json benchmarks/figures/sparse_attention.json
+    python -m benchmarks.sparse_attention_speed --threads 2 --json benchmarks/figures/sparse_attention.json
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from diffusers.hooks import MagCacheConfig
 
 import dit_accel
-from dit_accel.attention import block_sparse, kmeans, proxy
-from dit_accel.benchmarks.common import in_turn, markdown_table, medians, start, timed
-from dit_accel.methods.svg2 import _keep
+from dit_accel.attention import block_sparse, kmeans, proxy_kernel
+from dit_accel.bench.common import in_turn, markdown_table, medians, start, timed
+from dit_accel.techniques.svg2 import _keep
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import channels_first, psnr, ssim
@@ -140,9 +140,9 @@ def kernels(repeats: int) -> list[dict]:
             coordinates = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(r), torch.arange(c), indexing="ij"),
                                       -1).reshape(1, -1, 3)
             for local, size in (((1, 8, 8), (1, 2, 2)), ((1, 16, 16), (1, 4, 4)), ((2, 16, 16), (1, 2, 2))):
-                prepared = proxy.Prepared.of(proxy.place(coordinates, coordinates, (f, r, c), local, size))
-                seconds = _median_time(lambda: proxy.attention(query, key, value, prepared), repeats)
-                density = proxy.attention(query, key, value, prepared)[1] / (length * length)
+                prepared = proxy_kernel.Prepared.of(proxy_kernel.place(coordinates, coordinates, (f, r, c), local, size))
+                seconds = _median_time(lambda: proxy_kernel.attention(query, key, value, prepared), repeats)
+                density = proxy_kernel.attention(query, key, value, prepared)[1] / (length * length)
                 rows.append({"kernel": "proxy", "inputs": label, "tokens": length, "setting": f"{local}/{size}",
                              "density": density, "dense_s": dense_seconds, "seconds": seconds,
                              "speedup": dense_seconds / seconds, "of_ideal": dense_seconds / seconds * density})
@@ -196,18 +196,18 @@ def proxy_profile(repeats: int) -> dict:
     query, key, value = (torch.randn(2, 3, frames * r * c, 32) for _ in range(3))
     coordinates = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(r), torch.arange(c), indexing="ij"),
                               -1).reshape(1, -1, 3)
-    prepared = proxy.Prepared.of(proxy.place(coordinates, coordinates, (frames, r, c), (1, 16, 16), (1, 4, 4)))
+    prepared = proxy_kernel.Prepared.of(proxy_kernel.place(coordinates, coordinates, (frames, r, c), (1, 16, 16), (1, 4, 4)))
     windows = prepared.windows.locals
     local = [x.reshape(6, windows, -1, 32) for x in (query, key, value)]
     far_k, far_v = key[:, :, : prepared.windows.proxies], value[:, :, : prepared.windows.proxies]
     bias = prepared.own[0][1]
     return {
-        "total_s": _median_time(lambda: proxy.attention(query, key, value, prepared), repeats),
+        "total_s": _median_time(lambda: proxy_kernel.attention(query, key, value, prepared), repeats),
         "local_sdpa_s": _median_time(lambda: F.scaled_dot_product_attention(*local), repeats),
         "proxy_sdpa_s": _median_time(lambda: F.scaled_dot_product_attention(query, far_k, far_v, attn_mask=bias),
                                      repeats),
         "dense_s": _median_time(lambda: F.scaled_dot_product_attention(query, key, value), repeats),
-        "density": proxy.attention(query, key, value, prepared)[1] / (frames * r * c) ** 2,
+        "density": proxy_kernel.attention(query, key, value, prepared)[1] / (frames * r * c) ** 2,
     }
 
 

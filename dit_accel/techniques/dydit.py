@@ -40,7 +40,7 @@ from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..metrics.flops import UnitWidth
 from ..models.base import ChannelSlices, HeadSlices, gather_tokens, scatter_tokens
 from ..models.identity import identity_mismatch, model_identity
-from ..runtime.plan import CallPlan
+from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -103,10 +103,10 @@ def kept_count(ratio: float, units: int) -> int:
     return max(1, min(units, round(ratio * units)))
 
 
-def _bucket_of(plan: CallPlan, buckets: int) -> int:
+def _bucket_of(call_state: CallState, buckets: int) -> int:
     """Equal parts of the run's steps; a run of unknown length counts as its noisiest part."""
-    steps = plan.ctx.num_steps
-    return 0 if not steps else min(buckets - 1, plan.ctx.step_index * buckets // steps)
+    steps = call_state.ctx.num_steps
+    return 0 if not steps else min(buckets - 1, call_state.ctx.step_index * buckets // steps)
 
 
 def _group_channels(hidden: int, groups: int) -> list[torch.Tensor]:
@@ -245,7 +245,7 @@ class _SlicedLinear(ModelHook):
         self.technique, self.linear = technique, linear
 
     def new_forward(self, module, x):
-        if self.technique.session.plan is None:
+        if self.technique.session.call_state is None:
             return self.fn_ref.original_forward(x)
         weight, bias = self.technique.sliced(module)
         if self.technique.scores is not None:
@@ -261,7 +261,7 @@ class _SlicedNorm(ModelHook):
         self.technique, self.part = technique, part
 
     def post_forward(self, module, output):
-        if self.technique.session.plan is None:
+        if self.technique.session.call_state is None:
             return output
         return output.index_select(-1, self.technique.features(self.part, output.device))
 
@@ -274,7 +274,7 @@ class _Heads(ModelHook):
         self.technique, self.part = technique, part
 
     def new_forward(self, module, *args, **kwargs):
-        if self.technique.session.plan is None:
+        if self.technique.session.call_state is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         full = module.heads
         module.heads = len(self.technique.kept(self.part))
@@ -292,7 +292,7 @@ class _TokenSkip(ModelHook):
         self.technique, self.block, self.unit = technique, block, unit
 
     def new_forward(self, module, hidden, *args, **kwargs):
-        if self.technique.session.plan is None:
+        if self.technique.session.call_state is None:
             return self.fn_ref.original_forward(hidden, *args, **kwargs)
         return self.technique.run_mlp(self.block, self.unit, lambda x: self.fn_ref.original_forward(x, *args, **kwargs),
                                       hidden)
@@ -416,19 +416,19 @@ class DyDiT(Technique):
             hooks.add(module, _TokenSkip(self, index, unit), "dydit.tokens")
 
     # -- per call ----------------------------------------------------------------------------------
-    def begin_call(self, plan: CallPlan) -> None:
+    def begin_call(self, call_state: CallState) -> None:
         for parent, name, linear in self._places:
             if getattr(parent, name) is not linear:
                 raise ConfigError(f"DyDiTConfig: {type(getattr(parent, name)).__name__} replaced a linear layer it "
                                   "slices after dit_accel.apply() (a LoRA adapter?): fuse it (pipe.fuse_lora()) "
                                   "or remove the handle and apply again")
-        bucket = _bucket_of(plan, self.config.buckets)
+        bucket = _bucket_of(call_state, self.config.buckets)
         if bucket != self._bucket:
             self._bucket = bucket
             self._sliced.clear()
             self._features.clear()
         self._check_processors()
-        plan.widths.update(self._widths[bucket])
+        call_state.widths.update(self._widths[bucket])
         self._mlp_fractions = {}
 
     def _check_processors(self) -> None:
@@ -483,9 +483,9 @@ class DyDiT(Technique):
 
     def run_mlp(self, block: int, unit: str, forward, hidden: torch.Tensor) -> torch.Tensor:
         """SDT: the MLP on the tokens per sample whose input changed most since last computed."""
-        plan = self.session.plan
+        call_state = self.session.call_state
         batch, tokens = hidden.shape[:2]
-        key = (plan.ctx.slot, block)
+        key = (call_state.ctx.slot, block)
         cached = self._mlp_cache.get(key)
         if cached is not None and cached[0].shape != hidden.shape:  # another token count: start again
             cached = None
@@ -494,10 +494,10 @@ class DyDiT(Technique):
         else:
             change = (hidden - cached[0]).float().pow(2).sum(-1)
             index = change.topk(math.ceil(self.config.token_ratio * tokens), dim=1).indices.sort(dim=1).values
-            plan.record_overhead("dydit token change", 3.0 * batch * tokens * hidden.shape[-1], tokens)
+            call_state.record_overhead("dydit token change", 3.0 * batch * tokens * hidden.shape[-1], tokens)
         fraction = index.shape[-1] / tokens
-        width = plan.widths.get((block, unit), UnitWidth())
-        plan.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
+        width = call_state.widths.get((block, unit), UnitWidth())
+        call_state.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
         self._mlp_fractions[block] = fraction
         inputs = gather_tokens(hidden, index)
         computed = forward(inputs)
@@ -517,7 +517,7 @@ class DyDiT(Technique):
         kind, parts = self._linear_parts[linear]
         if kind != "columns":
             return
-        bucket = _bucket_of(self.session.plan, self.scores.buckets)
+        bucket = _bucket_of(self.session.call_state, self.scores.buckets)
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         weight = linear.weight.detach().float()
         for part, offset in parts:
@@ -534,7 +534,7 @@ class DyDiT(Technique):
         tensors += [t for weight, bias in self._sliced.values() for t in (weight, bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def call_stats(self, plan: CallPlan) -> dict:
+    def call_stats(self, call_state: CallState) -> dict:
         """The bucket, the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:
         on average, and per block for the UI's pictures."""
         kept = self._kept[self._bucket]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.identity import identity_mismatch
-from ..runtime.plan import CallPlan
+from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -57,8 +57,8 @@ class ModelCheck(Technique):
             raise ConfigError(f"plan {self.config.source or '(file)'} does not fit this model: {mismatch}; "
                               "tune a plan for it (dit-accel tune)")
 
-    def begin_call(self, plan: CallPlan) -> None:
-        steps, tuned = plan.ctx.num_steps, self.config.num_inference_steps
+    def begin_call(self, call_state: CallState) -> None:
+        steps, tuned = call_state.ctx.num_steps, self.config.num_inference_steps
         if tuned is not None and steps is not None and steps != tuned:
             raise ConfigError(f"plan {self.config.source or '(file)'} was tuned for {tuned} steps; this call runs "
                               f"{steps} (tune it again for {steps}, or call with num_inference_steps={tuned})")

@@ -45,9 +45,9 @@ from diffusers import (
 )
 from torch import nn
 
-from dit_accel import AccelerationHandle, apply
-from dit_accel.models import pipeline_transformers
-from dit_accel.plans import parse_plan
+from ..api import AccelerationHandle, apply
+from ..models import pipeline_transformers
+from ..plan_spec import parse_plan
 
 #: one config (dit-accel's or a diffusers cache config), a sequence of them, a plan spec or plan file
 #: path (`dit-accel tune`'s), or None

@@ -1,7 +1,7 @@
-"""The per-call plan: what one transformer call computes, read and written by every stage.
+"""The call state: what one transformer call computes, read and written by every stage.
 
 It lives on the session for the duration of one call and holds the step context, the image tokens
-the blocks compute (stage 2's `TokenSet`), how many tokens the running block sees, and the work
+the blocks compute (stage 2's `TokenSelection`), how many tokens the running block sees, and the work
 ledger of the call, and what stage 4 narrowed. Nothing in it outlives the call.
 """
 
@@ -17,7 +17,7 @@ from .context import StepContext
 
 
 @dataclass(frozen=True)
-class TokenSet:
+class TokenSelection:
     """The image tokens the blocks compute: sorted indices per sample (B, n), or (n,) shared by the batch."""
 
     index: torch.Tensor
@@ -39,12 +39,12 @@ class TokenSet:
 
 
 @dataclass
-class CallPlan:
+class CallState:
     """One transformer call: its context, the tokens its blocks compute, and its ledger."""
 
     ctx: StepContext
     #: image tokens the blocks compute this call (stage 2); None: all of them
-    tokens: TokenSet | None = None
+    tokens: TokenSelection | None = None
     #: image tokens the block running now computes
     image_tokens: int = 0
     #: (block, unit) -> what stage 4 runs of that unit this call; absent: all of it
@@ -66,13 +66,13 @@ class CallPlan:
     def text_tokens(self) -> int:
         return self.ctx.call.text_tokens
 
-    def placed(self, count: int) -> tuple[tuple, TokenSet] | None:
+    def placed(self, count: int) -> tuple[tuple, TokenSelection] | None:
         """Which image tokens a sequence of `count` of them holds, with a cache key: the whole grid
         (key ("grid", grid), the same in every call), this call's token set (key ("call", id)), or
         None when they cannot be placed (pooled tokens)."""
         grid = self.grid
         if count == grid.num_tokens:
-            return ("grid", grid), TokenSet(torch.arange(count), grid)
+            return ("grid", grid), TokenSelection(torch.arange(count), grid)
         if self.tokens is not None and self.tokens.count == count:
             return ("call", id(self.tokens)), self.tokens
         return None

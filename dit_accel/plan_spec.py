@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Any
 
-from . import methods  # noqa: F401  (registers every technique and diffusers cache)
+from . import techniques  # noqa: F401  (registers every technique and diffusers cache)
 from .config import AccelerationConfig, ConfigError, check_dataclass_fields, config_fields
 from .plan_files import is_plan_file, load_plan
 from .runtime.registry import check_composable, plan_members
@@ -27,7 +27,7 @@ from .runtime.registry import check_composable, plan_members
 _TECHNIQUE_START = re.compile(r"\s*[A-Za-z_]\w*\s*(:|\+|$)")
 
 
-def techniques() -> dict[str, type]:
+def plan_names() -> dict[str, type]:
     """Plan names -> config classes (`{"ras": RASConfig, "fbcache": FirstBlockCacheConfig, ...}`)."""
     return {r.name: r.config_class for r in plan_members()}
 
@@ -90,7 +90,7 @@ def parse_technique(spec: str, num_steps: int | None = None) -> Any:
     """
     name, _, body = spec.partition(":")
     name = name.strip()
-    known = techniques()
+    known = plan_names()
     if name not in known:
         raise ConfigError(f"unknown technique {name!r} in {spec!r}; valid techniques: {', '.join(known)}")
     cls = known[name]
@@ -126,7 +126,7 @@ def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
     checked to be combinable, or a plan file's configs (`plan_files.load_plan`: a path ending in .json,
     .yaml or .yml). Raises `ConfigError` with the valid names on any mistake."""
     if not spec.strip():
-        raise ConfigError(f"empty acceleration plan; valid techniques: {', '.join(techniques())}")
+        raise ConfigError(f"empty acceleration plan; valid techniques: {', '.join(plan_names())}")
     if is_plan_file(spec):
         return load_plan(spec.strip(), num_steps)
     configs = [parse_technique(part, num_steps) for part in _split(spec, "+")]

@@ -32,7 +32,7 @@ from ..attention.intercept import AttentionCall, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import gather_tokens, scatter_tokens
 from ..runtime.context import StepContext
-from ..runtime.plan import CallPlan, TokenSet
+from ..runtime.call_state import CallState, TokenSelection
 from ..runtime.registry import register_technique
 from ..runtime.technique import Technique
 
@@ -173,8 +173,8 @@ class RAS(Technique):
             read += tokens.numel()
         return total, read
 
-    def _select(self, plan: CallPlan) -> _StepSelection:
-        ctx, state = plan.ctx, self.state
+    def _select(self, call_state: CallState) -> _StepSelection:
+        ctx, state = call_state.ctx, self.state
         if state.selection is not None and (state.selection.run_index, state.selection.step_index) == \
                 (ctx.run_index, ctx.step_index):
             return state.selection
@@ -185,7 +185,7 @@ class RAS(Technique):
         previous = max((s for s in state.output_steps.values() if s < ctx.step_index), default=-1)
         scores, read = self._scores(samples, previous) if self._is_ras_step(ctx) else (None, 0)
         if scores is not None and scores.shape[-1] == num_tokens:
-            plan.record_overhead("ras scoring", 3.0 * read, num_tokens)
+            call_state.record_overhead("ras scoring", 3.0 * read, num_tokens)
             if state.skipped is None or state.skipped.shape != scores.shape:
                 state.skipped = torch.zeros_like(scores)
             scores = scores * torch.exp(self.config.starvation_scale * state.skipped)
@@ -204,11 +204,11 @@ class RAS(Technique):
         state.selection = _StepSelection(ctx.run_index, ctx.step_index, index, samples, previous)
         return state.selection
 
-    def _call_index(self, plan: CallPlan) -> torch.Tensor | None:
+    def _call_index(self, call_state: CallState) -> torch.Tensor | None:
         """Index for this call's batch: per-sample rows, repeated for both halves of batched CFG; None
         (dense) where the branch has no output of the previous step to merge into."""
-        selection = self._select(plan)
-        index, ctx, state = selection.index, plan.ctx, self.state
+        selection = self._select(call_state)
+        index, ctx, state = selection.index, call_state.ctx, self.state
         if index is None or state.output_steps.get(ctx.slot) != selection.previous:
             return None
         batch = ctx.call.batch_size
@@ -217,20 +217,20 @@ class RAS(Technique):
         return index if index.ndim == 1 or batch == selection.samples else torch.cat([index, index])
 
     # -- per call ------------------------------------------------------------------------------
-    def begin_call(self, plan: CallPlan) -> None:
-        if plan.ctx.run_index != self.state.run_index:
-            self.state = RASState(run_index=plan.ctx.run_index)
+    def begin_call(self, call_state: CallState) -> None:
+        if call_state.ctx.run_index != self.state.run_index:
+            self.state = RASState(run_index=call_state.ctx.run_index)
             self.computed = {}
-        index = self._call_index(plan)
-        plan.tokens = None if index is None else TokenSet(index, plan.grid)
+        index = self._call_index(call_state)
+        call_state.tokens = None if index is None else TokenSelection(index, call_state.grid)
         self._kv_rows = None
 
-    def end_call(self, plan: CallPlan, output: torch.Tensor) -> torch.Tensor:
-        ctx = plan.ctx
+    def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
+        ctx = call_state.ctx
         tokens = self.adapter.output_to_tokens(output, ctx.call.grid)
-        if plan.tokens is not None:
-            fresh = gather_tokens(tokens, plan.tokens.index)
-            tokens = scatter_tokens(self.state.outputs[ctx.slot], plan.tokens.index, fresh)
+        if call_state.tokens is not None:
+            fresh = gather_tokens(tokens, call_state.tokens.index)
+            tokens = scatter_tokens(self.state.outputs[ctx.slot], call_state.tokens.index, fresh)
             output = self.adapter.tokens_to_output(tokens, ctx.call.grid)
         self.state.outputs[ctx.slot] = tokens
         self.state.output_steps[ctx.slot] = ctx.step_index
@@ -246,12 +246,12 @@ class RAS(Technique):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- stage 5: keys and values of the tokens not computed -----------------------------------------
-    def kv_source(self, plan: CallPlan, call: AttentionCall, query, key, value, attn_mask):
+    def kv_source(self, call_state: CallState, call: AttentionCall, query, key, value, attn_mask):
         """Keys/values of skipped image tokens come from the cache; computed ones (and the text) refresh
         it in place. The cache is the last dense call's own key/value tensors, written into from then on,
         so neither a dense nor a RAS step copies or concatenates whole key sets."""
-        cache_key = (plan.ctx.slot, call.block_index, call.attention_index)
-        tokens = plan.tokens
+        cache_key = (call_state.ctx.slot, call.block_index, call.attention_index)
+        tokens = call_state.tokens
         if tokens is None:
             self.state.kv[cache_key] = (_writable(key), _writable(value))
             return key, value, None, attn_mask
@@ -279,7 +279,7 @@ class RAS(Technique):
         attn_mask = resize_key_mask(attn_mask, key.shape[2], fresh_image, cached_image.stop - cached_image.start)
         return cached[0], cached[1], None, attn_mask
 
-    def _kv_index(self, tokens: TokenSet, cache: torch.Tensor, offset: int, heads_first: bool) -> torch.Tensor:
+    def _kv_index(self, tokens: TokenSelection, cache: torch.Tensor, offset: int, heads_first: bool) -> torch.Tensor:
         """Rows of the computed tokens in a (rows, D) view of a (B, H, S, D) cache, for the call."""
         batch, heads, length = cache.shape[:3]
         memo = (batch, heads, length, offset, heads_first)
@@ -294,12 +294,12 @@ class RAS(Technique):
         return self._kv_rows[1]
 
     # -- report --------------------------------------------------------------------------------
-    def call_stats(self, plan: CallPlan) -> dict[str, Any]:
+    def call_stats(self, call_state: CallState) -> dict[str, Any]:
         """Token counts, and which tokens of the first sample were computed (None: all), for the UI."""
-        total = plan.grid.num_tokens
+        total = call_state.grid.num_tokens
         computed = None
-        if plan.tokens is not None:
-            index = plan.tokens.index if plan.tokens.shared else plan.tokens.index[0]
+        if call_state.tokens is not None:
+            index = call_state.tokens.index if call_state.tokens.shared else call_state.tokens.index[0]
             computed = index.tolist()
-        return {"image_tokens": total if plan.tokens is None else plan.tokens.count, "total_image_tokens": total,
-                "computed_tokens": computed, "grid": [plan.grid.frames, plan.grid.rows, plan.grid.cols]}
+        return {"image_tokens": total if call_state.tokens is None else call_state.tokens.count, "total_image_tokens": total,
+                "computed_tokens": computed, "grid": [call_state.grid.frames, call_state.grid.rows, call_state.grid.cols]}

@@ -4,7 +4,7 @@ PT-DiT trains new proxy attention modules; this keeps a pretrained model's queri
 and changes only which keys each query sees: every image query attends exactly to its local
 (frames, rows, cols) window and to all text tokens, and to the rest of the grid through one proxy
 per `proxy_window` (the mean key and value of that window, logit biased by log(its size)). The
-parts merge by log-sum-exp (`attention.proxy`). Windows can shift by half on every other block
+parts merge by log-sum-exp (`attention.proxy_kernel`). Windows can shift by half on every other block
 (Swin), so window borders do not stay fixed. Text queries attend densely; cross-attention is
 untouched. With RAS the queries are the tokens RAS computes and the keys its full-length cache.
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import proxy
+from ..attention import proxy_kernel
 from ..attention.intercept import dense_attention
 from ..config import AccelerationConfig, ConfigError, Stage, param
-from ..runtime.plan import CallPlan
+from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
 from .sparse_attention import DENSE_ABOVE, SparseAttention
 
@@ -79,27 +79,27 @@ class ProxyAttention(SparseAttention):
     def __init__(self, config: ProxyAttentionConfig, session):
         super().__init__(config, session)
         #: window layouts: of the whole grid across calls, of a call's token set for that call
-        self._layouts: dict[tuple, proxy.Prepared] = {}
+        self._layouts: dict[tuple, proxy_kernel.Prepared] = {}
 
-    def begin_call(self, plan: CallPlan) -> None:
-        super().begin_call(plan)
+    def begin_call(self, call_state: CallState) -> None:
+        super().begin_call(call_state)
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] == "grid"}
 
     def end_run(self) -> None:
         self._layouts.clear()
 
     @staticmethod
-    def _coordinates(plan: CallPlan, count: int) -> tuple[tuple, torch.Tensor] | None:
+    def _coordinates(call_state: CallState, count: int) -> tuple[tuple, torch.Tensor] | None:
         """(cache key, (S, count, 3) coordinates) of `count` image tokens, or None if they cannot be placed."""
-        placed = plan.placed(count)
+        placed = call_state.placed(count)
         if placed is None:
             return None
         key, tokens = placed
         coordinates = tokens.coordinates()
         return key, coordinates.unsqueeze(0) if tokens.shared else coordinates
 
-    def _prepared(self, plan: CallPlan, call, queries: int, keys: int, text: int, dtype, device) -> proxy.Prepared | None:
-        q_place, k_place = self._coordinates(plan, queries), self._coordinates(plan, keys)
+    def _prepared(self, call_state: CallState, call, queries: int, keys: int, text: int, dtype, device) -> proxy_kernel.Prepared | None:
+        q_place, k_place = self._coordinates(call_state, queries), self._coordinates(call_state, keys)
         if q_place is None or k_place is None:
             return None
         shifted = self.config.shift_windows and call.block_index % 2 == 1
@@ -107,16 +107,16 @@ class ProxyAttention(SparseAttention):
                      shifted, text, dtype)
         prepared = self._layouts.get(cache_key)
         if prepared is None:
-            grid = plan.grid
-            windows = proxy.place(q_place[1].to(device), k_place[1].to(device), (grid.frames, grid.rows, grid.cols),
+            grid = call_state.grid
+            windows = proxy_kernel.place(q_place[1].to(device), k_place[1].to(device), (grid.frames, grid.rows, grid.cols),
                                   self.config.local_window, self.config.proxy_window, shifted)
-            prepared = self._layouts[cache_key] = proxy.Prepared.of(windows, dtype, text)
+            prepared = self._layouts[cache_key] = proxy_kernel.Prepared.of(windows, dtype, text)
         return prepared
 
-    def why_no_saving(self, plan, call, queries, keys):
-        """The pairs `proxy.attention` computes, from the grid alone: the padded local windows, every
+    def why_no_saving(self, call_state, call, queries, keys):
+        """The pairs `proxy_kernel.attention` computes, from the grid alone: the padded local windows, every
         image query against every proxy and text key, the text queries against everything."""
-        grid = plan.grid
+        grid = call_state.grid
         extent = (grid.frames, grid.rows, grid.cols)
         local = [min(w, e) for w, e in zip(self.config.local_window, extent)]
         proxy_size = [min(p, w) for p, w in zip(self.config.proxy_window, local)]
@@ -133,19 +133,19 @@ class ProxyAttention(SparseAttention):
         pairs = exact + image_q * (proxies + keys - image_k) + (queries - image_q) * keys
         return "density near 1" if pairs > DENSE_ABOVE * queries * keys else None
 
-    def sparse(self, plan, call, query, key, value, key_bias, scale):
+    def sparse(self, call_state, call, query, key, value, key_bias, scale):
         q_part, k_part = call.image_slice(query.shape[2]), call.image_slice(key.shape[2])
         image_q, text_q = _split(query, q_part)
         image_k, text_k = _split(key, k_part)
         image_v, text_v = _split(value, k_part)
-        prepared = self._prepared(plan, call, image_q.shape[2], image_k.shape[2],
+        prepared = self._prepared(call_state, call, image_q.shape[2], image_k.shape[2],
                                   0 if text_k is None else text_k.shape[2], query.dtype, query.device)
         if prepared is None:
             return None
         image_bias = text_bias = None
         if key_bias is not None:
             image_bias, text_bias = _split(key_bias, k_part, dim=-1)
-        out, pairs = proxy.attention(image_q, image_k, image_v, prepared, image_bias, text_k, text_v, text_bias, scale)
+        out, pairs = proxy_kernel.attention(image_q, image_k, image_v, prepared, image_bias, text_k, text_v, text_bias, scale)
         if text_q is None:
             return out, pairs
         text_out = dense_attention(text_q, key, value, key_bias, scale=scale)
