@@ -33,7 +33,7 @@ from diffusers.hooks import MagCacheConfig
 import dit_accel
 from dit_accel.attention import block_sparse, kmeans, proxy_kernel
 from dit_accel.bench.common import in_turn, markdown_table, medians, start, timed
-from dit_accel.techniques.svg2 import _keep
+from dit_accel.techniques.svg2 import kept_cluster_pairs
 from dit_accel.metrics import judge as judges
 from dit_accel.metrics import procedural
 from dit_accel.metrics.quality import channels_first, psnr, ssim
@@ -123,7 +123,7 @@ def kernels(repeats: int) -> list[dict]:
                 labels_k, centroids_k, sizes_k = kmeans.kmeans(key.reshape(groups, length, dim), k_clusters, 20)
                 kmeans_seconds = (time.perf_counter() - start) / 20 * 2  # per warm-started call (2 iterations)
                 for top_p in (0.5, 0.7, 0.9):
-                    keep = _keep(centroids_q, centroids_k, sizes_k, dim ** -0.5, top_p, 1)
+                    keep = kept_cluster_pairs(centroids_q, centroids_k, sizes_k, dim ** -0.5, top_p, 1)
                     row = _svg2_kernel_rows(label, query, key, value, labels_q, labels_k, keep, dense_seconds,
                                             repeats)
                     rows.append({**row, "setting": f"top_p {top_p}", "kmeans_s": kmeans_seconds})

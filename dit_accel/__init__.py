@@ -9,7 +9,9 @@
     dit_accel.apply(pipe, *dit_accel.load_plan("plan.json"))
 """
 
-from .api import AccelerationHandle, PlanRun, apply, calibrate, compare, measure
+from .api import AccelerationHandle, apply, measure
+from .calibration import calibrate
+from .comparison import PlanRun, compare
 from .config import AccelerationConfig, ConfigError, Stage
 from .techniques import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
 from .models import UnsupportedModelError, adapter_for, supported_families

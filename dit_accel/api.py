@@ -1,27 +1,22 @@
-"""`apply(pipe_or_transformer, *configs)`: the one function users call, the handle it returns,
-`measure` / `calibrate`, and `compare` (dense and plans on one seed, shared by the CLI, UI and
-benchmarks)."""
+"""`apply(pipe_or_transformer, *configs)`: the one function users call, the handle it returns
+(`remove()`, `report()`), and `measure`. Calibrating a config lives in calibration.py, comparing plans
+against dense in comparison.py."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import inspect
 import time
 import weakref
-from collections import defaultdict
 from typing import Any, Callable, Iterator
 
-import torch
-from diffusers.hooks import HookRegistry, MagCacheConfig
+from diffusers.hooks import HookRegistry
 from torch import nn
 
 from . import techniques  # noqa: F401  (registers every technique and diffusers cache)
 from .config import ConfigError
-from .techniques.diffusers_caches import logged_mag_ratios
-from .techniques.dydit import DyDiTConfig, DyDiTScores, save_calibration
 from .models import adapter_for, pipeline_transformers
+from .runtime import ledger
 from .runtime.context import SchedulerClock, StepTracker
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
@@ -193,53 +188,7 @@ class AccelerationHandle:
     def report(self) -> dict[str, Any]:
         """The last pipeline call, per step and in total: FLOPs from the work ledger against the dense
         analytic model, the ledger by kind of work, time, and the memory techniques held."""
-        run = self.tracker.run_index
-        records = [r for s in self.sessions for r in s.records if r.run_index == run]
-        steps: dict[int, dict[str, Any]] = {}
-        work: dict[str, float] = defaultdict(float)
-        blocks: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for record in records:
-            step = steps.setdefault(record.step_index, {"step": record.step_index, "dense_flops": 0.0,
-                                                        "flops": 0.0, "seconds": 0.0, "calls": []})
-            call_work: dict[str, float] = defaultdict(float)
-            for w in record.works:
-                call_work[w.kind] += w.flops
-                work[w.kind] += w.flops
-                blocks[w.block][w.name if w.kind == "linear" else f"{w.name} {w.kind}"] += w.flops
-            step["dense_flops"] += record.dense_flops
-            step["flops"] += record.flops
-            step["seconds"] += record.seconds
-            step["calls"].append({"branch": record.branch, "num_steps": record.num_steps, "timestep": record.timestep,
-                                  "sigma": record.sigma, "dense_flops": record.dense_flops, "flops": record.flops,
-                                  "seconds": record.seconds, "work": dict(call_work), **record.stats})
-        dense = sum(r.dense_flops for r in records)
-        flops = sum(r.flops for r in records)
-        for step in steps.values():
-            step["flops_ratio"] = step["flops"] / step["dense_flops"] if step["dense_flops"] else 1.0
-        peak: dict[str, int] = defaultdict(int)
-        for session in self.sessions:
-            for label, held in session.peak_state_bytes.items():
-                peak[label] += held
-        return {
-            "techniques": [t.label for t in self.sessions[0].techniques] if self.sessions else [],
-            "stages": {t.label: sorted(int(s) for s in t.stages) for t in self.sessions[0].techniques}
-            if self.sessions else {},
-            "num_steps": len(steps),
-            "num_calls": len(records),
-            "steps": [steps[k] for k in sorted(steps)],
-            "dense_flops": dense,
-            "flops": flops,
-            "flops_ratio": flops / dense if dense else 1.0,
-            "work": dict(work),
-            "blocks": {b: dict(v) for b, v in sorted(blocks.items())},
-            "transformer_seconds": sum(r.seconds for r in records),
-            # from the pipeline's scheduler set-up to the last transformer call (None for a bare transformer)
-            "wall_seconds": (max(r.ended for r in records) - self._run_started
-                             if records and self._run_started is not None else None),
-            "state_bytes": dict(peak),
-            # where the last run did other than its plan says (RAS without its K/V source, ...)
-            "notes": sorted({note for session in self.sessions for note in session.notes}),
-        }
+        return ledger.report(self.sessions, self.tracker.run_index, self._run_started)
 
     def __enter__(self) -> "AccelerationHandle":
         return self
@@ -290,149 +239,3 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
 def measure(pipe_or_transformer: Any) -> AccelerationHandle:
     """A handle that changes nothing and counts what the blocks really run (also under other accelerators)."""
     return apply(pipe_or_transformer)
-
-
-def calibrate(pipe: Any, config: Any, *, path: str | None = None, **call_kwargs) -> Any:
-    """`config` completed with what it must learn from one run of `pipe(**call_kwargs)`.
-
-    MagCache: its per-step magnitude ratios (diffusers' own calibration mode), for the run's steps.
-    DyDiT: every attention head's and MLP channel group's mean contribution to its block's output,
-    per bucket of steps, over the run (give a list of prompts to calibrate on several), written to
-    `path` as safetensors with the transformer's identity; the config returned reads that file.
-    """
-    if isinstance(config, DyDiTConfig):
-        return _calibrate_dydit(pipe, config, path, call_kwargs)
-    if not isinstance(config, MagCacheConfig):
-        raise ConfigError(f"{type(config).__name__} needs no calibration (calibrate takes a MagCacheConfig "
-                          "or a DyDiTConfig)")
-    steps = call_kwargs.get("num_inference_steps")
-    if steps is None:
-        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
-    probe = dataclasses.replace(config, calibrate=True, num_inference_steps=steps)
-    with logged_mag_ratios() as ratios, apply(pipe, probe):
-        pipe(**call_kwargs)
-    if not ratios:
-        raise RuntimeError(f"MagCache calibration over {steps} steps reported no ratios")
-    return dataclasses.replace(config, calibrate=False, mag_ratios=ratios[0], num_inference_steps=steps)
-
-
-def _calibrate_dydit(pipe: Any, config: DyDiTConfig, path: str | None, call_kwargs: dict) -> DyDiTConfig:
-    if path is None:
-        raise ConfigError("calibrate(pipe, DyDiTConfig(...), path=...): name the safetensors file to write")
-    probe = dataclasses.replace(DyDiTConfig.keep_all(), buckets=config.buckets)
-    with apply(pipe, probe) as handle:
-        if len(handle.sessions) != 1:
-            raise ConfigError(f"DyDiT calibration scores one transformer; this pipeline has {len(handle.sessions)} "
-                              "(apply it to each transformer on its own)")
-        session = handle.sessions[0]
-        technique = session.techniques[0]
-        technique.scores = scores = DyDiTScores(config.buckets)
-        pipe(**call_kwargs)
-    means = scores.means()
-    if not means:
-        raise RuntimeError("DyDiT calibration saw no transformer call")
-    prompts = call_kwargs.get("prompt")
-    details = {"buckets": config.buckets, "num_inference_steps": call_kwargs.get("num_inference_steps"),
-               "prompts": len(prompts) if isinstance(prompts, list) else 1}
-    save_calibration(path, means, session.transformer, details)
-    return dataclasses.replace(config, calibration=str(path))
-
-
-@dataclasses.dataclass
-class PlanRun:
-    """One run of `compare`: the dense baseline (no configs) or a plan, on the comparison's seed."""
-
-    label: str
-    configs: list
-    #: (B, 3, H, W) or (B, T, 3, H, W) in [0, 1], on the CPU
-    output: Any = None
-    seconds: float = 0.0
-    #: `AccelerationHandle.report()` of the timed run; None for dense
-    report: dict[str, Any] | None = None
-    #: vs the dense run of the same comparison (None for dense itself; PSNR inf when identical)
-    psnr: float | None = None
-    ssim: float | None = None
-    speedup: float = 1.0
-
-    @property
-    def flops_ratio(self) -> float:
-        return 1.0 if self.report is None else self.report["flops_ratio"]
-
-
-def _label(plan: Any) -> str:
-    return plan if isinstance(plan, str) else "+".join(registration(c).name for c in plan)
-
-
-def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
-            progress: Callable[[str], None] | None = None, baseline: PlanRun | None = None,
-            **call_kwargs) -> list[PlanRun]:
-    """Run `pipe(**call_kwargs)` dense and under each plan on one seed; return dense first, then each
-    plan with its time, speedup, report and PSNR/SSIM vs dense (torchmetrics).
-
-    A plan is a list of configs or a spec string (`"ras:sample_ratio=0.5+fbcache:threshold=0.1"`,
-    step schedules scaled to the call's steps). MagCache configs in calibration mode are calibrated
-    on this call first. Every run is warmed up once with `warmup_steps` steps, untimed (a run whose
-    config is bound to a step count is not). `baseline`, the dense run of an earlier comparison of
-    the same call and seed, is reused instead of running dense again (the UI caches it). The CLI,
-    the UI and the benchmarks share this function."""
-    from .metrics.quality import channels_first, psnr, ssim
-    from .plan_spec import parse_plan
-
-    if "generator" in call_kwargs:
-        raise ValueError("compare seeds every run itself from seed=...; pass no generator")
-    say = progress or (lambda message: None)
-    steps = call_kwargs.get("num_inference_steps")
-    if steps is None:
-        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
-    call = {**call_kwargs, "num_inference_steps": steps, "output_type": "pt"}
-    runs = [baseline or PlanRun("dense", [])]
-    for plan in plans:
-        configs = parse_plan(plan, steps) if isinstance(plan, str) else list(plan)
-        check_composable(configs)
-        apply(pipe, *configs).remove()  # what only the model can refuse (a calibration file for another), first
-        runs.append(PlanRun(_label(plan), configs))
-    for run in runs:
-        if any(getattr(c, "calibrate", False) is True for c in run.configs):
-            say(f"calibrating {run.label}")
-            run.configs = [calibrate(pipe, c, **call) if getattr(c, "calibrate", False) is True else c
-                           for c in run.configs]
-    say(f"warm-up: every run once with {min(steps, warmup_steps)} steps, untimed")
-    todo = runs[1:] if baseline is not None else runs
-    for run in todo:
-        if warmup_steps and not any(getattr(c, "num_inference_steps", None) for c in run.configs):
-            timed_run(pipe, run, {**call, "num_inference_steps": min(steps, warmup_steps)}, seed)
-    for i, run in enumerate(runs, 1):
-        if run is baseline:
-            continue
-        say(f"[{i}/{len(runs)}] {run.label}")
-        timed_run(pipe, run, call, seed)
-        say(f"[{i}/{len(runs)}] {run.label}: {run.seconds:.2f} s")
-    dense = runs[0]
-    for run in runs[1:]:
-        run.speedup = dense.seconds / run.seconds
-        run.psnr = psnr(channels_first(run.output), channels_first(dense.output))
-        run.ssim = ssim(channels_first(run.output), channels_first(dense.output))
-    return runs
-
-
-def timed_run(pipe: Any, run: PlanRun, call: dict[str, Any], seed: int) -> None:
-    """One generation of `run` on `seed`, timed from the call to the last kernel: fills its output,
-    seconds and report (`compare` and the benchmarks' repetitions call this)."""
-    handle = apply(pipe, *run.configs) if run.configs else None
-    device = getattr(pipe, "device", None)
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        output = pipe(**call, generator=torch.Generator().manual_seed(seed))[0]
-        _synchronize(device)
-        run.seconds = time.perf_counter() - start
-        run.report = None if handle is None else handle.report()
-    finally:
-        if handle is not None:
-            handle.remove()
-    run.output = output.float().cpu().clamp(0, 1)
-
-
-def _synchronize(device: Any) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()

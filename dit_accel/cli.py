@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .api import PlanRun, calibrate, compare
+from .calibration import calibrate
+from .comparison import PlanRun, compare
 from .cli_options import (DEFAULT_PLANS, TUNING_SEED, add_call_options, add_model_options, at_least, call_kwargs,
                           load_pipeline, plan_spec_arg, status_printer)
 from .config import ConfigError
@@ -28,7 +29,7 @@ from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
 from .plan_spec import describe
 from .techniques.dydit import DyDiTConfig
-from .tuning import Budget, Target, TuneResult, tune
+from .tuning import Budget, CandidateStatus, Target, TuneResult, tune
 
 # -- command line ----------------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
 def tune_table(result: TuneResult) -> str:
     """The message and the candidates that met the target, fastest first, as markdown."""
     metric = result.target.metric
-    met = sorted((c for c in result.candidates if c.status == "meets the target"),
+    met = sorted((c for c in result.candidates if c.status is CandidateStatus.MEETS_TARGET),
                  key=lambda c: -(c.final_speedup or c.speedup))
     lines = [result.message, "", f"| candidate | speedup | side by side | FLOPs ratio | {metric} |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {c.label} | {c.speedup:.2f}x | {'-' if c.final_speedup is None else f'{c.final_speedup:.2f}x'} | "

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .api import PlanRun
+from .comparison import PlanRun
 from .runtime.registry import registration
 
 MIN_TILE = 256  # pixels: small outputs are enlarged to at least this for the grid

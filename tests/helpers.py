@@ -65,7 +65,7 @@ class RecordingConfig(AccelerationConfig):
         return cls()
 
 
-@register_technique(RecordingConfig, "test probe: records the step context")
+@register_technique(RecordingConfig, "test probe: records the step context", plan_member=False)
 class RecordingTechnique(Technique):
     def begin_call(self, call_state):
         self.config.seen.append(call_state.ctx)

@@ -19,7 +19,7 @@ from torch import nn
 import dit_accel
 from dit_accel.config import AccelerationConfig, Stage
 from dit_accel.metrics.flops import transformer_flops
-from dit_accel.models.base import TokenGrid, adapter_for
+from dit_accel.models import TokenGrid, adapter_for
 from dit_accel.models.cogvideox import CogVideoXAdapter
 from dit_accel.models.dit import DiTAdapter
 from dit_accel.models.flux import FluxAdapter

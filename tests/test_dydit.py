@@ -220,5 +220,5 @@ def test_selection_drops_the_units_whose_summed_contribution_is_smallest(monkeyp
     assert select_units(gram, 2).tolist() == [2, 3]  # units 0 and 1 sum to (0, 0.1)
     assert select_units(gram, 4).tolist() == [0, 1, 2, 3]
     assert select_units(torch.diag(torch.tensor([1.0, 0.2, 3.0])), 1).tolist() == [2]
-    monkeypatch.setattr("dit_accel.techniques.dydit._EXHAUSTIVE", 1)
+    monkeypatch.setattr("dit_accel.techniques.dydit.calibration._EXHAUSTIVE", 1)
     assert select_units(torch.diag(torch.tensor([1.0, 0.2, 3.0, 0.5])), 2).tolist() == [0, 2]

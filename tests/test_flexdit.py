@@ -11,7 +11,8 @@ from helpers import RecordingConfig, model_state, run
 
 import dit_accel
 from dit_accel.techniques.flexdit import token_groups, window_count
-from dit_accel.models.base import TokenGrid, adapter_for, pool_tokens
+from dit_accel.models import TokenGrid, adapter_for
+from dit_accel.tokens import pool_tokens
 from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
@@ -72,8 +73,8 @@ def test_schedule_gives_the_token_counts_it_promises(family, pool_frames):
     grid = probe.seen[0].call.grid
     dense, windows = grid.num_tokens, window_count(grid, config.window)
     for record in records:
-        step = record.step_index
-        promised = config.tokens_at(step, record.num_steps, dense, windows)
+        step = record.ctx.step_index
+        promised = config.tokens_at(step, record.ctx.num_steps, dense, windows)
         density = start + (end - start) * (step / 4) / 0.75
         assert promised == (dense if step == 3 else max(round(density * dense), windows))
         tokens = min(w.tokens for w in record.works if w.kind == "linear" and w.block == 1)

@@ -65,10 +65,10 @@ def test_skipped_blocks_are_counted_nowhere():
     batched, guidance = report["steps"][1]["calls"]
     # the same blocks at half the batch would be half the batched call; two of four blocks are skipped
     assert guidance["dense_flops"] < 0.4 * batched["dense_flops"]
-    skipping = [r for r in records if r.step_index > 0 and r.branch != "batched"]
+    skipping = [r for r in records if r.ctx.step_index > 0 and r.ctx.branch != "batched"]
     assert len(skipping) == STEPS - 1
     assert all(w.block not in SKIP for r in skipping for w in r.works)
-    batched_blocks = [{w.block for w in r.works if w.kind == "linear"} for r in records if r.branch == "batched"]
+    batched_blocks = [{w.block for w in r.works if w.kind == "linear"} for r in records if r.ctx.branch == "batched"]
     assert all(blocks == {0, 1, 2, 3} for blocks in batched_blocks)
 
 

@@ -9,7 +9,7 @@ import statistics
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from dit_accel.api import PlanRun, timed_run
+from dit_accel.comparison import PlanRun, timed_run
 from dit_accel.machine import cpu_name
 
 

@@ -39,7 +39,7 @@ class Prompts:
     scenes: list | None = None
 
 
-def _suite_of(args: argparse.Namespace) -> str | None:
+def suite_of(args: argparse.Namespace) -> str | None:
     """The caption suite: `--suite`, or the reference model's own when no prompts are given (its text
     encoder knows only the procedural vocabulary, and its samples can then be judged)."""
     if args.suite or args.prompt_file is not None:
@@ -59,7 +59,7 @@ def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | N
         return Prompts([s.caption for s in scenes], f"suite {suite}", suite, scenes)
     if given is not None:
         texts, source = given, str(args.prompt_file)
-    elif "prompt" not in _parameters(pipe) and hasattr(pipe, "labels"):
+    elif "prompt" not in call_parameters(pipe) and hasattr(pipe, "labels"):
         names = {}
         for name, index in pipe.labels.items():
             names.setdefault(index, name)
@@ -71,7 +71,7 @@ def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | N
     return Prompts(texts[:args.count] if args.count else texts, source)
 
 
-def _parameters(pipe: Any) -> dict:
+def call_parameters(pipe: Any) -> dict:
     return inspect.signature(pipe.__call__).parameters
 
 
@@ -81,7 +81,7 @@ def batch_calls(pipe: Any, call: dict[str, Any], prompts: Prompts, size: int) ->
     batches = []
     for start in range(0, len(prompts.texts), size):
         texts = prompts.texts[start:start + size]
-        if "prompt" in _parameters(pipe):
+        if "prompt" in call_parameters(pipe):
             what = {"prompt": texts}
         else:
             try:

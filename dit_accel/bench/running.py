@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..api import PlanRun, calibrate, measure
+from ..api import measure
+from ..calibration import calibrate
+from ..comparison import PlanRun
 from ..cli_options import call_kwargs, load_pipeline, status_printer
 from ..loading import read_prompts
 from ..machine import machine
@@ -20,7 +22,7 @@ from ..metrics.quality import PerceptualDistance, frames, psnr_frames, ssim_fram
 from .common import timed
 from .judging import Judging, caption_accuracy, judge_features, judging
 from .processes import ONE_PROCESS, Processes, merge_rows, partials
-from .prompts import DEFAULT_BATCH, SUITE_SETTING, _parameters, _suite_of, batch_calls, prompt_set
+from .prompts import DEFAULT_BATCH, SUITE_SETTING, call_parameters, suite_of, batch_calls, prompt_set
 from .report import markdown, notes, summarize, write_results
 from .rows import Row, build_rows, fewer_steps
 
@@ -252,7 +254,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     if processes.world > 1:
         args.device = processes.device_for(args.device)
         say = _with_rank(say, processes)
-    suite = _suite_of(args)
+    suite = suite_of(args)
     if suite is not None:  # the suite's standard setting, under what the options say
         args.batch = args.batch or SUITE_SETTING["batch"]
         args.steps = args.steps or SUITE_SETTING["steps"]
@@ -262,7 +264,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     pipe, defaults, model, dtype = load_pipeline(args, say)
     pipe.set_progress_bar_config(disable=True)  # one line a run instead
     call = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
-    video = "num_frames" in _parameters(pipe)
+    video = "num_frames" in call_parameters(pipe)
     prompts = prompt_set(args, suite, given, pipe, video)
     batch = args.batch or DEFAULT_BATCH
     batches = batch_calls(pipe, call, prompts, batch)

@@ -5,17 +5,23 @@ which blocks run in which order, where the image tokens are in each block call a
 attention call, the token grid of the current call, how positions reach the blocks, how to gather a
 subset of image tokens (rotary rows and masks included) and how to put them back, how to pool them
 into groups (rotary tables at the groups' mean positions), and how the model output maps to tokens.
+
+This file holds the data types of that contract and the `ModelAdapter` base with its shared
+behaviour; the registry is in `registry.py`, the width layout (stage 4) in `width.py`, the token
+tensor operations in `dit_accel/tokens.py`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from ..tokens import gather_tokens, pool_rotation, pool_tokens
+from .width import WidthLayout, feed_forward_slices, head_slices
 
 TextPlacement = Literal["image_first", "text_first", "cross_attention"]
 PositionKind = Literal["absolute", "rotary"]
@@ -43,8 +49,9 @@ class CallInfo:
     grid: TokenGrid
     batch_size: int
     text_tokens: int
-    timestep: torch.Tensor
-    latents: torch.Tensor
+    #: the call's own tensors; None in a finished call's record (`StepContext.without_tensors`)
+    timestep: torch.Tensor | None
+    latents: torch.Tensor | None
     #: blocks this call does not run (SD3's `skip_layers` for skip-layer guidance): nothing computes
     #: them, so neither the ledger nor the dense baseline counts them
     skipped_blocks: frozenset[int] = frozenset()
@@ -65,136 +72,6 @@ class BlockSignature:
     rotary_arg: str | None = None
     mask_arg: str | None = None
     output_hidden_index: int | None = None
-
-
-@dataclass(frozen=True)
-class HeadSlices:
-    """Where one attention's heads sit in its block's weights, so that whole heads can be sliced out.
-
-    `rows`: linears whose output features are grouped by head (q, k, v and the text stream's
-    projections); `norms`: normalisations spanning all heads at once (Wan's `norm_q` over
-    heads * head_dim), whose linears stay at full width and whose outputs are sliced instead;
-    `columns`: (linear, offset) pairs whose input features from `offset` on are the heads' outputs.
-    """
-
-    attention: nn.Module
-    heads: int
-    head_dim: int
-    rows: tuple[nn.Linear, ...]
-    norms: tuple[nn.Module, ...]
-    columns: tuple[tuple[nn.Linear, int], ...]
-
-
-@dataclass(frozen=True)
-class ChannelSlices:
-    """An MLP's hidden channels: `rows` produce them (both halves of a gated activation when `gated`),
-    `columns` (linear, offset) read them; `module` maps tokens to tokens one by one (None where the
-    MLP is fused with the attention output, as in single-stream blocks)."""
-
-    hidden: int
-    rows: tuple[nn.Linear, ...]
-    columns: tuple[tuple[nn.Linear, int], ...]
-    module: nn.Module | None
-    gated: bool = False
-
-
-@dataclass(frozen=True)
-class WidthLayout:
-    """The heads and MLP channels of one block that stage 4 may narrow."""
-
-    attentions: tuple[HeadSlices, ...]
-    mlp: ChannelSlices | None
-
-
-class UnsupportedModelError(TypeError):
-    """Raised for a transformer no adapter knows."""
-
-
-def _flat_rows(index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """Row numbers in a (batch * length, ...) view of the tokens `index` selects, (B, n) or (n,)."""
-    offsets = torch.arange(batch, device=index.device).mul_(length).unsqueeze(1)
-    return (offsets + (index if index.ndim == 2 else index.unsqueeze(0))).reshape(-1)
-
-
-def gather_tokens(tokens: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Select `index` along the token dimension `dim`: (n,) shared by the batch or (B, n) per sample.
-
-    A per-sample index on a batch-shared table (batch 1, e.g. rotary rows) gives a per-sample table.
-    """
-    if index.ndim == 1:
-        return tokens.index_select(dim, index)
-    batch, kept = index.shape
-    if tokens.shape[0] != batch:
-        tokens = tokens.expand(batch, *tokens.shape[1:])
-    if dim == 1:
-        rows = tokens.reshape(batch * tokens.shape[1], *tokens.shape[2:])
-        return rows.index_select(0, _flat_rows(index, batch, tokens.shape[1])).view(batch, kept, *tokens.shape[2:])
-    view = [1] * tokens.ndim
-    view[0], view[dim] = batch, kept
-    target = list(tokens.shape)
-    target[dim] = kept
-    return tokens.gather(dim, index.reshape(view).expand(target))
-
-
-def scatter_tokens(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Return a copy of `full` whose rows `index` along `dim` are replaced by `part`."""
-    part = part.to(full.dtype)
-    if index.ndim == 1:
-        return full.index_copy(dim, index, part)
-    if dim == 1:
-        batch, length = full.shape[:2]
-        rows = full.clone(memory_format=torch.contiguous_format).view(batch * length, *full.shape[2:])
-        rows.index_copy_(0, _flat_rows(index, batch, length), part.reshape(-1, *full.shape[2:]))
-        return rows.view(full.shape)
-    view = [1] * full.ndim
-    view[0], view[dim] = index.shape[0], index.shape[1]
-    return full.scatter(dim, index.reshape(view).expand_as(part), part)
-
-
-def pool_tokens(tokens: torch.Tensor, groups: torch.Tensor, count: int, dim: int = 1) -> torch.Tensor:
-    """The mean token of each of `count` groups along `dim`; `groups` gives every token's group, (n,)
-    shared by the batch or (B, n) per sample (on a batch-shared table, batch 1, a per-sample table).
-    Every group must have a member. Index-adds, not `scatter_reduce` (10x slower on CPU)."""
-    if groups.ndim == 1:
-        total = tokens.new_zeros(*tokens.shape[:dim], count, *tokens.shape[dim + 1:]).index_add_(dim, groups, tokens)
-        sizes = torch.bincount(groups, minlength=count).view(count, *[1] * (tokens.ndim - dim - 1))
-        return total / sizes.to(tokens.dtype)
-    if dim != 1:
-        raise ValueError("per-sample groups pool along the token dimension 1")
-    batch, length = groups.shape
-    if tokens.shape[0] != batch:
-        tokens = tokens.expand(batch, *tokens.shape[1:])
-    rows = _flat_rows(groups, batch, count)
-    rest = tokens.shape[2:]
-    total = tokens.new_zeros(batch * count, *rest).index_add_(0, rows, tokens.reshape(batch * length, *rest))
-    sizes = torch.bincount(rows, minlength=batch * count).view(-1, *[1] * len(rest))
-    return (total / sizes.to(tokens.dtype)).view(batch, count, *rest)
-
-
-def pool_rotation(cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor, count: int,
-                  dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) tables at each group's mean angle: every column's (cos, sin) pair averaged over the
-    group and made unit length again, so the rotation stays a rotation. For positions symmetric about
-    their mean (spread below a quarter turn) this is exactly the rotation at the mean position; a
-    column whose angles cancel stays unrotated."""
-    cos, sin = pool_tokens(cos, groups, count, dim), pool_tokens(sin, groups, count, dim)
-    norm = torch.hypot(cos, sin)
-    cancelled = norm < 1e-6
-    norm = norm.clamp(min=1e-6)
-    return torch.where(cancelled, 1.0, cos / norm), torch.where(cancelled, 0.0, sin / norm)
-
-
-def pool_key_mask(mask: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
-    """A mask over image keys (last dimension; bool or additive) pooled by group: a group may be
-    attended where any of its members may (the largest value)."""
-    if groups.ndim == 2 and mask.shape[0] != groups.shape[0]:
-        mask = mask.expand(groups.shape[0], *mask.shape[1:])
-    view = [1] * mask.ndim
-    view[-1] = groups.shape[-1]
-    if groups.ndim == 2:
-        view[0] = groups.shape[0]
-    index = groups.reshape(view).expand_as(mask)
-    return mask.new_zeros(*mask.shape[:-1], count).scatter_reduce_(-1, index, mask, "amax", include_self=False)
 
 
 class ModelAdapter:
@@ -419,92 +296,6 @@ class ModelAdapter:
         return x.transpose(1, 2) if layout == "BFCHW" else x
 
 
-def _spans_heads(norm: nn.Module | None, inner_dim: int) -> bool:
-    """Whether `norm` normalises all heads together (its shape is heads * head_dim, not head_dim)."""
-    if norm is None:
-        return False
-    shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)  # torch's norms, diffusers' RMSNorm
-    if shape is None:
-        weight = getattr(norm, "weight", None)
-        return weight is not None and weight.numel() == inner_dim
-    return math.prod(shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)) == inner_dim
-
-
-def head_slices(attention: nn.Module, columns: tuple[tuple[nn.Linear, int], ...] | None = None) -> HeadSlices:
-    """The head layout of a diffusers `Attention`; `columns` for one without its own `to_out`."""
-    heads = attention.heads
-    inner_dim = attention.to_q.out_features
-    rows, norms = [], []
-    for projection, norm in (("to_q", "norm_q"), ("to_k", "norm_k"), ("to_v", None),
-                             ("add_q_proj", "norm_added_q"), ("add_k_proj", "norm_added_k"), ("add_v_proj", None)):
-        linear = getattr(attention, projection, None)
-        if linear is None:
-            continue
-        norm_module = getattr(attention, norm, None) if norm else None
-        if _spans_heads(norm_module, inner_dim):
-            norms.append(norm_module)
-        else:
-            rows.append(linear)
-    if columns is None:
-        columns = tuple((linear, 0) for linear in (attention.to_out[0], getattr(attention, "to_add_out", None))
-                        if linear is not None)
-    return HeadSlices(attention, heads, inner_dim // heads, tuple(rows), tuple(norms), columns)
-
-
-def feed_forward_slices(ff: nn.Module) -> ChannelSlices:
-    """A diffusers `FeedForward`: `net[0].proj` makes the hidden channels, its last linear reads them."""
-    produce = ff.net[0].proj
-    read = [m for m in ff.net if isinstance(m, nn.Linear)][-1]
-    gated = produce.out_features == 2 * read.in_features
-    return ChannelSlices(read.in_features, (produce,), ((read, 0),), ff, gated)
-
-
-_REGISTRY: dict[type[nn.Module], type[ModelAdapter]] = {}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model under `torch.compile`'s wrapper (hooks go on the real modules)."""
-    return getattr(module, "_orig_mod", module)
-
-
-def pipeline_transformers(target: Any) -> tuple[list[nn.Module], Any | None]:
-    """The transformers of a diffusers pipeline (`transformer`, and Wan 2.2's `transformer_2`) and the
-    pipeline, or a bare transformer and None; `torch.compile`'s wrappers unwrapped."""
-    if isinstance(target, nn.Module):
-        return [_unwrap(target)], None
-    if not hasattr(target, "components"):
-        raise TypeError(f"dit_accel.apply expects a diffusers pipeline or a transformer model, got {type(target).__name__}")
-    transformer = getattr(target, "transformer", None)
-    if transformer is None:
-        raise TypeError(
-            f"{type(target).__name__} has no `transformer` component: dit-accel accelerates diffusion-transformer "
-            "pipelines (SD3, Flux, PixArt, DiT, Wan, HunyuanVideo, CogVideoX), not UNet ones"
-        )
-    second = getattr(target, "transformer_2", None)
-    return [_unwrap(transformer)] + ([_unwrap(second)] if second is not None else []), target
-
-
-def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: make `adapter_cls` the adapter of its `transformer_class`."""
-    _REGISTRY[adapter_cls.transformer_class] = adapter_cls
-    return adapter_cls
-
-
-def supported_families() -> list[str]:
-    return sorted({cls.family for cls in _REGISTRY.values()})
-
-
-def adapter_for(transformer: nn.Module) -> ModelAdapter:
-    """The adapter of `transformer`, found by its class (subclasses included)."""
-    for klass in type(transformer).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass](transformer)
-    names = ", ".join(f"{cls.transformer_class.__name__} ({cls.family})" for cls in _REGISTRY.values())
-    raise UnsupportedModelError(
-        f"dit-accel has no adapter for {type(transformer).__name__}. Supported transformers: {names}."
-    )
-
-
 def classify_linears(block: nn.Module, text: tuple[str, ...] = (), joint: tuple[str, ...] = ()) -> dict[str, TokenStream]:
     """Stream of every nn.Linear in `block` by name prefix.
 
@@ -530,35 +321,3 @@ def classify_linears(block: nn.Module, text: tuple[str, ...] = (), joint: tuple[
 
 #: Linears of an MMDiT joint block that run on the text stream (SD3, Flux and HunyuanVideo double blocks).
 MMDIT_TEXT_LINEARS = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
-
-
-class DualStreamAdapter(ModelAdapter):
-    """Structure shared by Flux and HunyuanVideo: double-stream blocks (separate image and text
-    weights, one joint attention) followed by single-stream blocks (one set of weights for the
-    concatenated sequence)."""
-
-    def blocks(self):
-        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
-
-    def _is_single(self, block: nn.Module) -> bool:
-        return any(block is b for b in self.transformer.single_transformer_blocks)
-
-    def self_attentions(self, block):
-        return [block.attn]
-
-    def linear_streams(self, block):
-        if self._is_single(block):
-            return classify_linears(block, joint=("attn.", "proj_mlp", "proj_out"))
-        return classify_linears(block, text=MMDIT_TEXT_LINEARS)
-
-    def attention_streams(self, block):
-        return [(block.attn, "joint", "joint")]
-
-    def width_layout(self, block):
-        if not self._is_single(block):
-            return super().width_layout(block)
-        # one fused output projection reads cat([attention output, MLP hidden])
-        inner = block.attn.to_q.out_features
-        attention = head_slices(block.attn, columns=((block.proj_out, 0),))
-        mlp = ChannelSlices(block.proj_mlp.out_features, (block.proj_mlp,), ((block.proj_out, inner),), None)
-        return WidthLayout((attention,), mlp)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from diffusers import DiTTransformer2DModel
 
-from .base import BlockSignature, ModelAdapter, classify_linears, register_adapter
+from .base import BlockSignature, ModelAdapter, classify_linears
+from .registry import register_adapter
 
 
 @register_adapter

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from diffusers import FluxTransformer2DModel
 
-from .base import BlockSignature, CallInfo, DualStreamAdapter, TokenGrid, register_adapter
+from .base import BlockSignature, CallInfo, TokenGrid
+from .dual_stream import DualStreamAdapter
+from .registry import register_adapter
 
 
 @register_adapter

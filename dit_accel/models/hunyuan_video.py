@@ -19,13 +19,10 @@ from __future__ import annotations
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from .base import (
-    BlockSignature,
-    DualStreamAdapter,
-    gather_tokens,
-    pool_key_mask,
-    register_adapter,
-)
+from ..tokens import gather_tokens, pool_key_mask
+from .base import BlockSignature
+from .dual_stream import DualStreamAdapter
+from .registry import register_adapter
 
 
 @register_adapter

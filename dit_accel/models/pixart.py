@@ -14,14 +14,9 @@ from __future__ import annotations
 
 from diffusers import PixArtTransformer2DModel
 
-from .base import (
-    BlockSignature,
-    ModelAdapter,
-    classify_linears,
-    gather_tokens,
-    pool_key_mask,
-    register_adapter,
-)
+from ..tokens import gather_tokens, pool_key_mask
+from .base import BlockSignature, ModelAdapter, classify_linears
+from .registry import register_adapter
 
 
 @register_adapter

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel
 
-from .base import MMDIT_TEXT_LINEARS, BlockSignature, ModelAdapter, classify_linears, register_adapter
+from .base import MMDIT_TEXT_LINEARS, BlockSignature, ModelAdapter, classify_linears
+from .registry import register_adapter
 
 
 @register_adapter

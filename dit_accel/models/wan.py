@@ -23,15 +23,9 @@ import dataclasses
 
 from diffusers import WanTransformer3DModel
 
-from .base import (
-    BlockSignature,
-    ModelAdapter,
-    classify_linears,
-    gather_tokens,
-    pool_rotation,
-    pool_tokens,
-    register_adapter,
-)
+from ..tokens import gather_tokens, pool_rotation, pool_tokens
+from .base import BlockSignature, ModelAdapter, classify_linears
+from .registry import register_adapter
 
 
 @register_adapter

@@ -18,6 +18,7 @@ a noisier call starts a new run. The tracker keeps no tensor of the caller's (a 
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -65,6 +66,11 @@ class StepContext:
         if self.branch in ("single", "call0"):
             return "cond"
         return "uncond" if self.branch == "call1" else self.branch
+
+    def without_tensors(self) -> StepContext:
+        """This context less its call's timestep and latents tensors, for what outlives the call (the
+        ledger's records)."""
+        return dataclasses.replace(self, call=dataclasses.replace(self.call, timestep=None, latents=None))
 
 
 class SchedulerClock:

@@ -1,8 +1,13 @@
-"""Which technique carries out which config: a registry keyed by config class, as adapters are.
+"""Which technique carries out which config, and what the tools need from it: a registry keyed by
+config class, as adapters are.
 
-Techniques register themselves (`@register_technique(RASConfig)`); diffusers' cache configs are
-registered the same way with their plan names. Configs never import the runtime, and the runtime
-never imports the techniques: `dit_accel.techniques` fills this registry when it is imported.
+Techniques register themselves (`@register_technique(RASConfig, summary, ...)`); diffusers' cache
+configs are registered the same way with their plan names. A registration declares, besides the
+stages its configs occupy, what `tune` may try (`search_space`, `runtime/search_space.py`) and how
+`dit_accel.calibrate` completes a config (`calibrate`); the technique class declares its per-call
+numbers (`Technique.stats`, `runtime/stats.py`). Tuning, calibration and the UI iterate this
+registry and name no technique. Configs never import the runtime, and the runtime never imports the
+techniques: `dit_accel.techniques` fills this registry when it is imported.
 """
 
 from __future__ import annotations
@@ -11,11 +16,20 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import AccelerationConfig, ConfigError, Stage
+from .search_space import SearchContext, Setting
+from .stats import Stat
+
+#: `search_space(context) -> settings`: what `tune` tries of a technique
+SearchSpace = Callable[[SearchContext], "list[Setting]"]
+#: `calibrate(pipe, config, *, apply, path, call_kwargs) -> config`: `config` completed with what it
+#: learnt from one run of `pipe(**call_kwargs)` under `apply(pipe, ...)` (`dit_accel.apply`, passed in:
+#: techniques sit below the api); `path`: the file to write, for a calibration kept in one
+Calibrate = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class Registration:
-    """How the runtime treats one config class."""
+    """How the runtime and the tools treat one config class."""
 
     config_class: type
     #: short name in plan strings
@@ -26,22 +40,33 @@ class Registration:
     stages: Callable[[Any], frozenset[Stage]]
     #: one line for help texts
     summary: str
+    #: the settings `tune` tries (None: none)
+    search_space: SearchSpace | None = None
+    #: how `dit_accel.calibrate` completes a config of this class (None: it needs no calibration)
+    calibrate: Calibrate | None = None
+    #: whether a user writes it in a plan (a plan file's model check comes only from the file)
+    plan_member: bool = True
 
 
 _REGISTRY: dict[type, Registration] = {}
 
 
 def register_config(config_class: type, *, name: str, stages: Callable[[Any], frozenset[Stage]], summary: str,
-                    technique: type | None = None) -> None:
-    _REGISTRY[config_class] = Registration(config_class, name, technique, stages, summary)
+                    technique: type | None = None, search_space: SearchSpace | None = None,
+                    calibrate: Calibrate | None = None, plan_member: bool = True) -> None:
+    _REGISTRY[config_class] = Registration(config_class, name, technique, stages, summary, search_space, calibrate,
+                                           plan_member)
 
 
-def register_technique(config_class: type[AccelerationConfig], summary: str):
+def register_technique(config_class: type[AccelerationConfig], summary: str, *,
+                       search_space: SearchSpace | None = None, calibrate: Calibrate | None = None,
+                       plan_member: bool = True):
     """Class decorator: the technique that carries out `config_class` (named by `config_class.name`)."""
 
     def decorate(technique_class):
         register_config(config_class, name=config_class.name, stages=config_class.stages, summary=summary,
-                        technique=technique_class)
+                        technique=technique_class, search_space=search_space, calibrate=calibrate,
+                        plan_member=plan_member)
         return technique_class
 
     return decorate
@@ -61,10 +86,18 @@ def registrations() -> list[Registration]:
 
 
 def plan_members() -> list[Registration]:
-    """What a user writes in a plan: every registration but those occupying no stage (a plan file's model
-    check, which comes only from the file)."""
-    return [r for r in _REGISTRY.values()
-            if not (issubclass(r.config_class, AccelerationConfig) and not r.stages(r.config_class()))]
+    """What a user writes in a plan: every registration but those that come only from a plan file."""
+    return [r for r in _REGISTRY.values() if r.plan_member]
+
+
+def declared_stats() -> list[Stat]:
+    """Every registered technique's `stats`, in registration order, each key once (SVG2 and proxy
+    attention share theirs)."""
+    found: dict[str, Stat] = {}
+    for r in _REGISTRY.values():
+        for stat in getattr(r.technique, "stats", ()):
+            found.setdefault(stat.key, stat)
+    return list(found.values())
 
 
 def stages_of(config: Any) -> frozenset[Stage]:

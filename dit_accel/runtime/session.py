@@ -1,4 +1,9 @@
-"""One accelerated transformer: its adapter, its techniques in stage order, its hooks and its ledger.
+"""One accelerated transformer: its adapter, its techniques in stage order, and the hooks that run them.
+
+A session owns the life cycle of a plan on one transformer (attach, lay the stage hooks out around
+the step caches, detach) and opens and closes each call's `CallState`. What it delegates: the ledger
+hooks, call records and `report()`'s sums to ledger.py; stages 5-6 and the attention backend check to
+attention_route.py; stage 2 and stage 3 to token_set.py and token_transform.py.
 
 Hooks a session adds, outermost first on each module:
 
@@ -14,10 +19,7 @@ Hooks a session adds, outermost first on each module:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,20 +27,19 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 from torch import nn
 
-from ..attention.intercept import AttentionCall, dense_attention, routed_sdpa
+from ..attention.intercept import AttentionCall
 from ..config import ConfigError, Stage
-from ..metrics.flops import TransformerCostModel, UnitCost, Work
+from ..metrics.flops import TransformerCostModel, UnitCost
 from ..models.base import ModelAdapter
+from .attention_route import AttentionRouter
+from .call_state import CallState
 from .context import StepTracker
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
-from .call_state import CallState
+from .ledger import AttentionHook, CallRecord, LedgerHook
 from .registry import check_composable, registration
 from .technique import Technique
 from .token_set import TokenSetStage
 from .token_transform import TokenTransformStage
-
-#: diffusers attention backends that end in torch's SDPA, which stages 5 and 6 can take over
-SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
 
 class _NoState(BaseState):
@@ -61,42 +62,6 @@ def _has_foreign_stateful_hooks(root: nn.Module) -> bool:
                for name, hook in module._diffusers_hook.hooks.items())
 
 
-@functools.cache
-def _calls_sdpa_itself(processor_class: type) -> bool:
-    """Whether a processor that dispatches to no diffusers backend calls torch's SDPA in its `__call__`
-    (AttnProcessor2_0, JointAttnProcessor2_0, ...; not AttnProcessor, SlicedAttnProcessor or xFormers'). A
-    class without readable source is trusted: the routed call checks again."""
-    try:
-        return "scaled_dot_product_attention" in inspect.getsource(processor_class.__call__)
-    except (OSError, TypeError):
-        return True
-
-
-def sdpa_obstacle(attention: nn.Module) -> str | None:
-    """What keeps `attention` from reaching torch's SDPA, where stages 5 and 6 act (None: nothing)."""
-    backend = attention_backend(attention)
-    if backend not in SDPA_BACKENDS:
-        return f"the diffusers backend {backend!r}"
-    processor = getattr(attention, "processor", None)
-    if processor is not None and not hasattr(processor, "_attention_backend") \
-            and not _calls_sdpa_itself(type(processor)):
-        return f"its processor {type(processor).__name__}"
-    return None
-
-
-def attention_backend(attention: nn.Module) -> str:
-    """The diffusers backend `attention`'s processor dispatches to ("native" for processors that call SDPA)."""
-    processor = getattr(attention, "processor", None)
-    if processor is None or not hasattr(processor, "_attention_backend"):
-        return "native"
-    backend = processor._attention_backend
-    if backend is None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        backend = _AttentionBackendRegistry.get_active_backend()[0]
-    return getattr(backend, "value", str(backend))
-
-
 class _ContextReceiver(ModelHook):
     """A passive stateful hook on the transformer: diffusers' `cache_context(...)` reaches it, and that
     is how pipelines name their CFG branches and, for some, pass the step index and sigma."""
@@ -109,52 +74,6 @@ class _ContextReceiver(ModelHook):
 
     def reset_state(self, module):
         return module
-
-
-class _LedgerHook(ModelHook):
-    """Innermost on a block (or on a unit a step cache may skip on its own): records the linear work of
-    its units that are not attentions, after it ran (stage 2 has set the tokens by then)."""
-
-    def __init__(self, session: "Session", block: int, costs: list[UnitCost]):
-        super().__init__()
-        self.session, self.block, self.costs = session, block, costs
-
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        call_state = self.session.call_state
-        if call_state is not None:
-            for cost in self.costs:
-                call_state.ledger.extend(cost.records(self.block, call_state.batch, call_state.image_tokens, call_state.text_tokens, False,
-                                                call_state.widths.get((self.block, cost.name))))
-        return output
-
-
-class _AttentionHook(ModelHook):
-    """Innermost on an attention module: records its work, routes its SDPA through stages 5 and 6,
-    and hands a step cache around it full-length outputs (stage 2)."""
-
-    def __init__(self, session: "Session", block: int, cost: UnitCost, call: AttentionCall | None,
-                 scatter_output: bool):
-        super().__init__()
-        self.session, self.block, self.cost, self.call = session, block, cost, call
-        self.scatter_output = scatter_output
-
-    @torch.compiler.disable
-    def new_forward(self, module, *args, **kwargs):
-        session, call_state = self.session, self.session.call_state
-        if call_state is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        routed = self.call is not None and session.routes_attention
-        # linear work, and the dense attention core unless stages 5-6 record what they ran
-        call_state.ledger.extend(self.cost.records(self.block, call_state.batch, call_state.image_tokens, call_state.text_tokens, not routed,
-                                             call_state.widths.get((self.block, self.cost.name))))
-        if routed:
-            output = session.run_routed_attention(self, module, call_state, args, kwargs)
-        else:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.scatter_output:
-            output = session.token_set.scatter_attention_output(call_state, module, output)
-        return output
 
 
 class _TextOutputHook(ModelHook):
@@ -175,28 +94,6 @@ class _TextOutputHook(ModelHook):
         if isinstance(output, tuple) and output[self.text_index] is None and text is not None:
             output = tuple(text if i == self.text_index else o for i, o in enumerate(output))
         return output
-
-
-@dataclass
-class CallRecord:
-    """One transformer call in the ledger."""
-
-    run_index: int
-    step_index: int
-    num_steps: int | None
-    timestep: float
-    sigma: float | None
-    branch: str
-    dense_flops: float
-    seconds: float
-    #: time.perf_counter() when the call returned
-    ended: float
-    works: list[Work]
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def flops(self) -> float:
-        return sum(w.flops for w in self.works)
 
 
 class Session:
@@ -222,7 +119,10 @@ class Session:
         #: in stage order: the plan, not the argument order, fixes how techniques nest
         self.techniques: list[Technique] = sorted(techniques, key=lambda t: min(t.stages, default=Stage.STEP_SKIP))
         self.by_stage = {stage: t for t in self.techniques for stage in t.stages}
-        self.routes_attention = Stage.KV_SOURCE in self.by_stage or Stage.ATTENTION_KERNEL in self.by_stage
+        #: what the last run did other than its plan says, for `report()` (RAS without its K/V source, ...)
+        self.notes: set[str] = set()
+        #: stages 5 and 6
+        self.router = AttentionRouter(adapter, self.techniques, self.notes)
         #: peak bytes each technique held between calls
         self.peak_state_bytes: dict[str, int] = {}
         self._opened_cache_context = False
@@ -237,12 +137,10 @@ class Session:
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> None:
         self._before = Leftovers.of(self.transformer)
-        #: what the last run did other than its plan says, for `report()` (RAS without its K/V source, ...)
-        self.notes: set[str] = set()
         try:
             for technique in self.techniques:
                 technique.check_plan()
-            self._check_attention_backends()
+            self.router.check_backends()
             for technique in self.techniques:
                 technique.attach()
             self._receiver = _ContextReceiver()
@@ -264,12 +162,13 @@ class Session:
     def _lay_out(self) -> None:
         """The stage hooks, around the step caches on the model now (see the module docstring)."""
         self._cached = cached_blocks, cached_attentions = self._cached_modules()
-        for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
-            self._attach_units(index, block, cost.units, cached_attentions)
-        self._complete_text_outputs(cached_blocks)
         self.token_set = self.token_transform = None
         if Stage.TOKEN_SET in self.by_stage:
             self.token_set = TokenSetStage(self, cached_blocks, cached_attentions)
+        for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
+            self._attach_units(index, block, cost.units, cached_attentions)
+        self._complete_text_outputs(cached_blocks)
+        if self.token_set is not None:
             self.token_set.attach()
         if Stage.TOKEN_TRANSFORM in self.by_stage:  # innermost: pools what stage 2 gathered
             self.token_transform = TokenTransformStage(self, self.by_stage[Stage.TOKEN_TRANSFORM])
@@ -354,7 +253,7 @@ class Session:
             module = getattr(block, name)
             if cost.attention is None:
                 if _foreign_skippers(module):
-                    self.hooks.add(module, _LedgerHook(self, index, [cost]), "ledger", innermost=True)
+                    self.hooks.add(module, LedgerHook(self, index, [cost]), "ledger", innermost=True)
                 else:
                     with_block.append(cost)
                 continue
@@ -362,32 +261,11 @@ class Session:
             for position, attention in enumerate(self_attentions):
                 if attention is module:
                     call = AttentionCall(self.adapter.attention_layout(block, module), 0, index, position)
-            scatter = Stage.TOKEN_SET in self.by_stage and module in cached_attentions
-            self.hooks.add(module, _AttentionHook(self, index, cost, call, scatter), "ledger", innermost=True)
+            router = self.router if call is not None and self.router.active else None
+            scatter = self.token_set if module in cached_attentions else None
+            self.hooks.add(module, AttentionHook(self, index, cost, call, router, scatter), "ledger", innermost=True)
         if with_block:
-            self.hooks.add(block, _LedgerHook(self, index, with_block), "ledger", innermost=True)
-
-    def _needing_sdpa(self) -> list[str]:
-        """The techniques that act inside torch's SDPA and cannot do without it."""
-        return [t.label for t in self.techniques if Stage.ATTENTION_KERNEL in t.stages
-                or (Stage.KV_SOURCE in t.stages and not t.kv_source_optional)]
-
-    def _check_attention_backends(self) -> None:
-        """Stages 5-6 act inside torch's SDPA: refuse, before any block runs, an attention that never reaches
-        it, unless every technique there can do without (RAS runs without its K/V source)."""
-        needs = self._needing_sdpa()
-        if not needs:
-            return
-        for index, block in enumerate(self.adapter.blocks()):
-            for attention in self.adapter.self_attentions(block):
-                obstacle = sdpa_obstacle(attention)
-                if obstacle is not None:
-                    raise ConfigError(
-                        f"{', '.join(needs)}: stages 5-6 change attention inside torch's SDPA, which block {index}'s "
-                        f"{type(attention).__name__} never reaches ({obstacle}). Use a diffusers backend among "
-                        f"{', '.join(SDPA_BACKENDS)} (`transformer.set_attention_backend('native')`) with a processor "
-                        "that calls torch's scaled_dot_product_attention (the model's default), or a plan without "
-                        "stages 5-6.")
+            self.hooks.add(block, LedgerHook(self, index, with_block), "ledger", innermost=True)
 
     # -- per run -------------------------------------------------------------------------------
     def end_run(self) -> None:
@@ -402,7 +280,7 @@ class Session:
         self.records.clear()
         self.notes.clear()
         # before any block runs: processors set since apply(), caches added by other means than enable_cache
-        self._check_attention_backends()
+        self.router.check_backends()
         self.follow_step_caches()
         self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
         if self._resets_caches:
@@ -471,62 +349,9 @@ class Session:
             self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
         dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens,
                                             ctx.call.skipped_blocks)
-        self.records.append(CallRecord(ctx.run_index, ctx.step_index, ctx.num_steps, ctx.timestep, ctx.sigma,
-                                       ctx.branch, dense, ended - self._started, ended, call_state.ledger, stats))
+        self.records.append(CallRecord(ctx.without_tensors(), dense, ended - self._started, ended, call_state.ledger,
+                                       stats))
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
         output.sample = sample
         return output
-
-    # -- stages 5 and 6 ------------------------------------------------------------------------
-    def run_routed_attention(self, hook: _AttentionHook, module: nn.Module, call_state: CallState, args: tuple,
-                             kwargs: dict) -> Any:
-        kv_source = self.by_stage.get(Stage.KV_SOURCE)
-        kernel = self.by_stage.get(Stage.ATTENTION_KERNEL)
-        call = AttentionCall(hook.call.layout, call_state.text_tokens, hook.call.block_index, hook.call.attention_index)
-        calls = 0
-
-        def attend(query, key, value, **sdpa_kwargs):
-            nonlocal calls
-            calls += 1
-            if self.adapter.sdpa_call_layout(call.layout, calls - 1) == "cross":
-                # conditioning tokens a processor adds (IP-Adapter): outside the plan, as outside the dense model
-                return dense_attention(query, key, value, None, **sdpa_kwargs)
-            bias = None
-            if kv_source is not None:
-                key, value, bias, mask = kv_source.kv_source(call_state, call, query, key, value,
-                                                             sdpa_kwargs.pop("attn_mask", None))
-                sdpa_kwargs["attn_mask"] = mask
-            if kernel is not None:
-                output, pairs = kernel.attend(call_state, call, query, key, value, bias, **sdpa_kwargs)
-            else:
-                output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
-            call_state.record(hook.cost.core_record(hook.block, query.shape[0], query.shape[2], key.shape[2], pairs,
-                                              query.shape[1]))
-            return output
-
-        with routed_sdpa(attend):
-            output = hook.fn_ref.original_forward(*args, **kwargs)
-        if calls == 0:
-            self._ran_without_sdpa(hook, module, call_state)
-        return output
-
-    def _ran_without_sdpa(self, hook: _AttentionHook, module: nn.Module, call_state: CallState) -> None:
-        """`module` computed its attention without torch's SDPA (a processor the static check trusted, or one
-        that RAS can run beside): dense over what it was given, said in `report()`; a kernel or a K/V source
-        that cannot do without raises."""
-        obstacle = sdpa_obstacle(module) or f"its processor {type(getattr(module, 'processor', None)).__name__}"
-        needs = self._needing_sdpa()
-        if needs:
-            raise RuntimeError(
-                f"{', '.join(needs)}: {type(module).__name__} of block {hook.block} did not call torch's "
-                f"scaled_dot_product_attention ({obstacle}), so stages 5-6 could not act; use one of "
-                f"{', '.join(SDPA_BACKENDS)} with a processor that calls it")
-        queries, keys = hook.cost.attention_shape(call_state.image_tokens, call_state.text_tokens)
-        width = call_state.widths.get((hook.block, hook.cost.name))
-        call_state.record(hook.cost.core_record(hook.block, call_state.batch, queries, keys, queries * keys,
-                                          None if width is None else width.heads))
-        label = self.by_stage[Stage.KV_SOURCE].label
-        self.notes.add(f"{label} ran without its K/V source (stage 5) where attention never reaches torch's "
-                       f"scaled_dot_product_attention ({obstacle}): there the tokens computed attended to each "
-                       "other and the text only")

@@ -7,16 +7,15 @@ order the configs were given in. Everything a technique remembers between calls 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..attention.intercept import AttentionCall
 from ..config import Stage
 from .call_state import CallState
-
-if TYPE_CHECKING:
-    from .session import Session
+from .session_view import SessionView
+from .stats import Stat
 
 
 class Technique:
@@ -24,8 +23,10 @@ class Technique:
 
     #: whether the technique still works, without its stage 5, where attention never reaches torch's SDPA
     kv_source_optional: bool = False
+    #: the keys `call_stats` returns, and how the tools show each (`runtime/stats.py`)
+    stats: tuple[Stat, ...] = ()
 
-    def __init__(self, config: Any, session: "Session"):
+    def __init__(self, config: Any, session: SessionView):
         self.config = config
         self.session = session
         self.adapter = session.adapter
@@ -84,5 +85,5 @@ class Technique:
         return 0
 
     def call_stats(self, call_state: CallState) -> dict[str, Any]:
-        """Per-call numbers for `report()` (e.g. tokens computed)."""
+        """Per-call numbers for `report()` (e.g. tokens computed), under the keys `stats` declares."""
         return {}

@@ -15,17 +15,15 @@ batch differs from the step's others (skip-layer guidance: B beside 2B) keeps it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
 
-from ..models.base import gather_tokens, scatter_tokens
+from ..tokens import gather_tokens, scatter_tokens
+from .call_state import CallState
 from .hooks import BlockHook
-
-if TYPE_CHECKING:
-    from .call_state import CallState
-    from .session import Session
+from .session_view import SessionView
 
 
 def image_part(output: Any, layout: str, text_tokens: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
@@ -63,7 +61,7 @@ class _GatherOutputHook(ModelHook):
 class TokenSetStage:
     """Gather/scatter hooks of one session; boundaries where a step cache looks."""
 
-    def __init__(self, session: "Session", cached_blocks: set[int], cached_attentions: dict[Any, str]):
+    def __init__(self, session: SessionView, cached_blocks: set[int], cached_attentions: dict[Any, str]):
         self.session = session
         self.adapter = session.adapter
         self.cached_blocks = cached_blocks
@@ -159,7 +157,7 @@ class TokenSetStage:
         return self.adapter.replace_block_hidden_output(block, output, full)
 
     # -- attention modules a step cache wraps ----------------------------------------------------------
-    def scatter_attention_output(self, call_state: "CallState", attention, output):
+    def scatter_attention_output(self, call_state: CallState, attention, output):
         """Inside the step cache: the attention output at full length, stale where not computed."""
         layout = self.cached_attentions[attention]
         image, rebuild = image_part(output, layout, call_state.text_tokens)

@@ -13,22 +13,18 @@ density; the session refuses it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..models.base import gather_tokens
+from ..tokens import gather_tokens
 from .hooks import BlockHook
-
-if TYPE_CHECKING:
-    from .session import Session
-    from .technique import Technique
+from .session_view import SessionView
+from .technique import Technique
 
 
 class TokenTransformStage:
     """Pool/unpool hooks of one session, innermost on every block (inside stage 2's gather)."""
 
-    def __init__(self, session: Session, technique: Technique):
+    def __init__(self, session: SessionView, technique: Technique):
         self.session, self.technique, self.adapter = session, technique, session.adapter
         self.pooled_blocks = technique.transformed_blocks()
         #: (groups, dense image tokens, pooled image tokens) at the entry of the pooled block running now

@@ -1,6 +1,7 @@
-"""One file per technique: its config dataclass, state and technique class, registered by config
-class; `diffusers_caches` registers diffusers' own step caches the same way (after ours, so plan
-names list dit-accel's techniques first)."""
+"""One file (or folder: `dydit/`) per technique: its config dataclass, state and technique class,
+registered by config class with what the tools need (its `tune` search space, its calibration) and
+the per-call stats it declares; `diffusers_caches` registers diffusers' own step caches the same way
+(after ours, so plan names list dit-accel's techniques first)."""
 
 from .ras import RASConfig  # isort: skip
 from .flexdit import FlexDiTConfig  # isort: skip

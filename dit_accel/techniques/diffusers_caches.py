@@ -5,8 +5,9 @@ FirstBlockCache hooks on the transformer exactly as `enable_cache` would (also o
 DiT, which have no `enable_cache`), and the handle takes them off again. What a cache needs from the
 pipeline the runtime supplies: PAB's and FasterCache's `current_timestep_callback` from the step
 context, a cache context for pipelines that open none (the session), the reset of the caches'
-state at every run start, MagCache's `mag_ratios` from `dit_accel.calibrate`. dit-accel writes no
-step cache of its own.
+state at every run start, MagCache's `mag_ratios` from `dit_accel.calibrate` (diffusers' calibration
+mode, run by `calibrate_magcache`). dit-accel writes no step cache of its own. Each cache's
+registration also carries what `tune` tries of it (FirstBlockCache, TaylorSeer, MagCache and PAB).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import inspect
 import io
 import logging
 import re
@@ -21,13 +23,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import diffusers.hooks as diffusers_hooks
+import torch
 from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig, mag_cache, taylorseer_cache
 
 from ..config import ConfigError, Stage, check_dataclass_fields
 from ..runtime.hooks import remove_named_hooks
 from ..runtime.call_state import CallState
-from ..runtime.registry import register_config
+from ..runtime.registry import Calibrate, SearchSpace, register_config
+from ..runtime.search_space import SearchContext, Setting
 from ..runtime.technique import Technique
+from .ras import RASConfig
+
+#: (threshold, max_skip_steps) of the MagCache settings `tune` tries
+MAGCACHE_SETTINGS = ((0.03, 2), (0.06, 2), (0.1, 2), (0.15, 2), (0.25, 2), (0.15, 4), (0.25, 4), (0.25, 6))
 
 
 @dataclass(frozen=True)
@@ -41,35 +49,109 @@ class CacheSpec:
     summary: str
     #: skips one half of a batched-CFG batch inside the call, so the blocks see another batch
     splits_batch: bool = False
+    #: what `tune` tries of it (None: nothing)
+    search_space: SearchSpace | None = None
+    #: how `dit_accel.calibrate` completes its config (None: it needs no calibration)
+    calibrate: Calibrate | None = None
 
 
-def _spec(config: str, module: str, name: str, hooks: tuple[str, ...], summary: str, splits_batch: bool = False
-          ) -> CacheSpec:
+def _cache_spec(config: str, module: str, name: str, hooks: tuple[str, ...], summary: str, **options: Any
+                ) -> CacheSpec:
     """The spec of the cache whose config, `apply_<module>` and hook-name constants diffusers.hooks has."""
     hook_module = getattr(diffusers_hooks, module)
     return CacheSpec(getattr(diffusers_hooks, config), name, getattr(diffusers_hooks, "apply_" + module),
-                     tuple(getattr(hook_module, hook) for hook in hooks), summary, splits_batch)
+                     tuple(getattr(hook_module, hook) for hook in hooks), summary, **options)
+
+
+# -- what `tune` tries, and MagCache's calibration ---------------------------------------------------
+def _fbcache_settings(context: SearchContext) -> list[Setting]:
+    def fbcache(threshold: float) -> Setting:
+        config = diffusers_hooks.FirstBlockCacheConfig(threshold=threshold)
+        return Setting(f"fbcache:threshold={threshold:.3g}", (config,), knob="fbcache",
+                       bolder=lambda: fbcache(threshold * 1.5) if threshold < 2 else None)
+
+    return [fbcache(t) for t in (0.05, 0.08, 0.12, 0.2, 0.3)]
+
+
+def _taylorseer_settings(context: SearchContext) -> list[Setting]:
+    """First-order forecasts after RAS's (the paper's) dense warm-up, every 2 or 3 steps, then bolder."""
+    warmup = RASConfig.for_steps(context.steps).warmup_steps
+
+    def taylorseer(interval: int) -> Setting:
+        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1,
+                                       taylor_factors_dtype=torch.float32)
+        return Setting(f"taylorseer:cache_interval={interval}", (config,), knob="taylorseer",
+                       bolder=lambda: taylorseer(interval + 1) if interval < context.steps // 2 else None)
+
+    return [taylorseer(n) for n in (2, 3)]
+
+
+def _magcache_settings(context: SearchContext) -> list[Setting]:
+    """`MAGCACHE_SETTINGS`, each threshold going bolder per number of skips; one calibration run (on
+    the first batch, when the first of them runs) serves them all."""
+    ratios: list = []
+
+    def prepare(threshold: float, skips: int) -> Callable[[SearchContext], list]:
+        def make(context: SearchContext) -> list:
+            if not ratios:
+                probe = MagCacheConfig(threshold=threshold, calibrate=True)
+                ratios.append(context.calibrate(probe, "MagCache's per-step ratios").mag_ratios)
+            return [MagCacheConfig(threshold=threshold, max_skip_steps=skips, mag_ratios=ratios[0],
+                                   num_inference_steps=context.steps)]
+        return make
+
+    def magcache(threshold: float, skips: int) -> Setting:
+        return Setting(f"magcache:threshold={threshold:.3g},max_skip_steps={skips}", prepare=prepare(threshold, skips),
+                       knob=f"magcache, {skips} skips",
+                       bolder=lambda: magcache(threshold * 1.6, skips) if threshold < 2 else None)
+
+    return [magcache(t, n) for t, n in MAGCACHE_SETTINGS]
+
+
+def _pab_settings(context: SearchContext) -> list[Setting]:
+    return [Setting("pab:spatial_attention_block_skip_range=2",
+                    (diffusers_hooks.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2),))]
+
+
+def calibrate_magcache(pipe: Any, config: MagCacheConfig, *, apply: Callable[..., Any], path: str | None = None,
+                       call_kwargs: dict[str, Any]) -> MagCacheConfig:
+    """`config` with its per-step magnitude ratios from diffusers' own calibration mode, over one run of
+    `pipe(**call_kwargs)` (for the run's steps); `path` is not used (the ratios live in the config)."""
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is None:
+        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    probe = dataclasses.replace(config, calibrate=True, num_inference_steps=steps)
+    with logged_mag_ratios() as ratios, apply(pipe, probe):
+        pipe(**call_kwargs)
+    if not ratios:
+        raise RuntimeError(f"MagCache calibration over {steps} steps reported no ratios")
+    return dataclasses.replace(config, calibrate=False, mag_ratios=ratios[0], num_inference_steps=steps)
 
 
 CACHES: list[CacheSpec] = [
-    _spec("FirstBlockCacheConfig", "first_block_cache", "fbcache", ("_FBC_LEADER_BLOCK_HOOK", "_FBC_BLOCK_HOOK"),
-          "FirstBlockCache: skip the blocks after the first when its residual barely changed"),
-    _spec("TaylorSeerCacheConfig", "taylorseer_cache", "taylorseer", ("_TAYLORSEER_CACHE_HOOK",),
-          "TaylorSeer: forecast attention outputs between full steps with a Taylor series"),
-    _spec("MagCacheConfig", "mag_cache", "magcache", ("_MAG_CACHE_LEADER_BLOCK_HOOK", "_MAG_CACHE_BLOCK_HOOK"),
-          "MagCache: skip steps while the calibrated residual magnitude ratio stays near 1"),
-    _spec("PyramidAttentionBroadcastConfig", "pyramid_attention_broadcast", "pab",
-          ("_PYRAMID_ATTENTION_BROADCAST_HOOK",),
-          "Pyramid Attention Broadcast: reuse attention outputs for a range of steps"),
-    _spec("FasterCacheConfig", "faster_cache", "fastercache",
-          ("_FASTER_CACHE_DENOISER_HOOK", "_FASTER_CACHE_BLOCK_HOOK"),
-          "FasterCache: reuse attention outputs and the unconditional branch", splits_batch=True),
-    _spec("SeaCacheConfig", "sea_cache", "seacache",
-          ("_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK", "_SEA_CACHE_POST_NORM_HOOK"),
-          "SeaCache: skip the block stack while spectral-evolution indicators barely change"),
-    _spec("TextKVCacheConfig", "text_kv_cache", "textkv",
-          ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
-          "TextKVCache: compute the text tokens' keys and values once per run"),
+    _cache_spec("FirstBlockCacheConfig", "first_block_cache", "fbcache", ("_FBC_LEADER_BLOCK_HOOK", "_FBC_BLOCK_HOOK"),
+                "FirstBlockCache: skip the blocks after the first when its residual barely changed",
+                search_space=_fbcache_settings),
+    _cache_spec("TaylorSeerCacheConfig", "taylorseer_cache", "taylorseer", ("_TAYLORSEER_CACHE_HOOK",),
+                "TaylorSeer: forecast attention outputs between full steps with a Taylor series",
+                search_space=_taylorseer_settings),
+    _cache_spec("MagCacheConfig", "mag_cache", "magcache", ("_MAG_CACHE_LEADER_BLOCK_HOOK", "_MAG_CACHE_BLOCK_HOOK"),
+                "MagCache: skip steps while the calibrated residual magnitude ratio stays near 1",
+                search_space=_magcache_settings, calibrate=calibrate_magcache),
+    _cache_spec("PyramidAttentionBroadcastConfig", "pyramid_attention_broadcast", "pab",
+                ("_PYRAMID_ATTENTION_BROADCAST_HOOK",),
+                "Pyramid Attention Broadcast: reuse attention outputs for a range of steps",
+                search_space=_pab_settings),
+    _cache_spec("FasterCacheConfig", "faster_cache", "fastercache",
+                ("_FASTER_CACHE_DENOISER_HOOK", "_FASTER_CACHE_BLOCK_HOOK"),
+                "FasterCache: reuse attention outputs and the unconditional branch", splits_batch=True),
+    _cache_spec("SeaCacheConfig", "sea_cache", "seacache",
+                ("_SEA_CACHE_ROOT_HOOK", "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_BLOCK_HOOK",
+                 "_SEA_CACHE_POST_NORM_HOOK"),
+                "SeaCache: skip the block stack while spectral-evolution indicators barely change"),
+    _cache_spec("TextKVCacheConfig", "text_kv_cache", "textkv",
+                ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
+                "TextKVCache: compute the text tokens' keys and values once per run"),
 ]
 ALL_CACHE_HOOK_NAMES = frozenset(name for spec in CACHES for name in spec.hook_names)
 _SPECS = {spec.config_class: spec for spec in CACHES}
@@ -170,6 +252,10 @@ def logged_mag_ratios() -> Iterator[list[list[float]]]:
         logger.propagate = propagate
 
 
-for _spec in CACHES:
-    register_config(_spec.config_class, name=_spec.name, stages=_step_skip, summary=_spec.summary,
-                    technique=DiffusersCache)
+def _register(caches: list[CacheSpec]) -> None:
+    for cache in caches:
+        register_config(cache.config_class, name=cache.name, stages=_step_skip, summary=cache.summary,
+                        technique=DiffusersCache, search_space=cache.search_space, calibrate=cache.calibrate)
+
+
+_register(CACHES)

@@ -42,6 +42,8 @@ from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import TokenGrid
 from ..runtime.call_state import CallState, TokenSelection
 from ..runtime.registry import register_technique
+from ..runtime.search_space import every_preset
+from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
 
 
@@ -193,8 +195,12 @@ def _with_pooled(x: torch.Tensor, part: slice, pooled: torch.Tensor) -> torch.Te
 
 
 @register_technique(FlexDiTConfig, "FlexDiT token density: sparse-dense blocks, pooled K/V in the bottom blocks, "
-                                   "a density schedule")
+                                   "a density schedule", search_space=every_preset(FlexDiTConfig))
 class FlexDiT(Technique):
+    stats = (Stat("pooled_kv_blocks", StatKind.VALUE), Stat("kv_pool_size", StatKind.DETAIL),
+             Stat("flexdit_density", StatKind.VALUE), Stat("flexdit_tokens_by_block", StatKind.BY_BLOCK),
+             Stat("flexdit_density_by_block", StatKind.BLOCK_FRACTION, "FlexDiT token density"))
+
     def __init__(self, config: FlexDiTConfig, session):
         super().__init__(config, session)
         #: (placement key, density) -> (groups, M); full-grid ones are kept for the run, subset ones for a call

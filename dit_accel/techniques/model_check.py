@@ -48,7 +48,8 @@ class ModelCheckConfig(AccelerationConfig):
         return [dict(zip(IDENTITY_KEYS, model.split("|"))) for model in self.models]
 
 
-@register_technique(ModelCheckConfig, "the model and step count a plan file was made for (checked, changes nothing)")
+@register_technique(ModelCheckConfig, "the model and step count a plan file was made for (checked, changes nothing)",
+                    plan_member=False)
 class ModelCheck(Technique):
     def attach(self) -> None:
         mismatches = [identity_mismatch(identity, self.session.transformer) for identity in self.config.identities()]

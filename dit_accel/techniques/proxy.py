@@ -26,6 +26,7 @@ from ..attention.intercept import dense_attention
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
+from ..runtime.search_space import every_preset
 from .sparse_attention import DENSE_ABOVE, SparseAttention
 
 
@@ -74,7 +75,8 @@ def _split(x: torch.Tensor, part: slice, dim: int = 2) -> tuple[torch.Tensor, to
     return x.narrow(dim, part.start, part.stop - part.start), torch.cat(text, dim) if text else None
 
 
-@register_technique(ProxyAttentionConfig, "proxy-token attention: exact local windows, one proxy per other window")
+@register_technique(ProxyAttentionConfig, "proxy-token attention: exact local windows, one proxy per other window",
+                    search_space=every_preset(ProxyAttentionConfig))
 class ProxyAttention(SparseAttention):
     def __init__(self, config: ProxyAttentionConfig, session):
         super().__init__(config, session)

@@ -30,10 +30,12 @@ import torch
 
 from ..attention.intercept import AttentionCall, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
-from ..models.base import gather_tokens, scatter_tokens
+from ..tokens import gather_tokens, scatter_tokens
 from ..runtime.context import StepContext
 from ..runtime.call_state import CallState, TokenSelection
 from ..runtime.registry import register_technique
+from ..runtime.search_space import SearchContext, Setting
+from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
 
 
@@ -142,11 +144,26 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return _rows(x).view(-1, x.shape[-1]), False
 
 
-@register_technique(RASConfig, "region-adaptive sampling: recompute only the image tokens in the model's focus")
+def search_space(context: SearchContext) -> list[Setting]:
+    """What `tune` tries: the paper's schedule at three ratios; the last (0.25), while it holds, goes on
+    at 0.6 times its ratio, down to 0.05."""
+
+    def ras(ratio: float) -> Setting:
+        return Setting(f"ras:sample_ratio={ratio:.3g}", (RASConfig.for_steps(context.steps, sample_ratio=ratio),),
+                       knob="ras", bolder=lambda: ras(ratio * 0.6) if ratio * 0.6 >= 0.05 else None)
+
+    return [ras(ratio) for ratio in (0.75, 0.5, 0.25)]
+
+
+@register_technique(RASConfig, "region-adaptive sampling: recompute only the image tokens in the model's focus",
+                    search_space=search_space)
 class RAS(Technique):
     #: where a processor never calls torch's SDPA, RAS is its `cache_kv=False` self there: the computed tokens
     #: attend to each other and the text (`report()["notes"]` says where)
     kv_source_optional = True
+    stats = (Stat("image_tokens", StatKind.VALUE), Stat("total_image_tokens", StatKind.VALUE),
+             Stat("computed_tokens", StatKind.TOKEN_SET, "RAS: how often each region was recomputed", grid="grid"),
+             Stat("grid", StatKind.DETAIL))
 
     def __init__(self, config: RASConfig, session):
         super().__init__(config, session)

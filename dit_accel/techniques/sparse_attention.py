@@ -21,6 +21,7 @@ import torch
 
 from ..attention.intercept import AttentionCall, dense_attention, mask_bias, per_key
 from ..runtime.call_state import CallState
+from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
 
 #: a target density (or a planned one) from which a layer cannot save enough to pay for its planning
@@ -38,6 +39,10 @@ def per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: to
 
 class SparseAttention(Technique):
     """Base of the stage-6 techniques: subclasses implement `why_no_saving` and `sparse`."""
+
+    stats = (Stat("attention_density", StatKind.VALUE),
+             Stat("attention_density_by_block", StatKind.BLOCK_FRACTION, "attention density", listed=True),
+             Stat("dense_layers", StatKind.DETAIL))
 
     def __init__(self, config, session):
         super().__init__(config, session)

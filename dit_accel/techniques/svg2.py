@@ -34,6 +34,8 @@ import torch
 from ..attention import block_sparse, kmeans, pooling
 from ..config import AccelerationConfig, Stage, param
 from ..runtime.registry import register_technique
+from ..runtime.search_space import every_preset
+from ..runtime.stats import Stat, StatKind
 from .sparse_attention import DENSE_ABOVE, SparseAttention
 
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
@@ -88,9 +90,10 @@ class SVG2Config(AccelerationConfig):
         return min(query, queries), min(key, keys)
 
 
-def _keep(query_centroids: torch.Tensor, key_centroids: torch.Tensor, key_sizes: torch.Tensor, scale: float,
-          top_p: float, min_kept: int) -> torch.Tensor:
-    """(G, QC, KC) pairs whose size-weighted centroid attention reaches `top_p` per query cluster."""
+def kept_cluster_pairs(query_centroids: torch.Tensor, key_centroids: torch.Tensor, key_sizes: torch.Tensor,
+                       scale: float, top_p: float, min_kept: int) -> torch.Tensor:
+    """(G, QC, KC) pairs whose size-weighted centroid attention reaches `top_p` per query cluster (at
+    least `min_kept` key clusters each); empty key clusters are never kept."""
     logits = (query_centroids @ key_centroids.transpose(1, 2)) * scale + key_sizes.clamp(min=1).log().unsqueeze(1)
     logits = logits.masked_fill(key_sizes.unsqueeze(1) == 0, float("-inf"))
     mass = logits.softmax(-1)
@@ -101,8 +104,12 @@ def _keep(query_centroids: torch.Tensor, key_centroids: torch.Tensor, key_sizes:
     return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted) & (key_sizes.unsqueeze(1) > 0)
 
 
-@register_technique(SVG2Config, "SVG2 sparse attention: k-means permutation, top-p cluster pairs")
+@register_technique(SVG2Config, "SVG2 sparse attention: k-means permutation, top-p cluster pairs",
+                    search_space=every_preset(SVG2Config))
 class SVG2(SparseAttention):
+    stats = SparseAttention.stats + (Stat("svg2_query_clusters", StatKind.TOKEN_LABELS,
+                                          "SVG2: query clusters of one head"),)
+
     def __init__(self, config: SVG2Config, session):
         super().__init__(config, session)
         #: per (slot, block, attention): the (query, key) centroids the layer ended its last call with
@@ -178,7 +185,7 @@ class SVG2(SparseAttention):
         self.centroids[cache_key] = (q_centroids, k_centroids)
         if self._cluster_map is None:
             self._record_cluster_map(call_state, call, q_labels)
-        keep = _keep(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, self.config.top_p,
+        keep = kept_cluster_pairs(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, self.config.top_p,
                      math.ceil(self.config.min_key_cluster_ratio * k_clusters))
         call_state.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
                              (image_q.shape[1] * q_clusters + image_k.shape[1] * k_clusters), image_q.shape[1])

@@ -3,8 +3,9 @@
 `build_app` makes the page: model, prompt, negative prompt, seed, steps, guidance, size and frames;
 one checkbox and form per technique (generated from its config, with presets) and a diffusers step
 cache by name; the two outputs, a table (time, speedup, FLOPs ratio, PSNR/SSIM vs baseline) and
-per-step numbers of what was skipped. Runs go through `dit_accel.compare`; the baseline is cached per
-(model, prompt, seed, settings), so changing only the plan reruns only the accelerated side. Hooks
+per-step numbers and pictures of what was skipped (`report_view.py`, from what each technique
+declares). Runs go through `dit_accel.comparison`; the baseline is cached per (model, prompt, seed,
+settings), so changing only the plan reruns only the accelerated side. Hooks
 change the shared transformer, so runs are serialised (Gradio's queue, one at a time). Bound to
 anything but localhost, the app serves only the models named when it was built and loads weights
 from safetensors only; request sizes are capped by `Limits`.
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..api import PlanRun, compare
+from ..comparison import PlanRun, compare
 from ..config import ConfigError
 from ..loading import UsageError, call_arguments, load_model
 from ..models import UnsupportedModelError
@@ -35,6 +36,7 @@ from ..plan_spec import parse_plan, parse_technique
 from ..runtime.registry import check_composable
 from ..testing import FAMILIES
 from .forms import TechniqueForm, config_from, step_caches, technique_forms
+from .report_view import pictures, skipped
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: the embedded reference models, then a tiny model of every family
@@ -110,79 +112,6 @@ def _table(runs: list[PlanRun]) -> str:
     lines.append("\nLPIPS is not shown: it needs torchvision and downloaded weights, which this server does "
                  "not use.")
     return "\n".join(lines)
-
-
-def skipped(report: dict | None) -> list[dict[str, Any]]:
-    """Per step what the plan computed: FLOPs ratio, image tokens (RAS), attention density per block
-    (SVG2, proxy), pooled K/V blocks, token density and pooled tokens per block (FlexDiT), the heads
-    and MLP channel groups kept and the MLP tokens computed (DyDiT)."""
-    if report is None:
-        return []
-    rows = []
-    for step in report["steps"]:
-        call = step["calls"][0]
-        row = {"step": step["step"], "flops_ratio": round(step["flops_ratio"], 4)}
-        # token lists and cluster maps are drawn, not listed
-        for key in ("image_tokens", "total_image_tokens", "attention_density", "attention_density_by_block",
-                    "pooled_kv_blocks", "flexdit_density", "flexdit_tokens_by_block", "dydit_heads",
-                    "dydit_groups", "dydit_mlp_tokens"):
-            if key in call:
-                value = call[key]
-                row[key] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
-        rows.append(row)
-    return rows
-
-
-def _first_frame(output: torch.Tensor) -> np.ndarray:
-    sample = output[0] if output[0].ndim == 3 else output[0][0]
-    return (sample.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def _over(image: np.ndarray, colours: np.ndarray) -> Image.Image:
-    """A (rows, cols, 3) map enlarged onto the image and blended half and half."""
-    size = (image.shape[1], image.shape[0])
-    layer = Image.fromarray(colours.astype(np.uint8)).resize(size, Image.NEAREST)
-    blended = Image.blend(Image.fromarray(image), layer, 0.5)
-    return blended.resize((max(256, size[0]), max(256, size[0]) * size[1] // size[0]), Image.NEAREST)
-
-
-def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Image, str]]:
-    """What the plan skipped, drawn: RAS's recomputed regions, SVG2's query clusters (first sample,
-    first frame), attention density (SVG2, proxy), token density (FlexDiT) and the width and MLP
-    tokens kept (DyDiT) per call and block."""
-    if report is None:
-        return []
-    calls = [call for step in report["steps"] for call in step["calls"]]
-    image, drawn = _first_frame(baseline), []
-    ras = [call for call in calls if "computed_tokens" in call]
-    if ras and any(call["computed_tokens"] is not None for call in ras):
-        frames, rows, cols = ras[0]["grid"]
-        counts = np.zeros(frames * rows * cols)
-        for call in ras:
-            counts[call["computed_tokens"] if call["computed_tokens"] is not None else slice(None)] += 1
-        share = (counts / len(ras)).reshape(frames, rows, cols)[0]
-        colours = np.stack([255 * share, 64 * np.ones_like(share), 255 * (1 - share)], -1)
-        drawn.append((_over(image, colours), "RAS: how often each region was recomputed (red: every call, "
-                                             "blue: rarely)"))
-    clusters = [call["svg2_query_clusters"] for call in calls if "svg2_query_clusters" in call]
-    if clusters:
-        labels = np.array(clusters[-1]["labels"])[0]
-        palette = np.random.default_rng(0).integers(0, 256, (int(labels.max()) + 2, 3))
-        drawn.append((_over(image, palette[labels + 1]),
-                      f"SVG2: query clusters of one head in block {clusters[-1]['block']}, last step"))
-    for key, what in (("attention_density_by_block", "attention density"),
-                      ("flexdit_density_by_block", "FlexDiT token density"),
-                      ("dydit_width_by_block", "DyDiT width (heads and channel groups kept)"),
-                      ("dydit_mlp_tokens_by_block", "DyDiT MLP tokens computed")):
-        density = [call[key] for call in calls if key in call]
-        if density:
-            blocks = max(len(by_block) for by_block in density)
-            cells = np.array([[by_block.get(str(b), by_block.get(b, 1.0)) for b in range(blocks)]
-                              for by_block in density])
-            cells = (cells * 255).astype(np.uint8)
-            grid = Image.fromarray(cells).resize((cells.shape[1] * 24, cells.shape[0] * 8), Image.NEAREST)
-            drawn.append((grid, f"{what} per call (rows, in order) and block (columns): white = dense"))
-    return drawn
 
 
 def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: str = "cpu",

@@ -4,8 +4,9 @@ Thresholds, ratios and top-p that suit one model, resolution and step count do n
 the search measures them on the user's own prompts against their own dense outputs, cheaper than a grid:
 
 1. dense runs once per batch of tuning prompts (its outputs are the reference of every candidate);
-2. every technique's documented presets and every diffusers cache at a few settings (the singles)
-   run on the first batch only: its quality, the ledger's FLOPs and its time;
+2. every technique's documented presets and every diffusers cache at a few settings (the singles:
+   what each registration's `search_space` offers, `candidates.singles`) run on the first batch
+   only: its quality, the ledger's FLOPs and its time;
 3. each knob's boldest setting that still holds the target goes bolder (`Candidate.bolder`) until it
    fails, or changes nothing twice in a row;
 4. candidates are judged by their expected speed: the ledger's FLOPs, exact and free, times the
@@ -21,7 +22,7 @@ the search measures them on the user's own prompts against their own dense outpu
 7. held-out prompts, when given, are generated dense and with the winner: how much quality moved.
 
 MagCache's ratios and DyDiT's head scores are calibrated inside the search, on the first batch, when
-a candidate needs them. The budget (seconds and/or generations) covers everything; the search stops
+a candidate needs them (`SearchContext.calibrate`). The budget (seconds and/or generations) covers everything; the search stops
 early enough to leave the final timing and the held-out check their share, and returns the best plan
 so far. `plan_files.save_plan` writes the result for `dit-accel generate/bench --plan FILE`, the UI,
 `load_plan` and `Accelerated*Pipeline(acceleration=FILE)`.
@@ -31,10 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
-import math
 import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -44,18 +42,18 @@ from typing import Any, Callable
 
 import torch
 
-from .api import PlanRun, calibrate, timed_run
-from .config import ConfigError
-from .loading import call_arguments
-from .techniques.dydit import DyDiTConfig
-from .techniques.flexdit import FlexDiTConfig
-from .techniques.proxy import ProxyAttentionConfig
-from .techniques.ras import RASConfig
-from .techniques.svg2 import SVG2Config
-from .machine import machine
-from .metrics.quality import mean_db, psnr_frames, ssim_frames
-from .plan_files import save_plan
-from .runtime.registry import registration, stages_of
+from ..calibration import calibrate
+from ..comparison import PlanRun, timed_run
+from ..config import ConfigError
+from ..loading import call_arguments
+from ..machine import machine
+from ..metrics.quality import psnr_frames, ssim_frames
+from ..plan_files import save_plan
+from ..runtime.registry import registration
+from ..runtime.search_space import SearchContext
+from .candidates import Candidate, CandidateStatus, singles
+from .predict import Predictor, stack_options
+from .target import Budget, Target
 
 #: prompts a call (the reference models' standard setting)
 DEFAULT_BATCH = 8
@@ -63,128 +61,11 @@ DEFAULT_BATCH = 8
 WARMUP_STEPS = 2
 #: stacks tried at most, best predicted first (pairs, then as many triples on confirmed pairs)
 MAX_STACKS = 24
-#: (threshold, max_skip_steps) of the MagCache candidates
-MAGCACHE_SETTINGS = ((0.03, 2), (0.06, 2), (0.1, 2), (0.15, 2), (0.25, 2), (0.15, 4), (0.25, 4), (0.25, 6))
 #: candidates timed again side by side at the end (over every tuning batch), and rounds of it
 FINAL_CANDIDATES = 4
 FINAL_ROUNDS = 2
 #: a candidate whose expected speed is this close below the best confirmed one's may still win the final
 FINAL_SLACK = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """The quality a plan must keep against dense: mean per-frame PSNR (dB) or SSIM, at least `value`."""
-
-    metric: str = "psnr"
-    value: float = 30.0
-
-    METRICS = ("psnr", "ssim")
-
-    def __post_init__(self) -> None:
-        if self.metric not in self.METRICS:
-            raise ConfigError(f"target metric {self.metric!r}: valid metrics: {', '.join(self.METRICS)}")
-        if self.metric == "ssim" and not 0 < self.value <= 1:
-            raise ConfigError(f"target ssim={self.value}: SSIM targets lie in (0, 1]")
-
-    @classmethod
-    def parse(cls, text: str | Target) -> Target:
-        """`"psnr=30"`, `"ssim=0.9"` (or a Target)."""
-        if isinstance(text, Target):
-            return text
-        metric, equals, value = str(text).partition("=")
-        try:
-            number = float(value if equals else metric)
-        except ValueError:
-            raise ConfigError(f"target {text!r}: expected metric=value, e.g. psnr=30 or ssim=0.9") from None
-        return cls(metric.strip().lower(), number) if equals else cls(value=number)
-
-    @property
-    def margin(self) -> float:
-        """How far below the target a first batch may be and still be worth the other batches."""
-        return 1.0 if self.metric == "psnr" else 0.02
-
-    def __str__(self) -> str:
-        return f"{self.metric}>={self.value:g}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """When the search stops: after `seconds` of wall clock and/or `generations` pipeline calls."""
-
-    seconds: float | None = 45 * 60
-    generations: int | None = None
-
-    @classmethod
-    def parse(cls, text: str | Budget | float | None) -> Budget:
-        """`"45m"`, `"90s"`, `"1.5h"`, `"120gen"` (pipeline calls), a number of seconds, or a Budget."""
-        if text is None or isinstance(text, Budget):
-            return text or cls()
-        if isinstance(text, (int, float)):
-            return cls(seconds=float(text))
-        match = re.fullmatch(r"\s*([0-9.]+)\s*(s|m|h|gen)?\s*", str(text))
-        if match is None:
-            raise ConfigError(f"budget {text!r}: expected e.g. 45m, 90s, 1h or 120gen")
-        amount, unit = float(match.group(1)), match.group(2) or "s"
-        if amount <= 0:
-            raise ConfigError(f"budget {text!r} must be > 0")
-        if unit == "gen":
-            return cls(seconds=None, generations=int(amount))
-        return cls(seconds=amount * {"s": 1, "m": 60, "h": 3600}[unit])
-
-
-@dataclasses.dataclass
-class Candidate:
-    """One plan the search considered, and what it measured (sums over the batches it ran)."""
-
-    label: str
-    configs: list
-    #: the singles a stack is made of (itself for a single)
-    members: tuple = ()
-    #: makes the configs when first run (calibrations), else None
-    prepare: Callable[[], list] | None = None
-    #: the knob a setting belongs to ("fbcache", "magcache, 4 skips", ...), if it has one
-    knob: str | None = None
-    #: the next, bolder setting of the same knob (kept on the boldest one of the start), else None
-    bolder: Callable[[], "Candidate | None"] | None = None
-    status: str = "not tried"
-    error: str | None = None
-    batches: int = 0
-    seconds: float = 0.0
-    dense_seconds: float = 0.0
-    flops_ratio: float | None = None
-    psnr_frames: list = dataclasses.field(default_factory=list)
-    ssim_sum: float = 0.0
-    #: (predicted speedup, predicted quality) of a stack before it ran
-    predicted: tuple[float, float] | None = None
-    final_speedup: float | None = None
-
-    @property
-    def stages(self) -> frozenset:
-        return frozenset().union(*(stages_of(c) for c in self.configs))
-
-    @property
-    def speedup(self) -> float | None:
-        return self.dense_seconds / self.seconds if self.seconds else None
-
-    def quality(self, metric: str) -> float | None:
-        if not self.psnr_frames:
-            return None
-        return mean_db(self.psnr_frames) if metric == "psnr" else self.ssim_sum / len(self.psnr_frames)
-
-    def does_what(self, other: "Candidate") -> bool:
-        """The same work and the same outputs as `other`: the same plan in effect (a knob past its effect)."""
-        return self.flops_ratio == other.flops_ratio and self.psnr_frames == other.psnr_frames
-
-    @property
-    def efficiency(self) -> float:
-        """Wall-clock speedup over the FLOPs speedup (1: time falls exactly as the counted work does)."""
-        return (self.speedup or 1.0) * (self.flops_ratio or 1.0)
-
-    def summary(self, metric: str) -> dict[str, Any]:
-        return {"label": self.label, "status": self.status, "error": self.error, "batches": self.batches,
-                "speedup": self.speedup, "final_speedup": self.final_speedup, "flops_ratio": self.flops_ratio,
-                metric: self.quality(metric), "predicted": self.predicted}
 
 
 @dataclasses.dataclass
@@ -218,153 +99,6 @@ class TuneResult:
                 "search_seconds": self.seconds, "generations": self.generations, "candidates_tried": len(tried),
                 "message": self.message, "candidates": [c.summary(metric) for c in tried]}
 
-
-# -- what the search starts from -------------------------------------------------------------------
-
-def singles(pipe: Any, steps: int, calibration_path: str, first_call: Callable[[], dict],
-            calibrating: Callable[[str], None]) -> list[Candidate]:
-    """Every technique's documented presets and diffusers' caches at a few settings each; DyDiT's width
-    presets also calibrated, and MagCache calibrated, on the first batch (`calibrating` is told of each
-    calibration run)."""
-    import diffusers.hooks as hooks
-
-    def ras(ratio: float) -> Candidate:
-        return Candidate(f"ras:sample_ratio={ratio:.3g}", [RASConfig.for_steps(steps, sample_ratio=ratio)], knob="ras",
-                         bolder=lambda: ras(ratio * 0.6) if ratio * 0.6 >= 0.05 else None)
-
-    found = [ras(ratio) for ratio in (0.75, 0.5, 0.25)]
-    for cls in (FlexDiTConfig, DyDiTConfig, SVG2Config, ProxyAttentionConfig):
-        found += [Candidate(f"{cls.name}:preset={name}", [cls.preset(name)]) for name in cls.presets]
-
-    def calibrated_dydit(name: str) -> Callable[[], list]:
-        def prepare() -> list:
-            calibrating(f"DyDiT's heads and channel groups (for {name})")
-            return [calibrate(pipe, DyDiTConfig.preset(name), path=calibration_path, **first_call())]
-        return prepare
-
-    found += [Candidate(f"dydit:preset={name},calibrated", [], prepare=calibrated_dydit(name))
-              for name, fields in DyDiTConfig.presets.items() if fields["width_ratio"] < 1]
-    warmup = RASConfig.for_steps(steps).warmup_steps
-    def fbcache(threshold: float) -> Candidate:
-        return Candidate(f"fbcache:threshold={threshold:.3g}", [hooks.FirstBlockCacheConfig(threshold=threshold)],
-                         knob="fbcache", bolder=lambda: fbcache(threshold * 1.5) if threshold < 2 else None)
-
-    def taylorseer(interval: int) -> Candidate:
-        return Candidate(f"taylorseer:cache_interval={interval}", [hooks.TaylorSeerCacheConfig(
-            cache_interval=interval, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=torch.float32)],
-            knob="taylorseer", bolder=lambda: taylorseer(interval + 1) if interval < steps // 2 else None)
-
-    found += [fbcache(t) for t in (0.05, 0.08, 0.12, 0.2, 0.3)] + [taylorseer(n) for n in (2, 3)]
-    ratios: list = []
-
-    def magcache(threshold: float, skips: int) -> Callable[[], list]:
-        def prepare() -> list:
-            if not ratios:  # one calibration run serves every setting
-                calibrating("MagCache's per-step ratios")
-                probe = hooks.MagCacheConfig(threshold=threshold, calibrate=True)
-                ratios.append(calibrate(pipe, probe, **first_call()).mag_ratios)
-            return [hooks.MagCacheConfig(threshold=threshold, max_skip_steps=skips, mag_ratios=ratios[0],
-                                         num_inference_steps=steps)]
-        return prepare
-
-    def magcache_candidate(threshold: float, skips: int) -> Candidate:
-        return Candidate(f"magcache:threshold={threshold:.3g},max_skip_steps={skips}", [],
-                         prepare=magcache(threshold, skips), knob=f"magcache, {skips} skips",
-                         bolder=lambda: magcache_candidate(threshold * 1.6, skips) if threshold < 2 else None)
-
-    found += [magcache_candidate(t, n) for t, n in MAGCACHE_SETTINGS]
-    found.append(Candidate("pab:spatial_attention_block_skip_range=2",
-                           [hooks.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)]))
-    boldest = {c.knob: c for c in found if c.knob is not None}  # the last setting of each knob
-    for candidate in found:
-        candidate.members = (candidate,)
-        if boldest.get(candidate.knob) is not candidate:
-            candidate.bolder = None
-    return found
-
-
-def predicted_quality(members: tuple[Candidate, ...], metric: str) -> float:
-    """A stack's quality from its members' if their errors added: PSNR by adding their mean squared
-    errors, SSIM by adding their losses."""
-    values = [m.quality(metric) for m in members]
-    if metric == "psnr":
-        return -10 * math.log10(sum(10 ** (-min(v, 100.0) / 10) for v in values))
-    return 1 - sum(1 - v for v in values)
-
-
-class Predictor:
-    """Speed and quality of candidates before (or without) timing them side by side.
-
-    Speed comes from the ledger's FLOPs, which are exact and free, times a wall/FLOPs efficiency per
-    technique: the median over every run of that technique so far (single runs on this machine drift by
-    10-30%, a FLOPs ratio does not). A stack's FLOPs are its members' product until it runs. Quality of
-    a stack starts as its members' errors added (`predicted_quality`) and its efficiency as its worst
-    member's; both are corrected by the stacks of the same techniques run so far (the median of measured
-    error / added errors, and of measured efficiency / predicted). Errors compound unevenly (a step
-    cache reusing residuals that token skipping already approximated loses far more than the two alone),
-    so each pairing of techniques is learnt on its own, and a pairing not run yet is tried optimistically.
-    """
-
-    def __init__(self, metric: str):
-        self.metric = metric
-        self.efficiencies: dict[str, list[float]] = {}
-        #: per pairing of techniques (their kinds, sorted): measured / predicted, error and efficiency
-        self.error_ratios: dict[tuple, list[float]] = {}
-        self.efficiency_ratios: dict[tuple, list[float]] = {}
-
-    @staticmethod
-    def _median(values: list[float] | None) -> float:
-        return statistics.median(values) if values else 1.0
-
-    @staticmethod
-    def _kind(candidate: Candidate) -> str:
-        return "+".join(sorted(registration(c).name for c in candidate.configs))
-
-    def _pairing(self, candidate: Candidate) -> tuple:
-        return tuple(sorted(self._kind(m) for m in candidate.members))
-
-    def efficiency(self, candidate: Candidate) -> float:
-        if len(candidate.members) <= 1:
-            return self._median(self.efficiencies.get(self._kind(candidate)))
-        worst = min(self.efficiency(m) for m in candidate.members)
-        return worst * self._median(self.efficiency_ratios.get(self._pairing(candidate)))
-
-    def flops(self, candidate: Candidate) -> float:
-        if candidate.flops_ratio is not None:
-            return candidate.flops_ratio
-        return math.prod(m.flops_ratio or 1.0 for m in candidate.members)
-
-    def speed(self, candidate: Candidate) -> float:
-        """The expected wall-clock speedup: the FLOPs speedup at the technique's efficiency."""
-        return self.efficiency(candidate) / self.flops(candidate)
-
-    def quality(self, candidate: Candidate) -> float:
-        """Measured, else (a stack not run yet) predicted."""
-        if candidate.batches:
-            return candidate.quality(self.metric)
-        added = predicted_quality(candidate.members, self.metric)
-        factor = self._median(self.error_ratios.get(self._pairing(candidate)))
-        return added - 10 * math.log10(factor) if self.metric == "psnr" else 1 - (1 - added) * factor
-
-    def observe(self, candidate: Candidate) -> None:
-        """Take in a candidate's run: its technique's efficiency; for a stack its error and efficiency
-        against the predicted ones."""
-        if not candidate.speedup or candidate.flops_ratio is None:
-            return
-        if len(candidate.members) <= 1:
-            self.efficiencies.setdefault(self._kind(candidate), []).append(candidate.efficiency)
-            return
-        pairing = self._pairing(candidate)
-        measured, added = candidate.quality(self.metric), predicted_quality(candidate.members, self.metric)
-        if self.metric == "psnr":
-            self.error_ratios.setdefault(pairing, []).append(10 ** ((added - min(measured, 100.0)) / 10))
-        elif added < 1:
-            self.error_ratios.setdefault(pairing, []).append((1 - measured) / (1 - added))
-        worst = min(self.efficiency(m) for m in candidate.members)
-        self.efficiency_ratios.setdefault(pairing, []).append(candidate.efficiency / worst)
-
-
-# -- the search ------------------------------------------------------------------------------------
 
 class _Search:
     """The state of one `tune` call: the batches, dense's outputs, the clock and the budget."""
@@ -434,15 +168,15 @@ class _Search:
             self.measure(candidate, indices)
             return True
         except ConfigError as error:
-            candidate.status, candidate.error = "refused", str(error)
+            candidate.status, candidate.error = CandidateStatus.REFUSED, str(error)
         except Exception as error:  # a candidate the model cannot run is reported, not fatal
-            candidate.status, candidate.error = "failed", f"{type(error).__name__}: {error}"[:300]
+            candidate.status, candidate.error = CandidateStatus.FAILED, f"{type(error).__name__}: {error}"[:300]
         return False
 
     def screen(self, candidate: Candidate) -> bool:
         """Run `candidate` on the first batch, budget allowing; False when it did not run."""
         if not self.can_run(2):
-            candidate.status = "budget spent"
+            candidate.status = CandidateStatus.BUDGET_SPENT
             return False
         return self._measured(candidate, [0])
 
@@ -456,27 +190,27 @@ class _Search:
         first = candidate.quality(metric)
         if candidate.flops_ratio is not None and candidate.flops_ratio >= 1.0:
             # it ran dense here (a sparse attention on too few tokens): dense itself, not a plan
-            candidate.status = "saves nothing here"
+            candidate.status = CandidateStatus.SAVES_NOTHING
             return False
         if first < self.target.value - self.target.margin:
-            candidate.status = "misses the target on the first batch"
+            candidate.status = CandidateStatus.MISSES_ON_FIRST_BATCH
             return False
         if self.predictor.speed(candidate) <= best * (1 - FINAL_SLACK):
-            candidate.status = "meets it, slower than the best so far" if first >= self.target.value else \
-                "cannot win: slower than the best so far"
+            candidate.status = CandidateStatus.MEETS_BUT_SLOWER if first >= self.target.value else \
+                CandidateStatus.CANNOT_WIN
             return False
         rest = list(range(candidate.batches, len(self.batches)))
         if rest and not self.can_run(len(rest)):
-            candidate.status = "budget spent"
+            candidate.status = CandidateStatus.BUDGET_SPENT
             return False
         if rest and not self._measured(candidate, rest):
             return False
         met = candidate.quality(metric) >= self.target.value
-        candidate.status = "meets the target" if met else "misses the target"
+        candidate.status = CandidateStatus.MEETS_TARGET if met else CandidateStatus.MISSES_TARGET
         self.say(f"[{self.elapsed():.0f} s, {self.generations} runs] {candidate.label}: {metric} "
                  f"{candidate.quality(metric):.3f}, {candidate.speedup:.2f}x measured, "
                  f"{self.predictor.speed(candidate):.2f}x expected, FLOPs {candidate.flops_ratio or 1:.3f}: "
-                 f"{candidate.status}")
+                 f"{candidate.status_text}")
         return met
 
     def time_side_by_side(self, finalists: list[Candidate]) -> None:
@@ -498,31 +232,13 @@ class _Search:
                 candidate.final_speedup = statistics.median(ratios[candidate.label])
 
 
-def stack_options(pool: list[Candidate], target: Target, size: int,
-                  bases: list[Candidate] | None = None) -> list[Candidate]:
-    """Every stack of `size` members from different stages, each member meeting the target alone on the
-    first batch (triples: a confirmed pair plus one such member). Not yet checked to compose: a plan the
-    runtime refuses is refused when it is tried."""
-    metric = target.metric
-    usable = [c for c in pool if len(c.members) == 1 and c.batches and c.quality(metric) >= target.value]
-    groups = ([base.members + (extra,) for base in bases for extra in usable if extra not in base.members]
-              if bases is not None else itertools.combinations(usable, size))
-    found, seen = [], set()
-    for members in groups:
-        key = frozenset(m.label for m in members)
-        if key in seen or any(a.stages & b.stages for a, b in itertools.combinations(members, 2)):
-            continue
-        seen.add(key)
-        found.append(Candidate("+".join(m.label for m in members), [c for m in members for c in m.configs], members))
-    return found
-
-
 def _kept_calibration(config: Any, scratch: Path, plan: Path) -> Any:
-    """A DyDiT config whose calibration the search wrote in `scratch`, with the file moved beside `plan`."""
+    """A config whose calibration file (its `calibration` field) the search wrote in `scratch`, with the
+    file moved beside `plan` as `<plan>.<technique>.<suffix>`."""
     calibration = getattr(config, "calibration", None)
-    if not isinstance(config, DyDiTConfig) or calibration is None or Path(calibration).parent != scratch:
+    if not isinstance(calibration, str) or Path(calibration).parent != scratch:
         return config
-    kept = plan.with_name(plan.stem + ".dydit.safetensors")
+    kept = plan.with_name(f"{plan.stem}.{registration(config).name}{Path(calibration).suffix}")
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(calibration, kept)
     return dataclasses.replace(config, calibration=str(kept))
@@ -568,8 +284,12 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     search.reserve_generations = (FINAL_CANDIDATES + 1) * FINAL_ROUNDS * len(batches) + 2 * len(held)
     search.reserve_seconds = search.reserve_generations * dense_batch
 
-    pool = singles(pipe, steps, str(scratch / "dydit.safetensors"),
-                   lambda: {**batches[0], "generator": torch.Generator().manual_seed(seed)}, search.calibrating)
+    def calibrate_on_first_batch(config: Any, what: str, path: str | None = None) -> Any:
+        search.calibrating(what)
+        first = {**batches[0], "generator": torch.Generator().manual_seed(seed)}
+        return calibrate(pipe, config, path=path, **first)
+
+    pool = singles(SearchContext(steps, calibrate_on_first_batch, scratch))
     confirmed: list[Candidate] = []
 
     predictor = search.predictor
@@ -605,7 +325,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         options = stack_options(pool, target, size, bases)
         pool += options
         for _ in range(MAX_STACKS):
-            live = [c for c in options if c.status == "not tried" and predictor.speed(c) > best()
+            live = [c for c in options if c.status is CandidateStatus.NOT_TRIED and predictor.speed(c) > best()
                     and predictor.quality(c) >= target.value - target.margin]
             if not live or not search.can_run(2):
                 break
@@ -614,15 +334,15 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
             if search.try_candidate(candidate, best()):
                 confirmed.append(candidate)
         for candidate in options:
-            if candidate.status == "not tried":
-                candidate.status = "cannot win or hold the target, as predicted"
+            if candidate.status is CandidateStatus.NOT_TRIED:
+                candidate.status = CandidateStatus.PREDICTED_OUT
 
     # the final, side by side: the fastest expected distinct confirmed ones in turn with dense, every batch
     finalists: list[Candidate] = []
     for candidate in sorted(confirmed, key=lambda c: -predictor.speed(c)):
         same = next((f for f in finalists if candidate.does_what(f)), None)
         if same is not None:
-            candidate.status = f"meets the target, does what {same.label} does"
+            candidate.status, candidate.same_as = CandidateStatus.SAME_AS_ANOTHER, same.label
         elif len(finalists) < FINAL_CANDIDATES:
             finalists.append(candidate)
     search.time_side_by_side(finalists)

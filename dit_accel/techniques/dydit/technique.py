@@ -1,0 +1,247 @@
+"""The DyDiT technique: per bucket of steps, the kept heads and channel groups of every block
+(`width.py`'s hooks run them), MLP token skipping (`tokens.py`), the scoring hook a calibration
+run uses (`calibration.py`), and what the ledger and `report()` get.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...config import ConfigError
+from ...metrics.flops import UnitWidth
+from ...runtime.call_state import CallState
+from ...runtime.registry import register_technique
+from ...runtime.stats import Stat, StatKind
+from ...runtime.technique import Technique
+from .calibration import DyDiTScores, add_contributions, calibrate, load_calibration, select_units
+from .config import DyDiTConfig, bucket_of, kept_count, search_space
+from .tokens import MLPTokens, SkipTokens
+from .width import HeadCount, Part, SlicedLinear, SlicedNorm, parts_of, unit_name
+
+
+@register_technique(DyDiTConfig, "DyDiT: attention heads and MLP channel groups per step bucket, MLP tokens",
+                    search_space=search_space, calibrate=calibrate)
+class DyDiT(Technique):
+    stats = (Stat("dydit_bucket", StatKind.DETAIL), Stat("dydit_heads", StatKind.VALUE),
+             Stat("dydit_groups", StatKind.VALUE),
+             Stat("dydit_width_by_block", StatKind.BLOCK_FRACTION, "DyDiT width (heads and channel groups kept)"),
+             Stat("dydit_mlp_tokens", StatKind.VALUE),
+             Stat("dydit_mlp_tokens_by_block", StatKind.BLOCK_FRACTION, "DyDiT MLP tokens computed"))
+
+    def __init__(self, config: DyDiTConfig, session):
+        super().__init__(config, session)
+        self._parts: list[Part] = []
+        #: block -> (its token-wise MLP, the block's unit holding it)
+        self._mlps: dict[int, tuple[nn.Module, str]] = {}
+        for index, block in enumerate(self.adapter.blocks()):
+            layout = self.adapter.width_layout(block)
+            self._parts.extend(parts_of(index, layout.attentions, layout.mlp))
+            if layout.mlp is not None and layout.mlp.module is not None:
+                self._mlps[index] = (layout.mlp.module, unit_name(block, layout.mlp.module))
+        self._check_linears()
+        grams = self._grams()
+        #: per bucket, per part key: the kept units, sorted
+        self._kept = [{part.key: select_units(grams[part.key][bucket], kept_count(config.width_at(bucket),
+                                                                                 len(part.units)))
+                       for part in self._parts} for bucket in range(config.buckets)]
+        self._linear_parts = self._index_linears()
+        blocks = self.adapter.blocks()
+        names = {module: (index, name) for index, block in enumerate(blocks) for name, module in block.named_modules()}
+        #: (parent, attribute) of every sliced linear, to notice a layer swapped in after apply (LoRA)
+        self._places = []
+        for linear in self._linear_parts:
+            index, name = names[linear]
+            parent, _, attribute = name.rpartition(".")
+            self._places.append((blocks[index].get_submodule(parent), attribute, linear))
+        self._widths = [self._ledger_widths(bucket, names) for bucket in range(config.buckets)]
+        self._bucket = 0
+        #: the running bucket's sliced (weight, bias) per linear, and feature indices per (part, device)
+        self._sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
+        #: MLP token skipping: the cached MLP inputs and outputs, and this call's fractions
+        self.mlp_tokens = MLPTokens(config.token_ratio)
+        #: while a calibration run scores heads and groups (`start_scoring`)
+        self.scores: DyDiTScores | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _check_linears(self) -> None:
+        for part in self._parts:
+            for linear in part.rows + [linear for linear, _ in part.columns]:
+                if type(linear) is not nn.Linear:
+                    raise ConfigError(f"DyDiTConfig slices nn.Linear weights; {part.key} has a "
+                                      f"{type(linear).__name__} (a LoRA layer? fuse it first: pipe.fuse_lora())")
+
+    def _grams(self) -> dict[str, torch.Tensor]:
+        """Per part (buckets, units, units) Gram matrices: from the calibration file (its buckets mapped
+        onto the config's by their middle step), else from the weights."""
+        buckets = self.config.buckets
+        if self.config.calibration is None:
+            return {part.key: part.weight_gram().expand(buckets, -1, -1) for part in self._parts}
+        grams = load_calibration(self.config.calibration, self.session.transformer)
+        centres = (torch.arange(buckets) + 0.5) / buckets
+        mapped = {}
+        for part in self._parts:
+            units = len(part.units)
+            table = grams.get(part.key)
+            if table is None or tuple(table.shape[1:]) != (units, units):
+                raise ConfigError(f"DyDiT calibration {self.config.calibration!r} has no scores for the "
+                                  f"{units} units of {part.key}")
+            mapped[part.key] = table[(centres * table.shape[0]).long().clamp(max=table.shape[0] - 1)]
+        return mapped
+
+    def _index_linears(self) -> dict[nn.Linear, tuple[str, list[tuple[Part, int]]]]:
+        """Each sliced linear: "rows" or "columns", and the parts (with input offsets) it is sliced by."""
+        linears: dict[nn.Linear, tuple[str, list[tuple[Part, int]]]] = {}
+        for part in self._parts:
+            for linear in part.rows:
+                linears[linear] = ("rows", [(part, 0)])
+            for linear, offset in part.columns:
+                linears.setdefault(linear, ("columns", []))[1].append((part, offset))
+        for linear, (kind, parts) in linears.items():
+            if kind == "columns" and sum(part.width for part, _ in parts) != linear.in_features:
+                raise ConfigError(f"DyDiT: the adapter's width layout does not cover the {linear.in_features} "
+                                  f"inputs of {parts[0][0].key}'s output projection")
+        return linears
+
+    def _ledger_widths(self, bucket: int, names: dict[nn.Module, tuple[int, str]]
+                       ) -> dict[tuple[int, str], UnitWidth]:
+        """What the ledger records for each narrowed unit in `bucket`: sliced features and kept heads
+        (`names`: every module of the blocks -> (block index, qualified name in its block))."""
+        kept = self._kept[bucket]
+
+        def width(part: Part) -> int:
+            return sum(len(part.units[int(u)]) for u in kept[part.key])
+
+        features: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
+        for linear, (kind, parts) in self._linear_parts.items():
+            index, name = names[linear]
+            if kind == "rows":
+                part = parts[0][0]
+                feature = (name, linear.in_features, width(part) * (2 if part.gated_hidden else 1))
+            else:
+                feature = (name, sum(width(part) for part, _ in parts), linear.out_features)
+            features.setdefault((index, name.split(".")[0]), []).append(feature)
+        heads = {}
+        for part in self._parts:
+            if part.attention is not None:
+                index, name = names[part.attention]
+                heads[(index, name.split(".")[0])] = len(kept[part.key])
+        return {unit: UnitWidth(tuple(features.get(unit, ())), heads.get(unit)) for unit in set(features) | set(heads)}
+
+    def attach(self) -> None:
+        hooks = self.session.hooks
+        for linear in self._linear_parts:
+            hooks.add(linear, SlicedLinear(self, linear), "dydit.slice")
+        for part in self._parts:
+            for norm in part.norms:
+                hooks.add(norm, SlicedNorm(self, part), "dydit.norm")
+            if part.attention is not None:
+                hooks.add(part.attention, HeadCount(self, part), "dydit.heads")
+        # at token_ratio 1 too: every token is gathered, run and scattered, the path SDT takes
+        for index, (module, unit) in self._mlps.items():
+            hooks.add(module, SkipTokens(self, index, unit), "dydit.tokens")
+
+    # -- per call ----------------------------------------------------------------------------------
+    def begin_call(self, call_state: CallState) -> None:
+        for parent, name, linear in self._places:
+            if getattr(parent, name) is not linear:
+                raise ConfigError(f"DyDiTConfig: {type(getattr(parent, name)).__name__} replaced a linear layer it "
+                                  "slices after dit_accel.apply() (a LoRA adapter?): fuse it (pipe.fuse_lora()) "
+                                  "or remove the handle and apply again")
+        bucket = bucket_of(call_state, self.config.buckets)
+        if bucket != self._bucket:
+            self._bucket = bucket
+            self._sliced.clear()
+            self._features.clear()
+        self._check_processors()
+        call_state.widths.update(self._widths[bucket])
+        self.mlp_tokens.begin_call()
+
+    def _check_processors(self) -> None:
+        """A processor with weights of its own over every head (IP-Adapter's `to_k_ip`, whose output it adds
+        in head space) cannot run on fewer heads: refused before any block runs."""
+        for part in self._parts:
+            processor = getattr(part.attention, "processor", None)
+            if isinstance(processor, nn.Module) and any(True for _ in processor.parameters()) \
+                    and any(len(kept[part.key]) < len(part.units) for kept in self._kept):
+                raise ConfigError(f"DyDiTConfig narrows the heads of {part.key}, whose processor "
+                                  f"{type(processor).__name__} has weights of its own over every head (an "
+                                  "IP-Adapter?): keep every head (width_ratio=1; token skipping still works) or "
+                                  "unload it")
+
+    def end_run(self) -> None:
+        self._sliced.clear()
+        self._features.clear()
+        self.mlp_tokens.end_run()
+
+    def selection(self, bucket: int) -> dict[str, torch.Tensor]:
+        """The units kept in `bucket`: "block{i}.attention{a}" -> heads, "block{i}.mlp" -> channel groups."""
+        return dict(self._kept[bucket])
+
+    def kept(self, part: Part) -> torch.Tensor:
+        return self._kept[self._bucket][part.key]
+
+    def features(self, part: Part, device: torch.device) -> torch.Tensor:
+        """The running bucket's features of `part`."""
+        key = (part.key, device)
+        if key not in self._features:
+            self._features[key] = part.features(self.kept(part)).to(device)
+        return self._features[key]
+
+    def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The running bucket's (weight, bias) of `linear`, index-selected once per bucket."""
+        held = self._sliced.get(linear)
+        weight = linear.weight
+        if held is None or held[0].device != weight.device or held[0].dtype != weight.dtype:
+            kind, parts = self._linear_parts[linear]
+            if kind == "rows":
+                part = parts[0][0]
+                rows = self.features(part, weight.device)
+                if part.gated_hidden:  # a gated activation's two halves
+                    rows = torch.cat([rows, rows + part.gated_hidden])
+                bias = None if linear.bias is None else linear.bias.index_select(0, rows)
+                held = (weight.index_select(0, rows), bias)
+            else:
+                columns = torch.cat([offset + self.features(part, weight.device) for part, offset in parts])
+                held = (weight.index_select(1, columns), linear.bias)
+            self._sliced[linear] = held
+        return held
+
+    # -- calibration -------------------------------------------------------------------------------
+    def start_scoring(self) -> DyDiTScores:
+        """Calibrating: from now on every call adds its heads' and groups' contributions to the block
+        outputs to the scores returned (`calibration.calibrate` runs this on a keep-all config)."""
+        self.scores = DyDiTScores(self.config.buckets)
+        return self.scores
+
+    def score(self, linear: nn.Linear, x: torch.Tensor) -> None:
+        """Calibrating: the contributions of the heads and groups this output projection reads, over
+        this call's tokens `x`."""
+        kind, parts = self._linear_parts[linear]
+        if kind == "columns":
+            add_contributions(self.scores, bucket_of(self.session.call_state, self.scores.buckets), parts, linear, x)
+
+    # -- report ------------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        tensors = self.mlp_tokens.tensors()
+        tensors += [t for weight, bias in self._sliced.values() for t in (weight, bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def call_stats(self, call_state: CallState) -> dict:
+        """The bucket, the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:
+        on average, and per block for the UI's pictures."""
+        kept = self._kept[self._bucket]
+        widths: dict[int, list[float]] = {}
+        for part in self._parts:
+            widths.setdefault(part.block, []).append(len(kept[part.key]) / len(part.units))
+        heads = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is not None]
+        groups = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is None]
+        stats = {"dydit_bucket": self._bucket, "dydit_heads": sum(heads) / max(1, len(heads)),
+                 "dydit_groups": sum(groups) / max(1, len(groups)),
+                 "dydit_width_by_block": {b: sum(w) / len(w) for b, w in sorted(widths.items())}}
+        if self.mlp_tokens.fractions:
+            fractions = self.mlp_tokens.fractions
+            stats["dydit_mlp_tokens"] = sum(fractions.values()) / len(fractions)
+            stats["dydit_mlp_tokens_by_block"] = dict(sorted(fractions.items()))
+        return stats
