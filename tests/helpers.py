@@ -14,6 +14,29 @@ from dit_accel.config import AccelerationConfig, Stage
 from dit_accel.runtime.registry import register_technique
 from dit_accel.runtime.technique import Technique
 from dit_accel.testing import tiny_call_kwargs
+from dit_accel.pipelines import (
+    AcceleratedCogVideoXPipeline,
+    AcceleratedDiTPipeline,
+    AcceleratedFluxPipeline,
+    AcceleratedHunyuanVideoPipeline,
+    AcceleratedPixArtAlphaPipeline,
+    AcceleratedPixArtSigmaPipeline,
+    AcceleratedStableDiffusion3Pipeline,
+    AcceleratedWanPipeline,
+)
+
+
+#: the Accelerated class of each tiny family's pipeline
+ACCELERATED = {
+    "sd3": AcceleratedStableDiffusion3Pipeline,
+    "flux": AcceleratedFluxPipeline,
+    "pixart": AcceleratedPixArtAlphaPipeline,
+    "pixart_sigma": AcceleratedPixArtSigmaPipeline,
+    "dit": AcceleratedDiTPipeline,
+    "wan": AcceleratedWanPipeline,
+    "hunyuan_video": AcceleratedHunyuanVideoPipeline,
+    "cogvideox": AcceleratedCogVideoXPipeline,
+}
 
 
 def run(pipe, family: str, **overrides) -> torch.Tensor:

@@ -22,31 +22,12 @@ from diffusers.hooks import (
     TaylorSeerCacheConfig,
     apply_first_block_cache,
 )
-from helpers import add_tiny_flux_ip_adapter, model_state
+from helpers import ACCELERATED, add_tiny_flux_ip_adapter, model_state
 
 import dit_accel
-from dit_accel.pipelines import (
-    AcceleratedCogVideoXPipeline,
-    AcceleratedDiTPipeline,
-    AcceleratedFluxPipeline,
-    AcceleratedHunyuanVideoPipeline,
-    AcceleratedPixArtAlphaPipeline,
-    AcceleratedPixArtSigmaPipeline,
-    AcceleratedStableDiffusion3Pipeline,
-    AcceleratedWanPipeline,
-)
+from dit_accel.pipelines import AcceleratedFluxPipeline
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-ACCELERATED = {
-    "sd3": AcceleratedStableDiffusion3Pipeline,
-    "flux": AcceleratedFluxPipeline,
-    "pixart": AcceleratedPixArtAlphaPipeline,
-    "pixart_sigma": AcceleratedPixArtSigmaPipeline,
-    "dit": AcceleratedDiTPipeline,
-    "wan": AcceleratedWanPipeline,
-    "hunyuan_video": AcceleratedHunyuanVideoPipeline,
-    "cogvideox": AcceleratedCogVideoXPipeline,
-}
 RAS_HALF = dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=1, error_reset_steps=())
 #: the standing plans of the PipelineTesterMixin checks: none, and one running its real path on every token
 PLANS = {"dense": None, "keep_all": dit_accel.RASConfig.keep_all()}

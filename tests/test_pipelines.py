@@ -13,28 +13,10 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from dit_accel import ProxyAttentionConfig, RASConfig, SVG2Config
 from dit_accel.config import ConfigError
 from dit_accel.runtime.hooks import HOOK_PREFIX
+from dit_accel.pipelines import AcceleratedFluxPipeline, AcceleratedStableDiffusion3Pipeline
 from dit_accel.testing import FAMILIES, VIDEO_FAMILIES, tiny_call_kwargs, tiny_pipeline
-from dit_accel.pipelines import (
-    AcceleratedCogVideoXPipeline,
-    AcceleratedDiTPipeline,
-    AcceleratedFluxPipeline,
-    AcceleratedHunyuanVideoPipeline,
-    AcceleratedPixArtAlphaPipeline,
-    AcceleratedPixArtSigmaPipeline,
-    AcceleratedStableDiffusion3Pipeline,
-    AcceleratedWanPipeline,
-)
+from helpers import ACCELERATED
 
-ACCELERATED = {
-    "sd3": AcceleratedStableDiffusion3Pipeline,
-    "flux": AcceleratedFluxPipeline,
-    "pixart": AcceleratedPixArtAlphaPipeline,
-    "pixart_sigma": AcceleratedPixArtSigmaPipeline,
-    "dit": AcceleratedDiTPipeline,
-    "wan": AcceleratedWanPipeline,
-    "hunyuan_video": AcceleratedHunyuanVideoPipeline,
-    "cogvideox": AcceleratedCogVideoXPipeline,
-}
 SPARSE = RASConfig(sample_ratio=0.5, warmup_steps=1, error_reset_steps=())
 
 
