@@ -13,7 +13,8 @@ from .api import AccelerationHandle, apply, measure
 from .calibration import calibrate
 from .comparison import PlanRun, compare
 from .config import AccelerationConfig, ConfigError, Stage
-from .techniques import DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, SVG2Config
+from .techniques import (DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, StepMaskConfig, StepsConfig,
+                         SVG2Config)
 from .models import UnsupportedModelError, adapter_for, supported_families
 from .plan_files import load_plan, save_plan
 from .tuning import Budget, Target, TuneResult, tune
@@ -31,6 +32,8 @@ __all__ = [
     "ProxyAttentionConfig",
     "RASConfig",
     "SVG2Config",
+    "StepMaskConfig",
+    "StepsConfig",
     "Stage",
     "Target",
     "TuneResult",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 import weakref
 from typing import Any, Callable, Iterator
@@ -14,10 +15,10 @@ from diffusers.hooks import HookRegistry
 from torch import nn
 
 from . import techniques  # noqa: F401  (registers every technique and diffusers cache)
-from .config import ConfigError
+from .config import ConfigError, Stage
 from .models import adapter_for, pipeline_transformers
 from .runtime import ledger
-from .runtime.context import SchedulerClock, StepTracker
+from .runtime.context import SchedulerClock, StepTracker, asked_steps
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
 from .runtime.session import Session
@@ -75,7 +76,7 @@ class AccelerationHandle:
         sharing a followed one's scheduler is followed through it already)."""
         if getattr(pipeline, "scheduler", None) is not None:
             pipeline_ref = weakref.ref(pipeline)
-            self._wrap(pipeline.scheduler, "set_timesteps", _before(lambda: self._begin_run(pipeline_ref())))
+            self._wrap(pipeline.scheduler, "set_timesteps", self._setting_up(pipeline_ref))
         if hasattr(pipeline, "maybe_free_model_hooks"):
             self._wrap(pipeline, "maybe_free_model_hooks", _before(self._end_run))
 
@@ -150,9 +151,30 @@ class AccelerationHandle:
         self._wrap(transformer, "enable_cache", enable_cache)
         self._wrap(transformer, "disable_cache", disable_cache)
 
-    def _begin_run(self, pipeline: Any | None) -> None:
+    def _setting_up(self, pipeline_ref: weakref.ref) -> Callable[[Callable], Callable]:
+        """Wraps a scheduler's `set_timesteps`: it starts a run, and the plan's schedule stage (fewer
+        steps) may rewrite what it sets up."""
+
+        def wrap(original: Callable) -> Callable:
+            signature = inspect.signature(original)
+
+            def wrapped(*args, **kwargs):
+                bound = signature.bind(*args, **kwargs)
+                schedule = self.sessions[0].by_stage.get(Stage.SCHEDULE) if self.sessions else None
+                requested = None
+                if schedule is not None:
+                    requested = asked_steps(bound.arguments)
+                    bound.arguments.update(schedule.timesteps_arguments(dict(bound.arguments)))
+                self._begin_run(pipeline_ref(), requested)
+                return original(*bound.args, **bound.kwargs)
+
+            return wrapped
+
+        return wrap
+
+    def _begin_run(self, pipeline: Any | None, requested_steps: int | None = None) -> None:
         self._run_pipeline = pipeline or self._pipeline
-        self.tracker.begin_run()
+        self.tracker.begin_run(requested_steps)
         self._run_started = time.perf_counter()
 
     def _end_run(self) -> None:
@@ -215,6 +237,10 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     check_composable(configs)
     transformers, pipeline = pipeline_transformers(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]
+    rewriting = [type(c).__name__ for c in configs if getattr(registration(c).technique, "rewrites_schedule", False)]
+    if rewriting and getattr(pipeline, "scheduler", None) is None:
+        raise ConfigError(f"{', '.join(rewriting)} sets up the pipeline's scheduler: apply it to a pipeline, not to "
+                          f"a bare {type(pipe_or_transformer).__name__}")
     for transformer in transformers:
         if _is_accelerated(transformer):
             holder = _HANDLES.get(transformer)

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 class Stage(enum.IntEnum):
     """Nesting levels of one transformer call, outermost first (not a time order)."""
 
+    #: which steps run at all: fewer steps, a step mask (before any call of the transformer)
+    SCHEDULE = 0
     #: return a cached or forecast output for the whole call, a block range or an attention/MLP module
     STEP_SKIP = 1
     #: which image tokens the blocks compute at this step

@@ -129,8 +129,13 @@ def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
         raise ConfigError(f"empty acceleration plan; valid techniques: {', '.join(plan_names())}")
     if is_plan_file(spec):
         return load_plan(spec.strip(), num_steps)
-    configs = [parse_technique(part, num_steps) for part in _split(spec, "+")]
+    parts = _split(spec, "+")
+    configs = [parse_technique(part, num_steps) for part in parts]
     check_composable(configs)
+    # a member that runs another step count (fewer steps): the others' schedules are scaled to it
+    runs = next((c.steps_run(num_steps) for c in configs if hasattr(c, "steps_run")), num_steps)
+    if runs != num_steps:
+        configs = [c if hasattr(c, "steps_run") else parse_technique(part, runs) for part, c in zip(parts, configs)]
     return configs
 
 

@@ -211,3 +211,18 @@ def test_cli_tune_then_generate_and_bench_with_the_plan_file(tmp_path, capsys):
         main(["generate", "--model", "tiny:sd3", "--steps", "3", "--plan", str(plan), "--out", str(tmp_path / "g"),
               "--quiet"])
     assert exit_info.value.code == 2 and "tuned for 6 steps" in capsys.readouterr().err
+
+
+def test_fewer_steps_is_a_candidate_and_the_plan_is_never_slower_than_it(pipe):
+    """Fewer steps (a plan member now) is searched, goes bolder while it holds, and its fastest setting
+    that meets the target always runs in the final: the tuned plan is at least as fast as it, and when it
+    wins on its own the message says so."""
+    result = dit_accel.tune(pipe, PROMPTS[:2], target="psnr=5", steps=STEPS, batch=2, budget="80gen", **_call())
+    fewer = [c for c in result.candidates if c.label.startswith("steps:") and c.final_speedup is not None]
+    assert len(fewer) == 1, "the best fewer-steps setting runs in the final"
+    assert [c.label for c in result.candidates if c.label.startswith("steps:")][:2] == ["steps:count=4", "steps:count=3"]
+    assert result.speedup >= fewer[0].final_speedup
+    if result.label == fewer[0].label:
+        assert result.message.startswith("fewer steps alone is the fastest plan")
+    else:
+        assert f"the best fewer-steps setting, {fewer[0].label}" in result.message

@@ -50,6 +50,8 @@ class CallState:
     #: (block, unit) -> what stage 4 runs of that unit this call; absent: all of it
     widths: dict[tuple[int, str], UnitWidth] = field(default_factory=dict)
     ledger: list[Work] = field(default_factory=list)
+    #: stage 0 (a step mask): the output this call returns without running; no other stage acts then
+    reused_output: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.image_tokens = self.grid.num_tokens

@@ -45,6 +45,9 @@ class StepContext:
     #: the batch holds the uncond half then the cond half of the same samples
     cfg_batched: bool
     call: CallInfo
+    #: the steps the pipeline asked its scheduler for, where a stage-0 plan runs another count (fewer
+    #: steps); else None
+    requested_steps: int | None = None
 
     @property
     def is_first_call_of_step(self) -> bool:
@@ -148,10 +151,14 @@ class StepTracker:
         self._step_batch = 0
         #: this run's batched-CFG verdict: revised to False once a call's halves differ
         self._cfg_batched: bool | None = None
+        #: the step count the pipeline asked for, where the plan runs another (`begin_run`)
+        self._requested_steps: int | None = None
 
-    def begin_run(self) -> None:
-        """Called when the pipeline sets up its scheduler: the next call starts step 0 of a new run."""
+    def begin_run(self, requested_steps: int | None = None) -> None:
+        """Called when the pipeline sets up its scheduler: the next call starts step 0 of a new run;
+        `requested_steps`: the count the pipeline asked for, where the plan's schedule stage runs another."""
         self._pending = True
+        self._requested_steps = requested_steps
 
     def end_run(self) -> None:
         """The pipeline call is over: forget the last latents."""
@@ -218,4 +225,12 @@ class StepTracker:
         if getattr(cache_context, "num_inference_steps", None) is not None:
             num_steps = int(cache_context.num_inference_steps)
         return StepContext(self.run_index, step_index, num_steps, timestep, sigma, branch, self._calls_in_step,
-                           cfg_batched, call)
+                           cfg_batched, call, self._requested_steps)
+
+
+def asked_steps(arguments: dict[str, Any]) -> int | None:
+    """The step count a scheduler's `set_timesteps(**arguments)` sets up: the length of the `sigmas` or
+    `timesteps` given, else `num_inference_steps`."""
+    schedule = next((arguments[k] for k in ("sigmas", "timesteps") if arguments.get(k) is not None), None)
+    count = len(schedule) if schedule is not None else arguments.get("num_inference_steps")
+    return None if count is None else int(count)

@@ -4,13 +4,15 @@ The ledger hooks sit innermost on every unit a step cache may skip on its own an
 its other units), so a unit that did not run writes nothing. An attention unit's hook also runs it
 through stages 5-6 (`AttentionRouter`) and hands a step cache around it full-length outputs (stage 2).
 At the end of each call the session files a `CallRecord`; `report` sums the records of a run per
-step, per block and per kind of work, against the dense analytic FLOPs.
+step, per block and per kind of work, against the dense analytic FLOPs. A kernel whose work depends on
+data (SVG2's pairs) may leave it as a device scalar in its `Work` and its stats: `report` reads all
+of them to the host in one transfer (`_settle`), so no call waits on the device for its bookkeeping.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -110,12 +112,41 @@ class LedgerOwner(Protocol):
     def notes(self) -> set[str]: ...
 
 
+def _settle(records: Sequence[CallRecord]) -> None:
+    """Device scalars in the records' work (flops, pairs) and stats (values, or values of a dict of
+    them) replaced by host numbers, read in one transfer per device."""
+    pending: list[tuple[Any, Any, torch.Tensor]] = []  # (container, key, tensor)
+    for record in records:
+        for index, work in enumerate(record.works):
+            if isinstance(work.flops, torch.Tensor) or isinstance(work.pairs, torch.Tensor):
+                pending.append((record.works, index, work))
+        for key, value in record.stats.items():
+            if isinstance(value, torch.Tensor):
+                pending.append((record.stats, key, value))
+            elif isinstance(value, dict):
+                pending.extend((value, k, v) for k, v in value.items() if isinstance(v, torch.Tensor))
+    tensors = [t for _, _, item in pending for t in ((item.flops, item.pairs) if isinstance(item, Work) else (item,))
+               if isinstance(t, torch.Tensor)]
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_device[tensor.device].append(tensor)
+    numbers = {}
+    for device_tensors in by_device.values():
+        values = torch.stack([t.detach().reshape(()).double() for t in device_tensors]).tolist()
+        numbers.update(zip(map(id, device_tensors), values))
+    host = lambda x: numbers[id(x)] if isinstance(x, torch.Tensor) else x  # noqa: E731
+    for container, key, item in pending:
+        container[key] = replace(item, flops=float(host(item.flops)), pairs=round(host(item.pairs))) \
+            if isinstance(item, Work) else host(item)
+
+
 def report(sessions: Sequence[LedgerOwner], run_index: int, run_started: float | None) -> dict[str, Any]:
     """Run `run_index` of `sessions` (one per transformer of a pipeline), per step and in total: FLOPs
     from the ledger against the dense analytic model, the ledger by kind of work and by block, time, the
     memory techniques held, and notes; `run_started` is perf_counter() when the pipeline set up its
     scheduler (None for a bare transformer)."""
     records = [r for s in sessions for r in s.records if r.ctx.run_index == run_index]
+    _settle(records)
     steps: dict[int, dict[str, Any]] = {}
     work: dict[str, float] = defaultdict(float)
     blocks: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -136,6 +167,9 @@ def report(sessions: Sequence[LedgerOwner], run_index: int, run_started: float |
                               "seconds": record.seconds, "work": dict(call_work), **record.stats})
     dense = sum(r.dense_flops for r in records)
     flops = sum(r.flops for r in records)
+    ran, requested = (records[0].ctx.num_steps, records[0].ctx.requested_steps) if records else (None, None)
+    if ran and requested:  # fewer steps ran than the call asked for: its dense work is the call's own
+        dense *= requested / ran
     for step in steps.values():
         step["flops_ratio"] = step["flops"] / step["dense_flops"] if step["dense_flops"] else 1.0
     peak: dict[str, int] = defaultdict(int)
@@ -147,6 +181,8 @@ def report(sessions: Sequence[LedgerOwner], run_index: int, run_started: float |
         "stages": {t.label: sorted(int(s) for s in t.stages) for t in sessions[0].techniques}
         if sessions else {},
         "num_steps": len(steps),
+        # the steps the call asked for, where the plan ran another count (fewer steps)
+        "requested_steps": requested,
         "num_calls": len(records),
         "steps": [steps[k] for k in sorted(steps)],
         "dense_flops": dense,

@@ -314,9 +314,14 @@ class Session:
         self.call_state = call_state = CallState(ctx)
         if self.token_set is not None:
             self.token_set.reset_call()
+        #: the techniques this call runs through: all of them, or up to a step mask that reuses an output
+        self._acting = []
         try:
             for technique in self.techniques:
+                self._acting.append(technique)
                 technique.begin_call(call_state)
+                if call_state.reused_output is not None:
+                    break
         except Exception:
             self._close_call()
             raise
@@ -334,7 +339,7 @@ class Session:
     def end_call(self, output: Any) -> Any:
         call_state = self.call_state
         sample = output[0] if isinstance(output, tuple) else output.sample
-        for technique in reversed(self.techniques):
+        for technique in reversed(self._acting):
             sample = technique.end_call(call_state, sample)
         self._close_call()
         if sample.is_cuda:
@@ -342,7 +347,7 @@ class Session:
         ended = time.perf_counter()
         ctx = call_state.ctx
         stats: dict[str, Any] = {}
-        for technique in self.techniques:
+        for technique in self._acting:
             stats.update(technique.call_stats(call_state))
             held = technique.state_bytes() + (self.token_set.state_bytes() if self.token_set and
                                               Stage.TOKEN_SET in technique.stages else 0)

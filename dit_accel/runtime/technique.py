@@ -21,6 +21,8 @@ from .stats import Stat
 class Technique:
     """One technique bound to one transformer. Override what its stages need."""
 
+    #: stage 0: rewrites what the pipeline's scheduler sets up (`timesteps_arguments`), so needs a pipeline
+    rewrites_schedule: bool = False
     #: whether the technique still works, without its stage 5, where attention never reaches torch's SDPA
     kv_source_optional: bool = False
     #: the keys `call_stats` returns, and how the tools show each (`runtime/stats.py`)
@@ -39,6 +41,10 @@ class Technique:
     def check_plan(self) -> None:
         """Refuse (`ConfigError`) the plan around this technique before anything is attached; also run for
         a step cache that `enable_cache` adds to an applied plan."""
+
+    def timesteps_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Stage 0: the arguments of the pipeline scheduler's `set_timesteps` (by name), rewritten."""
+        return arguments
 
     def attach(self) -> None:
         """Add the technique's own hooks (the session adds the stage hooks)."""

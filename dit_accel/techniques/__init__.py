@@ -8,7 +8,10 @@ from .flexdit import FlexDiTConfig  # isort: skip
 from .dydit import DyDiTConfig  # isort: skip
 from .svg2 import SVG2Config  # isort: skip
 from .proxy import ProxyAttentionConfig  # isort: skip
+from .fewer_steps import StepsConfig  # isort: skip
+from .step_mask import StepMaskConfig  # isort: skip
 from .model_check import ModelCheckConfig  # isort: skip
 from . import diffusers_caches  # noqa: F401  isort: skip
 
-__all__ = ["DyDiTConfig", "FlexDiTConfig", "ModelCheckConfig", "ProxyAttentionConfig", "RASConfig", "SVG2Config"]
+__all__ = ["DyDiTConfig", "FlexDiTConfig", "ModelCheckConfig", "ProxyAttentionConfig", "RASConfig", "SVG2Config",
+           "StepMaskConfig", "StepsConfig"]

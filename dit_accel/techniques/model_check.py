@@ -59,7 +59,7 @@ class ModelCheck(Technique):
                               "tune a plan for it (dit-accel tune)")
 
     def begin_call(self, call_state: CallState) -> None:
-        steps, tuned = call_state.ctx.num_steps, self.config.num_inference_steps
+        steps, tuned = call_state.ctx.requested_steps or call_state.ctx.num_steps, self.config.num_inference_steps
         if tuned is not None and steps is not None and steps != tuned:
             raise ConfigError(f"plan {self.config.source or '(file)'} was tuned for {tuned} steps; this call runs "
                               f"{steps} (tune it again for {steps}, or call with num_inference_steps={tuned})")

@@ -319,6 +319,13 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     for candidate in sorted((c for c in pool if c.batches), key=lambda c: -predictor.speed(c)):
         if search.try_candidate(candidate, best()):
             confirmed.append(candidate)
+    # the fastest fewer-steps setting that held on the first batch is confirmed even when slower than the
+    # best so far: the final measures every plan against it
+    if not any(_runs_fewer_steps_only(c) for c in confirmed):
+        holding = [c for c in pool if _runs_fewer_steps_only(c) and c.status is CandidateStatus.MEETS_BUT_SLOWER]
+        fewest = max(holding, key=predictor.speed, default=None)
+        if fewest is not None and search.try_candidate(fewest, 0.0):
+            confirmed.append(fewest)
     # stacks, the most promising by the (corrected) prediction first, while any is predicted to win
     for size in (2, 3):
         bases = [c for c in confirmed if len(c.members) == 2] if size == 3 else None
@@ -338,9 +345,13 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
                 candidate.status = CandidateStatus.PREDICTED_OUT
 
     # the final, side by side: the fastest expected distinct confirmed ones in turn with dense, every batch
-    finalists: list[Candidate] = []
+    # fewer steps, the simplest thing a user could do instead, always runs in the final when it held
+    fewer = max((c for c in confirmed if _runs_fewer_steps_only(c)), key=predictor.speed, default=None)
+    finalists: list[Candidate] = [] if fewer is None else [fewer]
     for candidate in sorted(confirmed, key=lambda c: -predictor.speed(c)):
         same = next((f for f in finalists if candidate.does_what(f)), None)
+        if candidate is fewer:
+            continue
         if same is not None:
             candidate.status, candidate.same_as = CandidateStatus.SAME_AS_ANOTHER, same.label
         elif len(finalists) < FINAL_CANDIDATES:
@@ -360,6 +371,11 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         configs, label = winner.configs, winner.label
         speedup, quality = winner.final_speedup or winner.speedup, winner.quality(metric)
         message = f"{label}: {speedup:.2f}x at {metric} {quality:.3f} on the tuning prompts (target {target})"
+        if winner is fewer:
+            message = (f"fewer steps alone is the fastest plan that holds {target} here, ahead of every technique "
+                       f"and stack tried: {message}")
+        elif fewer is not None:
+            message += f"; the best fewer-steps setting, {fewer.label}, ran {fewer.final_speedup or fewer.speedup:.2f}x"
     held_quality = None
     if winner is not None and held:
         say(f"held-out check: {len(held)} batch(es), dense and {label}")
@@ -380,3 +396,9 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
                   prompts=len(prompts), held_out_prompts=len(held_out or []))
         result.path = str(path)
     return result
+
+
+def _runs_fewer_steps_only(candidate: Candidate) -> bool:
+    """Whether the candidate only changes the step count (the schedule stage's rewrite, nothing else)."""
+    return bool(candidate.configs) and all(getattr(registration(c).technique, "rewrites_schedule", False)
+                                           for c in candidate.configs)
