@@ -1,6 +1,7 @@
 """The `dit-accel` command: `generate` (the dense pipeline and each plan on one seed, side by side),
 `calibrate` (DyDiT's head scores), `tune` (the fastest plan for a quality target), `plans` (every plan
-member and its fields); `bench` and `ui` parse their own options (`dit_accel.bench`, `dit_accel.ui`).
+member and its fields), `gpu-check` (every technique on this device at real shapes, `gpu_check.py`);
+`bench` and `ui` parse their own options (`dit_accel.bench`, `dit_accel.ui`).
 
     dit-accel generate --model tiny:sd3 --steps 20 --plan ras:sample_ratio=0.5 --plan ras+fbcache:threshold=0.1
 
@@ -24,6 +25,7 @@ from .comparison import PlanRun, compare
 from .cli_options import (DEFAULT_PLANS, TUNING_SEED, add_call_options, add_model_options, at_least, call_kwargs,
                           load_pipeline, plan_spec_arg, status_printer)
 from .config import ConfigError
+from .gpu_check import PARTS, run_check, write
 from .loading import UsageError, call_arguments, default_model, read_prompts
 from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
@@ -45,6 +47,14 @@ def _budget(text: str) -> Budget:
         return Budget.parse(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(PARTS)}, got {text!r}")
+    return parts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,11 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="equal parts of the steps, each scored on its own (default: %(default)s)")
     cal.add_argument("--output", type=Path, required=True, help="the safetensors file to write")
     tune = commands.add_parser(
-        "tune", help="search for the fastest plan that keeps a quality target on your prompts; write it as a plan file",
-        description="Search plans (every technique's presets, diffusers' caches at several settings, stacks across "
-                    "stages) for the fastest one whose quality vs dense on the tuning prompts meets --target, within "
-                    "--budget; re-measure it on held-out prompts; write a plan file for --plan FILE, load_plan and "
-                    "acceleration=FILE (refused for another model).")
+        "tune", help="search for the fastest plan that keeps a quality target on your prompts (or the best quality at "
+        "a speed); write it as a plan file",
+        description="Search plans (fewer steps, every technique's presets, diffusers' caches at several settings, "
+                    "stacks across stages) for the fastest one whose quality vs dense on the tuning prompts meets "
+                    "--target (or, with --speedup, the best quality at that speed), within --budget; re-measure it "
+                    "on held-out prompts; write a plan file for --plan FILE, load_plan and acceleration=FILE "
+                    "(refused for another model).")
     add_model_options(tune)
     tune.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
                       help="tuning prompts, one a line or a JSON list (default on reference:* models: --count of its "
@@ -95,9 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--count", type=at_least(1, int), default=16,
                       help="captions of a reference model, for tuning and held out each (default: %(default)s)")
     add_call_options(tune)
-    tune.add_argument("--target", type=_target, default=Target(), metavar="METRIC=VALUE",
-                      help="quality vs dense to keep: psnr=DB (mean per image or frame) or ssim=VALUE "
-                      "(default: psnr=30)")
+    tune.add_argument("--target", type=_target, metavar="METRIC=VALUE[,...]",
+                      help="quality vs dense to keep, every one at once: psnr=DB (mean per image or frame), "
+                      "ssim=VALUE, perceptual=DISTANCE (at most: LPIPS where its weights exist, else the judge-feature "
+                      "distance, said so), judge=SHARE (the judge's readings that equal dense's; reference:* models "
+                      "and their captions only); the first is the one reported (default: psnr=30; with --speedup: "
+                      "psnr)")
+    tune.add_argument("--speedup", type=at_least(1.0, float), metavar="X",
+                      help="best quality at a speed instead: the plan with the highest first --target metric among "
+                      "those measured side by side at >= X times dense's speed; values in --target are floors then")
     tune.add_argument("--budget", type=_budget, default=Budget(), metavar="TIME|Ngen",
                       help="when the search stops, with the best plan so far: 45m, 90s, 1h, or 120gen "
                       "(pipeline calls) (default: 45m)")
@@ -113,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "--help)")
     commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
                         description="Every name a plan may use, its stages, and each field's type, range and doc.")
+    gpu = commands.add_parser(
+        "gpu-check", help="check every technique on this GPU: keep-all equals dense under each SDPA backend, one "
+        "attention layer and whole runs at Wan 2.1 and SD3.5 shapes; JSON and markdown",
+        description="Offline, random weights, at most 8 minutes on one H100: (families) every tiny pipeline in bf16 "
+                    "under each SDPA backend, every technique's keep_all() against dense and every preset; (layer) one "
+                    "attention layer at Wan 2.1 1.3B and 14B 480p shapes, dense SDPA against SVG2, proxy and FlexDiT's "
+                    "pooled K/V for each kernel, time and peak memory; (models) SD3.5-medium at 1024x1024 and Wan 2.1 "
+                    "1.3B at 480p x 81 frames with random weights, dense against RAS, SVG2, proxy and RAS + "
+                    "FirstBlockCache. Exits 1 when a keep-all differs from dense or a row crashed.")
+    gpu.add_argument("--small", action="store_true",
+                     help="reduced shapes in fp32, for a CPU: seconds instead of minutes (what the test suite runs)")
+    gpu.add_argument("--device", help="torch device (default: cuda when available, else cpu; full shapes need cuda)")
+    gpu.add_argument("--parts", type=_parts, default=PARTS, metavar="PART,...",
+                     help=f"which parts to run, of {','.join(PARTS)} (default: all)")
+    gpu.add_argument("--time-limit", type=at_least(1, float), default=450.0, metavar="SECONDS",
+                     help="rows that would start later are skipped, said so in the report (default: %(default)s)")
+    gpu.add_argument("--out", type=Path, default=Path("outputs/gpu_check"),
+                     help="output folder: gpu_check.json and gpu_check.md (default: %(default)s)")
+    gpu.add_argument("--quiet", action="store_true", help="no status lines")
     return parser
 
 
@@ -132,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(), end="")
         return 0
     try:
+        if args.command == "gpu-check":
+            return gpu_check_command(args)
         {"calibrate": calibrate_command, "tune": tune_command, "generate": generate_command}[args.command](args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
         parser.exit(2, f"dit-accel: error: {error}\n")
@@ -188,6 +227,9 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
     if args.out.suffix.lower() not in (".json", ".yaml", ".yml"):
         raise UsageError(f"--out {args.out}: a plan file ends in .json, .yaml or .yml")
     prompts, held_out = _tuning_prompts(args)
+    args.target = Target.for_search(args.target, args.speedup)  # refused before a hub model loads for nothing
+    spec = args.model or default_model()
+    args.target.check_judge(spec, prompts + (held_out or []), spec == "reference:video")
     if args.threads:
         torch.set_num_threads(args.threads)
     status = status_printer(args)
@@ -196,8 +238,8 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
     kwargs = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
     for key in ("prompt", "class_labels", "output_type"):
         kwargs.pop(key, None)
-    result = tune(pipe, prompts, target=args.target, budget=args.budget, batch=args.batch, seed=args.seed,
-                       held_out=held_out, path=args.out, progress=status, **kwargs)
+    result = tune(pipe, prompts, target=args.target, speedup=args.speedup, budget=args.budget, batch=args.batch,
+                  seed=args.seed, held_out=held_out, path=args.out, progress=status, **kwargs)
     search = args.out.with_name(args.out.stem + ".search.json")
     search.write_text(json.dumps({"model": model, **result.summary()}, indent=2) + "\n")
     print(tune_table(result))
@@ -206,15 +248,24 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
 
 
 def tune_table(result: TuneResult) -> str:
-    """The message and the candidates that met the target, fastest first, as markdown."""
-    metric = result.target.metric
-    met = sorted((c for c in result.candidates if c.status is CandidateStatus.MEETS_TARGET),
-                 key=lambda c: -(c.final_speedup or c.speedup))
-    lines = [result.message, "", f"| candidate | speedup | side by side | FLOPs ratio | {metric} |", "|---|---:|---:|---:|---:|"]
+    """The message and the candidates that met the target, fastest first (the speed mode: best first), with
+    every metric of the target, as markdown."""
+    metrics = result.target.metrics
+    met = [c for c in result.candidates if c.status is CandidateStatus.MEETS_TARGET]
+    if result.wanted_speedup is None:
+        met.sort(key=lambda c: -(c.final_speedup or c.speedup))
+    else:
+        primary = result.target.primary
+        met.sort(key=lambda c: -primary.score(c.quality(primary.metric)))
+    lines = [result.message, "", "| candidate | speedup | side by side | FLOPs ratio | " + " | ".join(metrics) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(metrics)]
     lines += [f"| {c.label} | {c.speedup:.2f}x | {'-' if c.final_speedup is None else f'{c.final_speedup:.2f}x'} | "
-              f"{c.flops_ratio or 1:.3f} | {c.quality(metric):.3f} |" for c in met[:10]]
+              f"{c.flops_ratio or 1:.3f} | " + " | ".join(f"{c.quality(m):.3f}" for m in metrics) + " |"
+              for c in met[:10]]
     tried = len([c for c in result.candidates if c.batches])
     lines += ["", f"{tried} candidates tried, {result.generations} generations, {result.seconds:.0f} s"]
+    if result.perceptual is not None:
+        lines.append(f"perceptual: {result.perceptual}")
     return "\n".join(lines)
 
 
@@ -235,3 +286,13 @@ def generate_command(args: argparse.Namespace) -> list[PlanRun]:
     print(table, end="")
     status(f"wrote {args.out}/")
     return runs
+
+
+def gpu_check_command(args: argparse.Namespace) -> int:
+    """`dit-accel gpu-check`: the check, its JSON and markdown in --out, the markdown printed; 1 if a row failed."""
+    report = run_check(small=args.small, device=args.device, parts=args.parts, time_limit=args.time_limit,
+                       say=status_printer(args))
+    paths = write(report, args.out)
+    print(paths[1].read_text(), end="")
+    status_printer(args)(f"wrote {paths[0]} and {paths[1]}")
+    return 1 if report["failures"] else 0

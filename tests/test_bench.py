@@ -12,6 +12,7 @@ import math
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,159 @@ def test_repeated_rounds_keep_each_row_once_with_its_median_time(tmp_path):
     rows = {row["label"]: row for row in results["rows"]}
     assert rows["dense"]["samples"] == rows["ras:sample_ratio=0.5"]["samples"] == 1
     assert rows["ras:sample_ratio=0.5"]["flops_ratio"] < 1.0 and rows["ras:sample_ratio=0.5"]["psnr_db"] > 10
+
+
+# -- content: the judge's agreement with dense, the equal-quality table, FID and CLIP score ---------------
+
+def test_judge_agreement_counts_the_readings_that_equal_dense_ones():
+    """Clean procedural images are read exactly as their captions say (the judge's real-image accuracy is
+    1.0), so the agreement of a set with one image swapped is hand-countable from the scenes' labels."""
+    judge = judges.load_judge()
+    images, scenes = procedural.image_batch(4, 0)
+    other, (stranger,) = procedural.image_batch(1, 7)
+    ours = judges.readings(judge, images)
+    assert ours == [{k: getattr(s, k) for k in procedural.ATTRIBUTES} for s in scenes]
+    swapped = judges.readings(judge, torch.cat([other, images[1:]]))
+    same = sum(getattr(stranger, k) == getattr(scenes[0], k) for k in procedural.ATTRIBUTES)
+    assert judges.agreement(swapped, ours) == (3 * 6 + same, 4 * 6) and same < 6
+    assert judges.agreement(ours, ours) == (24, 24)
+    assert judges.agreement([{"shape": "star", "motion": "bouncing"}], [{"shape": "star", "motion": "spinning"}]) == (1, 2)
+    videos, _ = procedural.video_batch(2, 0, num_frames=5)
+    read = judges.readings(judge, videos)
+    assert [sorted(r) for r in read] == [sorted(judges.VIDEO_ATTRIBUTES)] * 2
+
+
+def _summary_row(label, family, speedup, psnr, flops=0.5, kind="peer", status="ok", **rest):
+    return {"label": label, "family": family, "kind": kind, "status": status, "speedup": speedup, "flops_ratio": flops,
+            "psnr_db": psnr, "identical_to_dense": psnr is None, "ssim": rest.pop("ssim", 0.95), "perceptual": 0.05,
+            "judge_agreement": rest.pop("judge", None), "steps": 20, **rest}
+
+
+def test_the_equal_quality_table_keeps_each_familys_fastest_row_that_meets_the_target():
+    from dit_accel.bench.report import equal_quality
+    from dit_accel.tuning.target import Target
+
+    rows = [_summary_row("dense", None, 1.0, None, flops=1.0, kind="dense"),
+            _summary_row("plan A", "plan A", 2.0, 31.0, kind="plan"),
+            _summary_row("plan B", "plan B", 3.0, 25.0, kind="plan"),
+            _summary_row("dense, 10 steps", "fewer steps", 2.0, 33.0),
+            _summary_row("dense, 7 steps", "fewer steps", 2.8, 30.5),
+            _summary_row("dense, 5 steps", "fewer steps", 4.0, 27.0),
+            _summary_row("dense, 6 steps", "fewer steps", 3.3, 30.2, ssim=0.85),  # fast, but misses SSIM
+            _summary_row("FirstBlockCache 0.05", "FirstBlockCache", 1.3, None, flops=1.0),  # skips nothing
+            _summary_row("FirstBlockCache 0.2", "FirstBlockCache", 1.6, 29.0),
+            _summary_row("TaylorSeer (every 3rd step)", "TaylorSeer", 9.9, 40.0, status="failed")]
+    table = equal_quality(rows, Target.parse("psnr=30,ssim=0.9"))
+    picked = {row["family"]: row for row in table}
+    assert list(picked) == ["plan A", "plan B", "fewer steps", "FirstBlockCache"]  # failed rows are left out
+    assert picked["plan A"]["meets_target"] and picked["plan A"]["label"] == "plan A"
+    assert picked["fewer steps"]["label"] == "dense, 7 steps" and picked["fewer steps"]["settings_meeting"] == 2
+    assert not picked["plan B"]["meets_target"] and picked["plan B"]["missed"] == "none of 1 meets it"
+    # a row identical to dense meets any target but skips no work: not a pick; the family's closest row stays
+    cache = picked["FirstBlockCache"]
+    assert not cache["meets_target"] and cache["missed"] == "none of 2 skips work at it"
+    assert cache["label"] == "FirstBlockCache 0.05" and cache["psnr_db"] is None
+    # the full table's rows are marked
+    marks = {row["label"]: (row.get("meets_target"), row.get("fastest_in_family")) for row in rows}
+    assert marks["dense, 7 steps"] == (True, True) and marks["dense, 10 steps"] == (True, False)
+    assert marks["dense, 6 steps"] == (False, False) and marks["dense"] == (None, None)
+    # a distance is kept from above: the closest row of a family none of whose rows meets it is the lowest
+    by_distance = equal_quality([_summary_row("x", "f", 2.0, 30.0, perceptual=0.3),
+                                 _summary_row("y", "f", 3.0, 30.0, perceptual=0.2)], Target.parse("perceptual=0.1"))
+    assert by_distance[0]["label"] == "y" and not by_distance[0]["meets_target"]
+
+
+def test_bench_equal_end_to_end_on_a_tiny_model(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "tiny:sd3", "--steps", "4", "--plan", RAS, "--peers", "steps", "fbcache=0.05,0.5",
+                 "--equal", "psnr=15", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["label"]: row for row in results["rows"]}
+    # steps, named without values, sweeps its counts below the call's 4
+    assert [label for label in rows][3:] == ["dense, 3 steps", "dense, 2 steps", "dense, 1 steps",
+                                             "FirstBlockCache 0.05", "FirstBlockCache 0.5"]
+    assert rows["dense, 2 steps"]["family"] == "fewer steps" and rows[RAS]["family"] == RAS
+    equal = results["equal_quality"]
+    assert equal["target"] == "psnr>=15" and [row["family"] for row in equal["rows"]] == \
+        [RAS, "fewer steps", "FirstBlockCache"]
+    for row in equal["rows"]:
+        family = [r for r in rows.values() if r["family"] == row["family"]]
+        meeting = [r for r in family if r["meets_target"] and r["flops_ratio"] < 1]
+        assert row["meets_target"] == bool(meeting)
+        if meeting:
+            assert row["speedup"] == max(r["speedup"] for r in meeting)
+            assert rows[row["label"]]["fastest_in_family"]
+    table = (out / "results.md").read_text()
+    assert "## At equal quality: psnr>=15" in table and "| meets psnr>=15 |" in table
+    assert "yes, fastest of its family" in table
+
+
+class _TinyExtractor(torch.nn.Module):
+    """Stand-in for Inception: uint8 images -> 6 features (channel means and spreads)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+
+def test_fid_and_clip_score_with_injected_networks_and_the_refusal_without_weights(tmp_path, monkeypatch, capsys):
+    from dit_accel.metrics import fid as fid_metrics
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\n")
+    common = ["bench", "--model", "tiny:sd3", "--steps", "3", "--plan", RAS, "--prompts", str(prompts), "--quiet"]
+    real = tmp_path / "real"
+    real.mkdir()
+    # no torch-fidelity here (or no weights to download): refused by name, before the model loads
+    monkeypatch.setattr("dit_accel.testing.tiny_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    for fid, message in (("dense", "--fid dense: torchmetrics' Inception feature extractor cannot be loaded"),
+                         (str(real), "FID needs at least 2 real images")):
+        if fid == str(real):
+            monkeypatch.setattr(fid_metrics, "load_inception", _TinyExtractor)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, "--fid", fid, "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    monkeypatch.undo()
+
+    monkeypatch.setattr(fid_metrics, "load_inception", _TinyExtractor)
+    for i, color in enumerate(((255, 0, 0), (0, 0, 255), (0, 255, 0))):
+        Image.new("RGB", (40 + 8 * i, 40), color).save(real / f"{i}.png")  # any sizes
+    clip = fid_metrics.ClipScore(lambda images: images.mean((2, 3)),
+                                 lambda texts: torch.tensor([[1.0, 0.0, 0.0] if "red" in t else [0.0, 0.0, 1.0]
+                                                             for t in texts]), "CLIP score (stand-in)")
+    monkeypatch.setattr(fid_metrics.ClipScore, "load", classmethod(lambda cls: clip))
+    for fid in ("dense", str(real)):
+        out = tmp_path / Path(fid).name
+        assert main([*common, "--fid", fid, "--out", str(out)]) == 0
+        results = json.loads((out / "results.json").read_text())
+        rows = {row["label"]: row for row in results["rows"]}
+        assert results["fid"] == fid and all(row["fid"] > -1e-9 and row["clip_score"] >= 0 for row in rows.values())
+        table = (out / "results.md").read_text()
+        assert "CLIP score (stand-in)" in table and "FID: torchmetrics' Inception" in table
+        if fid == "dense":
+            assert rows["dense"]["fid"] == pytest.approx(0, abs=1e-9) and "| FID vs dense |" in table
+        else:
+            assert rows["dense"]["fid"] > 0 and "3 real images in" in table and "| FID vs real |" in table
+    # the CLIP stand-in by hand: one image's mean color against its prompt's direction
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0], images[1, 2] = 1.0, 1.0
+    assert clip(images, ["a red one", "a blue one"]) == pytest.approx(100.0)
+    assert clip(images, ["a blue one", "a red one"]) == pytest.approx(0.0)
+
+
+def test_a_suite_shows_the_judges_agreement_and_takes_a_judge_target(tmp_path):
+    out = tmp_path / "suite"
+    assert main(["bench", "--suite", "image", "--count", "2", "--batch", "2", "--steps", "3", "--plan",
+                 "steps:count=2", "--peers", "steps=1", "--equal", "judge=0.5,psnr=5", "--threads", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["label"]: row for row in results["rows"]}
+    assert rows["dense"]["judge_agreement"] == 1.0 and rows["dense (no hooks)"]["judge_agreement"] == 1.0
+    fewer = rows["steps:count=2"]
+    assert 0 <= fewer["judge_agreement"] <= 1 and fewer["meets_target"] == (fewer["judge_agreement"] >= 0.5)
+    assert [row["family"] for row in results["equal_quality"]["rows"]] == ["steps:count=2", "fewer steps"]
+    table = (out / "results.md").read_text()
+    assert "| judge agreement |" in table and "judge agreement: the share of the offline judge's" in table

@@ -14,7 +14,7 @@ LAYERS = [
     ("__main__", "__init__"),  # entry points; the package's __init__ re-exports the public names
     ("pipelines",),
     ("cli",),
-    ("ui", "bench"),
+    ("ui", "bench", "gpu_check"),
     ("tuning",),
     ("outputs", "cli_options"),
     ("comparison",),

@@ -87,7 +87,8 @@ PLANS = {
     "flexdit": lambda: [dit_accel.FlexDiTConfig()],
     "flexdit fast": lambda: [dit_accel.FlexDiTConfig.preset("fast")],
     "dydit": lambda: [dit_accel.DyDiTConfig()],
-    "svg2": lambda: [dit_accel.SVG2Config(query_clusters=4, key_clusters=8, top_p=0.5, dense_first_blocks=0.0)],
+    "svg2": lambda: [dit_accel.SVG2Config(query_clusters=4, key_clusters=8, top_p=0.5, dense_first_blocks=0.0,
+                                          plan_every_layer=True)],
     "proxy": lambda: [dit_accel.ProxyAttentionConfig()],
     "fbcache": lambda: [FirstBlockCacheConfig(threshold=0.5)],
     "ras + fbcache": lambda: [dit_accel.RASConfig(**RAS_HALF), FirstBlockCacheConfig(threshold=0.5)],
@@ -95,7 +96,8 @@ PLANS = {
     "ras + flexdit fast": lambda: [dit_accel.RASConfig(**RAS_HALF, cache_kv=False),
                                    dit_accel.FlexDiTConfig.preset("fast")],
     "ras + dydit + svg2": lambda: [dit_accel.RASConfig(**RAS_HALF), dit_accel.DyDiTConfig(),
-                                   dit_accel.SVG2Config(query_clusters=4, key_clusters=8, top_p=0.5)],
+                                   dit_accel.SVG2Config(query_clusters=4, key_clusters=8, top_p=0.5,
+                                                        plan_every_layer=True)],
 }
 
 

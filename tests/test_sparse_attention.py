@@ -11,9 +11,10 @@ import dit_accel
 from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
-#: small clusters and windows so the tiny models (64-256 tokens) have several of each
+#: small clusters and windows so the tiny models (64-256 tokens) have several of each; SVG2 planned on
+#: every layer (at these sizes its plans save too little for it to run them by itself)
 SVG2_SPARSE = dict(query_clusters=4, key_clusters=8, top_p=0.5, min_key_cluster_ratio=0.1, dense_warmup=0.25,
-                   dense_first_blocks=0.0, kmeans_iters_first=10)
+                   dense_first_blocks=0.0, kmeans_iters_first=10, plan_every_layer=True)
 PROXY_SPARSE = dict(local_window=(1, 2, 2), proxy_window=(1, 1, 2), shift_windows=True, dense_warmup=0.25,
                     dense_first_blocks=0.0)
 SPARSE = {"svg2": dit_accel.SVG2Config(**SVG2_SPARSE), "proxy": dit_accel.ProxyAttentionConfig(**PROXY_SPARSE)}

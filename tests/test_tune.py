@@ -20,6 +20,7 @@ from dit_accel.models.identity import model_identity
 from dit_accel.plan_spec import parse_plan
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 from dit_accel.tuning import Candidate, Predictor, predicted_quality
+from dit_accel.tuning.target import Bound, judge_refusal
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green circle", "a red square"]
 STEPS = 6
@@ -51,7 +52,8 @@ def _equal(a, b) -> bool:
 
 
 def test_targets_and_budgets_parse_and_refuse_nonsense():
-    assert Target.parse("psnr=28.5") == Target("psnr", 28.5) and Target.parse("ssim=0.9") == Target("ssim", 0.9)
+    assert Target.parse("psnr=28.5") == Target((Bound("psnr", 28.5),)) and Target.parse("ssim=0.9").value == 0.9
+    assert Target.parse("30") == Target() and str(Target()) == "psnr>=30"
     assert Budget.parse("45m") == Budget(seconds=2700) and Budget.parse("90s").seconds == 90
     assert Budget.parse("120gen") == Budget(seconds=None, generations=120) and Budget.parse(None) == Budget()
     for bad, message in (("lpips=0.1", "valid metrics"), ("psnr=high", "metric=value"), ("ssim=3", "(0, 1]")):
@@ -70,7 +72,7 @@ def test_stacks_are_predicted_from_their_members_and_corrected_by_the_stacks_run
 
     a = single("a", FirstBlockCacheConfig(threshold=0.2), [30.0, 30.0], 0.5, 1.8)  # efficiency 0.9
     b = single("b", dit_accel.RASConfig(), [30.0], 0.8, 1.25)  # efficiency 1.0
-    predictor = Predictor("psnr")
+    predictor = Predictor(("psnr",))
     predictor.observe(a)
     predictor.observe(b)
     stack = Candidate("a+b", a.configs + b.configs, (a, b))
@@ -226,3 +228,96 @@ def test_fewer_steps_is_a_candidate_and_the_plan_is_never_slower_than_it(pipe):
         assert result.message.startswith("fewer steps alone is the fastest plan")
     else:
         assert f"the best fewer-steps setting, {fewer[0].label}" in result.message
+
+
+def test_targets_combine_and_the_first_metric_is_the_primary_one():
+    target = Target.parse("psnr=30, ssim=0.9,perceptual=0.1,judge=0.95")
+    assert str(target) == "psnr>=30,ssim>=0.9,perceptual<=0.1,judge>=0.95" and target.metric == "psnr"
+    assert target.metrics == ("psnr", "ssim", "perceptual", "judge")
+    holds = {"psnr": 31.0, "ssim": 0.95, "perceptual": 0.05, "judge": 0.96}
+    assert target.met(holds.get)
+    # every bound at once: a distance is kept from above, the others from below; one miss misses the target
+    assert not target.met({**holds, "perceptual": 0.11}.get) and not target.met({**holds, "judge": 0.9}.get)
+    assert not target.met({**holds, "judge": None}.get)  # not measured: not met
+    # the first batch may miss each bound by its metric's margin and still run on the others
+    assert target.near({**holds, "psnr": 29.5, "perceptual": 0.115}.get) and not target.near({**holds, "psnr": 28.5}.get)
+    # the speed mode ranks by a bare metric; its valued bounds are floors
+    ranked = Target.parse("ssim,psnr=25")
+    assert ranked.primary == Bound("ssim") and str(ranked.floors()) == "psnr>=25" and Target.parse("ssim").floors() is None
+    assert Bound("perceptual", 0.1).score(0.05) > Bound("perceptual", 0.1).score(0.2)
+    for bad, message in (("psnr=30,psnr=31", "psnr named twice"), ("judge=1.5", "judge targets lie in"),
+                         ("perceptual=-0.1", "perceptual targets lie in"), ("psnr=30,lpips=0.1", "valid metrics")):
+        with pytest.raises(ConfigError, match=message):
+            Target.parse(bad)
+
+
+def test_targets_are_refused_before_any_generation(pipe, monkeypatch, tmp_path, capsys):
+    """A bare metric without a speed, a speed of 1, and a judge bound the judge cannot read (not a reference
+    model, or prompts that are not its captions) are refused by name before anything runs."""
+    def no_generation(*args, **kwargs):
+        raise AssertionError("something was generated")
+
+    monkeypatch.setattr("dit_accel.tuning.search.timed_run", no_generation)
+    for kwargs, message in ((dict(target="ssim"), r"ssim needs a value \(ssim=...\)"),
+                            (dict(speedup=1.0), "ask for more than 1"),
+                            (dict(target="psnr=30,judge=0.95"), "judge cannot be evaluated here: the judge reads only "
+                             "the procedural scenes the reference model reference:image draws")):
+        with pytest.raises(ConfigError, match=message):
+            dit_accel.tune(pipe, PROMPTS, steps=STEPS, **kwargs, **_call())
+    captions = ["a small red circle on the left, blue plain background"]
+    assert judge_refusal("reference:image", captions, video=False) is None
+    assert "'a cat' is not one" in judge_refusal("reference:image", ["a cat"], video=False)
+    assert "reference:video" in judge_refusal("reference:image", captions, video=True)
+    assert "'stabilityai/stable-diffusion-3.5-medium' is not it" in judge_refusal(
+        "stabilityai/stable-diffusion-3.5-medium", captions, video=False)
+    # the command refuses it before the model loads
+    monkeypatch.setattr("dit_accel.testing.tiny_pipeline", no_generation)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    for argv, message in ((["--target", "judge=0.9"], "judge cannot be evaluated here"),
+                          (["--speedup", "0.5"], "must be >= 1.0"), (["--speedup", "1"], "ask for more than 1"),
+                          (["--target", "ssim"], "ssim needs a value"), (["--target", "psnr=30,judge=2"], "(0, 1]")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tune", "--model", "tiny:sd3", "--prompts", str(prompts), "--quiet", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_speed_mode_returns_the_best_quality_at_the_speed(pipe, tmp_path):
+    """`speedup=`: the finalists' side-by-side speedups decide who is at the speed, and of those the best
+    PSNR wins; a speed no plan reaches returns dense, said plainly."""
+    path = tmp_path / "fast.json"
+    result = dit_accel.tune(pipe, PROMPTS[:2], speedup=1.2, steps=4, batch=2, budget="36gen", path=path, **_call())
+    assert result.wanted_speedup == 1.2 and result.target == Target.parse("psnr") and result.generations <= 36
+    finalists = [c for c in result.candidates if c.final_speedup is not None]
+    reached = [c for c in finalists if c.final_speedup >= 1.2]
+    if result.configs:  # timings on a shared CPU decide whether any plan reaches 1.2x here
+        assert result.speedup >= 1.2 and result.label in [c.label for c in reached]
+        assert result.quality == max(c.quality("psnr") for c in reached)
+        assert "the best psnr at >= 1.2x" in result.message
+    else:
+        assert result.message.startswith("no plan reached 1.2x") and "dense is returned" in result.message
+    assert json.loads(path.read_text())["target"] == "best psnr at speedup>=1.2"
+    slow = dit_accel.tune(pipe, PROMPTS[:2], speedup=1000, target="ssim,psnr=5", steps=4, batch=2, budget="16gen",
+                          **_call())
+    assert slow.configs == [] and slow.label == "dense" and slow.speedup == 1.0
+    assert slow.message.startswith("no plan reached 1000x keeping psnr>=5 on these prompts") and \
+        "dense is returned" in slow.message
+    assert slow.goal == "best ssim at speedup>=1000, keeping psnr>=5"
+
+
+def test_a_judge_target_tunes_on_the_reference_model():
+    """On the reference model and its captions the judge's agreement with dense is measured for every
+    candidate and kept with the other bounds."""
+    from dit_accel.metrics import procedural
+    from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
+
+    pipe = reference_pipeline("image")
+    pipe.set_progress_bar_config(disable=True)
+    call = {k: v for k, v in reference_call_kwargs("image").items() if k not in ("prompt", "num_inference_steps")}
+    captions = [scene.caption for scene in procedural.image_batch(2, 0)[1]]
+    result = dit_accel.tune(pipe, captions, target="psnr=10,judge=0.5", steps=3, batch=2, budget="14gen", **call)
+    tried = [c for c in result.candidates if c.batches]
+    assert tried and all(0 <= c.quality("judge") <= 1 and c.judge_readings == 2 * 6 for c in tried)
+    summary = result.summary()
+    assert summary["target"] == "psnr>=10,judge>=0.5" and "judge" in summary["candidates"][0]

@@ -8,7 +8,7 @@ q/k/v (B, H, S, D) to the plan's handler, in the calling thread only (other thre
 SDPA), and puts the attribute back afterwards. No processor code is copied; every family whose
 processor ends in SDPA is covered, at the cost of one Python call per attention. The handler's own
 dense attention calls `dense_attention`, which runs the real SDPA under whatever kernel context the
-processor's backend opened (`_native_math`, `_native_flash`, ...).
+processor's backend opened (`_native_math`, `_native_flash`, ...; `kernels/dense.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import AttentionLayout
+from .kernels import dense
+from .kernels.dense import mask_bias as mask_bias  # re-exported: stage 5-6 code reads it here
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -95,19 +97,8 @@ def resize_key_mask(mask: torch.Tensor | None, keys: int, image: slice, image_ke
     return torch.cat([mask[..., : image.start], columns, mask[..., image.stop:]], -1)
 
 
-def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention mask as additive logits: a bool mask (True = attend) becomes 0 / -inf."""
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
                     **sdpa_kwargs) -> torch.Tensor:
     """Dense SDPA; `bias` (broadcastable to (B, H, 1, K)) is added to every query's logits for its key,
-    e.g. log(count) for a key that stands for `count` pooled keys."""
-    if bias is not None:
-        mask = sdpa_kwargs.pop("attn_mask", None)
-        bias = bias.to(query.dtype)
-        sdpa_kwargs["attn_mask"] = bias if mask is None else mask_bias(mask, query.dtype) + bias
-    return _SDPA(query, key, value, **sdpa_kwargs)
+    e.g. log(count) for a key that stands for `count` pooled keys (`kernels.dense.attention`)."""
+    return dense.attention(query, key, value, bias, **sdpa_kwargs)

@@ -1,10 +1,10 @@
 """Partial attentions and their exact log-sum-exp merge.
 
-Proxy attention splits each query's keys into an exact local window and one pooled proxy per other
-window; FlexDiT's pooled K/V works the same way. Each part is an attention over its own keys that
-also returns, per query, the log-sum-exp of its logits; two parts merge exactly:
-out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}). Compiled FlexAttention on CPU
-refuses `return_lse` (torch 2.13), so the LSE is computed here from the logits.
+Proxy attention's `torch` window kernel splits each query's keys into an exact local window and one
+pooled proxy per other window. Each part is an attention over its own keys that also returns, per
+query, the log-sum-exp of its logits; two parts merge exactly:
+out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}). `attention_with_lse` is the plain
+reference (materialised fp32 logits); the fused implementations are in `kernels/dense.py`.
 """
 
 from __future__ import annotations
@@ -38,22 +38,3 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
     out = torch.lerp(out_a.float(), out_b.float(), share) if out_a.dtype != torch.float32 else \
         torch.lerp(out_a, out_b, share)
     return out.to(out_a.dtype), lse
-
-def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None,
-                  scale: float | None = None, every_query_has_keys: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_with_lse` through torch's fused CPU kernel (which returns the LSE) where it applies;
-    `bias` is additive (-inf removes a key). A query with no key left gets lse -inf and output 0 (the
-    fused kernel reports lse 0 there, which a merge would weigh as one); a caller that knows every
-    query keeps a key skips that check."""
-    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return attention_with_lse(query, key, value, bias, scale=scale)
-    bias = None if bias is None else bias.to(query.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
-                                                                         attn_mask=bias, scale=scale)
-    if bias is not None and not every_query_has_keys:
-        alive = (bias > float("-inf")).any(-1)
-        if not bool(alive.all()):
-            alive = alive.expand_as(lse)
-            lse = lse.masked_fill(~alive, float("-inf"))
-            out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
-    return out, lse

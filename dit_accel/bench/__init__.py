@@ -9,11 +9,13 @@ warm-up run of every row. Every timed row runs under a handle (dense under the m
 `dit_accel.measure`, plans under `dit_accel.apply`), so transformer time and FLOPs come from the
 same work ledger for all of them; one more row, "dense (no hooks)", runs with no handle at all and
 shows what the handle itself costs. Peers (`--peers`) are what a plan has to beat: dense with fewer
-steps at the fastest plan's time, diffusers' own step caches and cache-dit's DBCache.
+steps at the fastest plan's time, diffusers' own step caches and cache-dit's DBCache. `--equal psnr=30`
+(any `dit-accel tune` target) adds a table of each plan's and each peer family's fastest setting that meets
+it, each peer sweeping its knob; `--fid DIR|dense` adds FID (torchmetrics' Inception) and a CLIP score.
 
-Writes `results.json` (machine, settings, processes, every row), `results.csv`, `results.md` (the
-table, the machine in its first line) and `pareto_psnr.png` (speedup against PSNR vs dense, the Pareto
-front marked) to `--out`. Speedups compare like with like only within one run on one machine.
+Writes `results.json` (machine, settings, processes, every row, the equal-quality table), `results.csv`,
+`results.md` (the tables, the machine in its first line) and `pareto_psnr.png` (speedup against PSNR vs
+dense, the Pareto front marked) to `--out`. Speedups compare like with like only within one run on one machine.
 
 Under `accelerate launch` the batches are split across the processes by rank, batch i on rank
 i % processes and still on seed + i, and the main process merges every process's sums into the same

@@ -1,5 +1,5 @@
-"""The offline judge on a caption suite: whole-caption accuracy and the reference FID of the samples
-against real procedural images."""
+"""The offline judge on a caption suite: whole-caption accuracy, agreement with dense's readings and the
+reference FID of the samples against real procedural images."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def caption_accuracy(judge: Any, output: torch.Tensor, scenes: list, video: bool
     if video:
         return judges.video_caption_accuracy(judge, channels_first(output), scenes)["all"]
     return judges.caption_accuracy(judge, output, scenes)["all"]
+
+
+def judge_readings(judged: Judging, output: torch.Tensor) -> list[dict[str, str]]:
+    """The judge's attribute readings of every sample of a pipeline's output (images or videos)."""
+    return judges.readings(judged.judge, channels_first(output))
 
 
 def judge_features(judge: Any, output: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from ..cli_options import DEFAULT_PLANS, add_call_options, add_model_options, at
 from ..config import ConfigError
 from ..loading import UsageError
 from ..models import UnsupportedModelError
+from ..tuning.target import Target
+from .content import DENSE
 from .prompts import DEFAULT_BATCH, SUITE_COUNT, SUITE_SETTING
 from .rows import PEER_KNOBS, PEERS
 from .running import bench
@@ -37,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
                         help="prompts, one a line (blank and #-lines skipped), or a JSON list of strings")
     source.add_argument("--suite", choices=sorted(SUITE_COUNT),
-                        help="the reference models' procedural captions, judged (caption accuracy, reference "
-                        "FID) at the standard setting: 8 captions a call, CFG 4, 20 steps (options given override "
+                        help="the reference models' procedural captions, judged (agreement with dense, caption "
+                        "accuracy, reference FID) at the standard setting: 8 captions a call, CFG 4, 20 steps (options given override "
                         "it); default for reference:* models, and its model is the default --model")
     parser.add_argument("--count", type=at_least(1, int), help="use this many prompts (suites: how many captions; "
                         f"default {SUITE_COUNT['image']} image, {SUITE_COUNT['video']} video)")
@@ -47,9 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=at_least(1, int), default=1,
                         help="rounds of dense and every row per batch; a row's time per batch is its median over "
                         "the rounds (default: %(default)s)")
+    parser.add_argument("--equal", type=_target, metavar="METRIC=VALUE[,...]",
+                        help="add the equal-quality table: each plan's and each peer family's fastest row that meets "
+                        "this target (as in `dit-accel tune --target`: psnr, ssim, perceptual, judge; judge on the "
+                        "suites only); peers named without values, or every peer when --peers is not given, sweep "
+                        "their knob (steps: 3/4 to 1/4 of the steps; fbcache 0.05-0.4; taylorseer and pab 2-4; "
+                        "magcache 0.06-0.25; dbcache 0.08-0.32)")
+    parser.add_argument("--fid", type=_fid_source, metavar="DIR|dense",
+                        help="FID of every row with torchmetrics' Inception (the [metrics] extra and its torch-fidelity "
+                        "weights; refused before any generation where they cannot be loaded) against a folder of real "
+                        "images, or against the dense outputs (dense); and the CLIP score of every sample against its "
+                        "prompt where open_clip's ViT-B-32 weights load")
     parser.add_argument("--threads", type=at_least(1, int), help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder (default: %(default)s)")
     return parser
+
+
+def _target(text: str) -> Target:
+    """An `--equal` target: every bound needs a value."""
+    try:
+        target = Target.parse(text)
+        target.require_values("for --equal")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return target
+
+
+def _fid_source(text: str) -> str:
+    """`dense`, or a folder that exists."""
+    if text != DENSE and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such folder (give a folder of real images, or dense)")
+    return text
 
 
 def _peer(text: str) -> tuple[str, tuple | None]:

@@ -64,36 +64,39 @@ class Processes:
 ONE_PROCESS = Processes()
 #: what a process measured of a row, summed over its batches (`partials`, `merge_rows`)
 PARTIAL_FIELDS = ("error", "samples", "seconds", "transformer_seconds", "flops", "dense_flops", "peak_bytes",
-                  "psnr_frames", "ssim_sum", "perceptual_sum", "accuracy_sum", "features")
+                  "psnr_frames", "ssim_sum", "perceptual_sum", "accuracy_sum", "agreeing_readings", "judge_readings",
+                  "features", "fid_features", "clip_sum", "clip_frames")
+#: what adds up across processes, and the feature lists that go back in batch order
+SUMMED = ("samples", "seconds", "ssim_sum", "perceptual_sum", "accuracy_sum", "agreeing_readings", "judge_readings",
+          "clip_sum", "clip_frames")
+FEATURES = ("features", "fid_features")
 
 
 def partials(rows: list[Row], indices: list[int]) -> dict[str, Any]:
     """This process's sums of every row and the batches they are over (`indices`), to gather."""
     return {"batches": indices,
             "rows": [{**{key: getattr(row, key) for key in PARTIAL_FIELDS},
-                      "features": [f.detach().cpu() for f in row.features]} for row in rows]}
+                      **{key: [f.detach().cpu() for f in getattr(row, key)] for key in FEATURES}} for row in rows]}
 
 
 def merge_rows(rows: list[Row], parts: list[dict[str, Any]]) -> None:
     """Every process's `partials` (by rank) into `rows`: the totals one process running every batch would
     have. Times, samples, FLOPs and score sums add up (the ledger's are None where a process's are: a row
     without a handle); the peak memory is the largest; the PSNR frames are all of them (their mean does not
-    depend on their order); the judge features go back in batch order; a row that failed in any process
+    depend on their order); the judge's and Inception features go back in batch order; a row that failed in any process
     failed (the lowest rank's error). Labels, steps and configs are the same in every process already."""
     for position, row in enumerate(rows):
         ours = [part["rows"][position] for part in parts]
         row.error = next((p["error"] for p in ours if p["error"] is not None), None)
-        row.samples = sum(p["samples"] for p in ours)
-        row.seconds = sum(p["seconds"] for p in ours)
+        for key in SUMMED:
+            setattr(row, key, sum(p[key] for p in ours))
         for key in ("transformer_seconds", "flops", "dense_flops"):
             values = [p[key] for p in ours]
             setattr(row, key, None if any(v is None for v in values) else sum(values))
         peaks = [p["peak_bytes"] for p in ours if p["peak_bytes"] is not None]
         row.peak_bytes = max(peaks) if peaks else None
         row.psnr_frames = [value for p in ours for value in p["psnr_frames"]]
-        row.ssim_sum = sum(p["ssim_sum"] for p in ours)
-        row.perceptual_sum = sum(p["perceptual_sum"] for p in ours)
-        row.accuracy_sum = sum(p["accuracy_sum"] for p in ours)
-        by_batch = sorted(((index, features) for part, p in zip(parts, ours)
-                           for index, features in zip(part["batches"], p["features"])), key=lambda pair: pair[0])
-        row.features = [features for _, features in by_batch]
+        for key in FEATURES:
+            by_batch = sorted(((index, features) for part, p in zip(parts, ours)
+                               for index, features in zip(part["batches"], p[key])), key=lambda pair: pair[0])
+            setattr(row, key, [features for _, features in by_batch])

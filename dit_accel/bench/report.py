@@ -1,5 +1,6 @@
-"""The benchmark's results: per-row summary (speedup, FLOPs, memory, quality, judge), the markdown table
-with its notes, CSV, JSON, and the speedup-PSNR plot with its Pareto front."""
+"""The benchmark's results: per-row summary (speedup, FLOPs, memory, quality, judge, FID, CLIP score), the
+equal-quality table (`--equal`), the markdown tables with their notes, CSV, JSON, and the speedup-PSNR plot
+with its Pareto front."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 
 import torch
 
+from ..metrics.judge import frechet_distance
 from ..metrics.quality import PerceptualDistance, mean_db
 from ..outputs import json_fields
 from ..runtime.registry import registration
+from ..tuning.target import Target
 from .common import markdown_table
+from .content import ContentScoring
 from .judging import Judging, reference_fid
 from .rows import Row
 
@@ -30,13 +34,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def summarize(rows: list[Row], steps: int, judged: Judging | None) -> list[dict[str, Any]]:
+def summarize(rows: list[Row], steps: int, judged: Judging | None,
+              content: ContentScoring | None = None) -> list[dict[str, Any]]:
     """Per row: per-sample times, speedup (total dense wall over total row wall), FLOPs against dense's,
-    peak memory, PSNR/SSIM vs dense, and the judge's scores; failed rows keep only their error."""
+    peak memory, PSNR/SSIM/perceptual vs dense, the judge's scores, FID and CLIP score; failed rows keep
+    only their error."""
     dense = rows[0]
+    fid_reference = None
+    if content is not None:
+        fid_reference = content.reference if content.reference is not None else \
+            torch.cat(dense.fid_features) if dense.fid_features else None
     out = []
     for row in rows:
-        entry = {"label": row.label, "kind": row.kind, "spec": row.spec, "steps": row.steps or steps,
+        entry = {"label": row.label, "kind": row.kind, "family": row.family, "spec": row.spec,
+                 "steps": row.steps or steps,
                  "configs": [{"technique": registration(c).name, **json_fields(c)} for c in row.configs],
                  "status": "failed" if row.error else "ok", "error": row.error}
         if row.error is None and row.samples:
@@ -56,11 +67,59 @@ def summarize(rows: list[Row], steps: int, judged: Judging | None) -> list[dict[
                 "perceptual": 0.0 if row is dense else row.perceptual_sum / len(row.psnr_frames)
                 if row.psnr_frames else None,
                 "caption_accuracy": row.accuracy_sum / row.samples if row.features else None,
+                "judge_agreement": row.agreeing_readings / row.judge_readings if row.judge_readings else None,
                 "reference_fid": reference_fid(torch.cat(row.features), judged.real_features)
                 if row.features and judged is not None else None,
+                "fid": frechet_distance(torch.cat(row.fid_features), fid_reference)
+                if row.fid_features and fid_reference is not None and row.samples > 1 else None,
+                "clip_score": row.clip_sum / row.clip_frames if row.clip_frames else None,
             })
         out.append(entry)
     return out
+
+
+#: what the equal-quality table shows of each row picked
+EQUAL_COLUMNS = ("steps", "speedup", "flops_ratio", "psnr_db", "identical_to_dense", "ssim", "perceptual",
+                 "judge_agreement", "caption_accuracy", "fid", "clip_score")
+#: the summary's key of each target metric (`tuning.target.METRICS`)
+METRIC_KEYS = {"psnr": "psnr_db", "ssim": "ssim", "perceptual": "perceptual", "judge": "judge_agreement"}
+
+
+def row_quality(row: dict[str, Any], metric: str) -> float | None:
+    """A summary row's value of a target metric (PSNR of a row identical to dense: inf)."""
+    if metric == "psnr" and row.get("identical_to_dense"):
+        return math.inf
+    return row.get(METRIC_KEYS[metric])
+
+
+def equal_quality(rows: list[dict[str, Any]], target: Target) -> list[dict[str, Any]]:
+    """The equal-quality table: per family (each plan, each peer family), in the table's order, its fastest
+    row that meets every bound of `target` and skips some work (a FLOPs ratio of 1 is dense, whatever its
+    timing says); a family none of whose rows does keeps its best row by the primary metric, marked so.
+    Marks every plan and peer row of `rows` too (`meets_target`, and `fastest_in_family` on the rows
+    picked)."""
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["kind"] in ("plan", "peer") and row["status"] == "ok":
+            row["meets_target"] = target.met(lambda metric, row=row: row_quality(row, metric))
+            row["fastest_in_family"] = False
+            families.setdefault(row["family"], []).append(row)
+    primary = target.primary
+    table = []
+    for family, members in families.items():
+        meeting = [row for row in members if row["meets_target"] and (row["flops_ratio"] or 0.0) < 1.0]
+        if meeting:
+            pick = max(meeting, key=lambda row: row["speedup"])
+            pick["fastest_in_family"] = True
+        else:
+            pick = max(members, key=lambda row: -math.inf if row_quality(row, primary.metric) is None
+                       else primary.score(row_quality(row, primary.metric)))
+        missed = None if meeting else f"none of {len(members)} " + (
+            "skips work at it" if any(row["meets_target"] for row in members) else "meets it")
+        table.append({"family": family, "label": pick["label"], "meets_target": bool(meeting), "missed": missed,
+                      "settings": len(members), "settings_meeting": len(meeting),
+                      **{key: pick.get(key) for key in EQUAL_COLUMNS}})
+    return table
 
 
 def _text(value: Any, fmt: str) -> str:
@@ -83,7 +142,25 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                       "memory": _text(row["peak_memory_mib"], ".0f"), "psnr": psnr_text,
                       "ssim": _text(row["ssim"], ".4f"), "perceptual": _text(row["perceptual"], ".4f"),
                       "accuracy": _text(row["caption_accuracy"], ".3f"),
-                      "fid": _text(row["reference_fid"], ".1f")})
+                      "agreement": _text(row["judge_agreement"], ".3f"),
+                      "reference_fid": _text(row["reference_fid"], ".1f"), "fid": _text(row["fid"], ".2f"),
+                      "clip": _text(row["clip_score"], ".2f"),
+                      "meets": "-" if "meets_target" not in row else "yes, fastest of its family"
+                      if row["fastest_in_family"] else "yes" if row["meets_target"] else "no"})
+    return cells
+
+
+def _equal_cells(table: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The equal-quality table's rows as cells: a family none of whose settings met the target says so."""
+    cells = []
+    for row in table:
+        psnr_text = "inf" if row["identical_to_dense"] else _text(row["psnr_db"], ".2f")
+        setting = row["label"] if row["meets_target"] else f"{row['missed']} (closest: {row['label']})"
+        cells.append({"family": row["family"], "setting": setting, "steps": str(row["steps"]),
+                      "speedup": f"{row['speedup']:.2f}x", "flops": _text(row["flops_ratio"], ".3f"),
+                      "psnr": psnr_text, "ssim": _text(row["ssim"], ".4f"), "perceptual": _text(row["perceptual"], ".4f"),
+                      "agreement": _text(row["judge_agreement"], ".3f"), "accuracy": _text(row["caption_accuracy"], ".3f"),
+                      "fid": _text(row["fid"], ".2f"), "clip": _text(row["clip_score"], ".2f")})
     return cells
 
 
@@ -94,8 +171,16 @@ def markdown(results: dict[str, Any]) -> str:
                ("transformer", "transformer / sample (s)", ""), ("speedup", "speedup", ""),
                ("flops", "FLOPs ratio", ""), ("memory", "peak memory (MiB)", ""), ("psnr", "PSNR vs dense (dB)", ""),
                ("ssim", "SSIM vs dense", ""), ("perceptual", "perceptual distance", "")]
+    scores = []
     if results["judged"]:
-        columns += [("accuracy", "caption acc.", ""), ("fid", "reference FID", "")]
+        scores += [("agreement", "judge agreement", ""), ("accuracy", "caption acc.", "")]
+    if results["fid"] is not None:
+        scores += [("fid", "FID vs " + ("dense" if results["fid"] == "dense" else "real"), "")]
+        scores += [("clip", "CLIP score", "")] if any(row.get("clip_score") is not None for row in rows) else []
+    columns += scores + ([("reference_fid", "reference FID (judge)", "")] if results["judged"] else [])
+    equal = results.get("equal_quality")
+    if equal is not None:
+        columns.append(("meets", f"meets {equal['target']}", ""))
     size = "x".join(str(call[k]) for k in ("num_frames", "height", "width") if call.get(k) is not None)
     lines = [f"# dit-accel bench on {results['machine']['name']}: {results['model']} ({results['pipeline']})", "",
              f"{results['prompts']['count']} prompts ({results['prompts']['source']}) in {call['batches']} "
@@ -104,13 +189,23 @@ def markdown(results: dict[str, Any]) -> str:
              f"{', ' + size if size else ''}, seeds from {results['seed']} (one per batch); {results['device']} "
              f"{results['dtype']}, {results['threads']} threads, torch {results['torch']}, diffusers "
              f"{results['diffusers']}", "", markdown_table(_table_rows(rows), columns), ""]
+    if equal is not None:
+        quality = [("psnr", "PSNR vs dense (dB)", ""), ("ssim", "SSIM vs dense", ""),
+                   ("perceptual", "perceptual distance", "")]
+        lines += [f"## At equal quality: {equal['target']}", "",
+                  f"Each plan's and each peer family's fastest setting that meets {equal['target']} on these prompts "
+                  "(the rows above, from one run):", "",
+                  markdown_table(_equal_cells(equal["rows"]), [
+                      ("family", "family", ""), ("setting", "setting", ""), ("steps", "steps", ""),
+                      ("speedup", "speedup", ""), ("flops", "FLOPs ratio", "")] + quality + scores), ""]
     lines += [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("label", "kind", "status", "steps", "samples", "seconds_per_sample", "transformer_seconds_per_sample",
-               "speedup", "flops_ratio", "peak_memory_mib", "psnr_db", "identical_to_dense", "ssim", "perceptual",
-               "caption_accuracy", "reference_fid", "spec", "error")
+CSV_COLUMNS = ("label", "kind", "family", "status", "steps", "samples", "seconds_per_sample",
+               "transformer_seconds_per_sample", "speedup", "flops_ratio", "peak_memory_mib", "psnr_db",
+               "identical_to_dense", "ssim", "perceptual", "judge_agreement", "caption_accuracy", "reference_fid", "fid",
+               "clip_score", "meets_target", "fastest_in_family", "spec", "error")
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -161,7 +256,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def notes(rows: list[Row], memory_kind: str, judged: Judging | None, perceptual: PerceptualDistance,
-          peer_notes: list[str], processes: int = 1) -> list[str]:
+          peer_notes: list[str], processes: int = 1, content: ContentScoring | None = None) -> list[str]:
     """The footer: what each column means where it is not obvious, what is missing and why."""
     said = [f"peak memory: {memory_kind}",
             "FLOPs ratio: the work ledger's FLOPs over dense's (rows without a handle have none)",
@@ -175,10 +270,15 @@ def notes(rows: list[Row], memory_kind: str, judged: Judging | None, perceptual:
     said += peer_notes
     if judged is not None:
         kind = "frames" if judged.video else "images"
+        said.append("judge agreement: the share of the offline judge's attribute readings (shape, color, size, "
+                    + ("background, motion" if judged.video else "position, background") + ") of a row's samples "
+                    "that equal its readings of dense's samples of the same seeds")
         said.append(f"caption accuracy: the offline judge's whole-caption accuracy; reference FID: judge features "
-                    f"against {len(judged.real_features)} real procedural {kind} (few samples: compare rows, not "
-                    f"absolute values); the real {kind} of the captions score {judged.real['caption_accuracy']:.3f} "
-                    f"and {judged.real['reference_fid']:.1f}")
+                    f"against {len(judged.real_features)} real procedural {kind}, the offline stand-in for Inception "
+                    f"FID (few samples: compare rows, not absolute values); the real {kind} of the captions score "
+                    f"{judged.real['caption_accuracy']:.3f} and {judged.real['reference_fid']:.1f}")
+    if content is not None:
+        said += content.notes(rows[0].samples)
     said += [f"{row.label} failed: {row.error}" for row in rows if row.error]
     return said
 

@@ -27,6 +27,14 @@ PEER_KNOBS = {"steps": ("step count", int), "fbcache": ("threshold", float),
               "pab": ("spatial block skip range", int), "dbcache": ("residual diff threshold", float)}
 #: each knob's default (the stacking benchmark's settings; the fewer-steps peer matches the fastest plan)
 PEER_DEFAULTS = {"fbcache": PEER_THRESHOLD, "taylorseer": 2, "magcache": 0.06, "pab": 2, "dbcache": PEER_THRESHOLD}
+#: what `--equal` sweeps of a peer named without values (steps: shares of the call's steps), so that each
+#: family's fastest setting at the target can be found in one run
+EQUAL_SWEEPS = {"steps": (0.75, 0.6, 0.5, 0.4, 0.3, 0.25), "fbcache": (0.05, 0.1, 0.2, 0.4),
+                "taylorseer": (2, 3, 4), "magcache": (0.06, 0.12, 0.25), "pab": (2, 3, 4), "dbcache": (0.08, 0.16, 0.32)}
+#: each peer's family, as the equal-quality table names it
+PEER_FAMILIES = {"steps": "fewer steps", "fbcache": "FirstBlockCache", "taylorseer": "TaylorSeer",
+                 "magcache": "MagCache", "pab": "PyramidAttentionBroadcast", "fastercache": "FasterCache",
+                 "dbcache": "cache-dit DBCache"}
 
 
 @dataclasses.dataclass
@@ -37,6 +45,8 @@ class Row:
     #: "dense", "no hooks", "plan" or "peer"
     kind: str
     configs: list = dataclasses.field(default_factory=list)
+    #: what the equal-quality table keeps one row of: each plan its own, each peer's `PEER_FAMILIES` name
+    family: str | None = None
     #: a step count other than the call's (the fewer-steps peer; None there until the first batch sets it)
     steps: int | None = None
     #: the fewer-steps peer: its steps follow the fastest plan's speedup on the first batch
@@ -60,7 +70,15 @@ class Row:
     ssim_sum: float = 0.0
     perceptual_sum: float = 0.0
     accuracy_sum: float = 0.0
+    #: the judge's readings equal to its readings of dense, of those compared (suites)
+    agreeing_readings: int = 0
+    judge_readings: int = 0
+    #: the judge's features (reference FID, suites) and the Inception features (--fid), batch by batch
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    fid_features: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: CLIP score summed over the images or frames it was taken on (--fid, where open_clip loads)
+    clip_sum: float = 0.0
+    clip_frames: int = 0
 
     def fail(self, error: BaseException) -> None:
         """A row that raised is kept with its error (a peer diffusers cannot run on this model, ...)."""
@@ -75,7 +93,7 @@ def plan_rows(pipe: Any, specs: list[str], steps: int) -> list[Row]:
     for spec in specs:
         configs = parse_plan(spec, steps)
         apply(pipe, *configs).remove()
-        rows.append(Row(spec, "plan", configs, spec=spec))
+        rows.append(Row(spec, "plan", configs, family=spec, spec=spec))
     return rows
 
 
@@ -101,18 +119,19 @@ def peer_rows(peers: list[tuple[str, tuple | None]], steps: int, video: bool) ->
     }
     rows, notes = [], []
     for name, values in peers:
+        family = PEER_FAMILIES[name]
         if name == "steps":
             if steps <= 1:
                 notes.append("no fewer-steps peer: the call has 1 step")
             elif values is None:
-                rows.append(Row("dense, fewer steps", "peer", matches_fastest=True))
+                rows.append(Row("dense, fewer steps", "peer", family=family, matches_fastest=True))
             else:
-                rows += [Row(f"dense, {count} steps", "peer", steps=count) for count in values]
+                rows += [Row(f"dense, {count} steps", "peer", family=family, steps=count) for count in values]
         elif name == "dbcache":
             if importlib.util.find_spec("cache_dit") is None:
                 notes.append("cache-dit is not installed, so there is no DBCache row (pip install cache-dit)")
             else:
-                rows += [Row(f"cache-dit DBCache F1B0 {value:g}", "peer", enable=_dbcache(value, warmup))
+                rows += [Row(f"cache-dit DBCache F1B0 {value:g}", "peer", family=family, enable=_dbcache(value, warmup))
                          for value in values or (PEER_DEFAULTS[name],)]
         else:
             config_name, setting = caches[name]
@@ -122,8 +141,17 @@ def peer_rows(peers: list[tuple[str, tuple | None]], steps: int, video: bool) ->
                 continue
             for value in values or (PEER_DEFAULTS.get(name),):
                 label, fields = setting(value)
-                rows.append(Row(label, "peer", [config_class(**fields)]))
+                rows.append(Row(label, "peer", [config_class(**fields)], family=family))
     return rows, notes
+
+
+def equal_sweep(name: str, steps: int) -> tuple | None:
+    """The values `--equal` sweeps of peer `name` named without any (`EQUAL_SWEEPS`; steps: the counts below
+    the call's), None for a peer without a knob."""
+    if name == "steps":
+        return tuple(dict.fromkeys(c for c in (max(1, round(steps * share)) for share in EQUAL_SWEEPS[name])
+                                   if c < steps))
+    return EQUAL_SWEEPS.get(name)
 
 
 def _every(count: int) -> str:
@@ -154,9 +182,13 @@ def fewer_steps(steps: int, speedup: float | None) -> tuple[int, str]:
 
 
 def build_rows(args: argparse.Namespace, pipe: Any, steps: int, video: bool) -> tuple[list[Row], list[str]]:
-    """dense (measured), dense (no hooks), the plans, then the peers: the order every batch runs in."""
+    """dense (measured), dense (no hooks), the plans, then the peers: the order every batch runs in. With
+    `--equal` every peer family runs unless `--peers` names some, each over its `equal_sweep`."""
     rows = [Row("dense", "dense"), Row("dense (no hooks)", "no hooks", ledger=False)]
     rows += plan_rows(pipe, list(args.plans or DEFAULT_PLANS), steps)
-    asked = [(name, None) for name in PEERS] if args.peers == [] else list(dict.fromkeys(args.peers or []))
+    every = [(name, None) for name in PEERS]
+    asked = every if args.peers == [] else list(dict.fromkeys(args.peers or []))
+    if args.equal is not None:  # every peer family unless some are named, each swept unless its values are given
+        asked = [(name, values or equal_sweep(name, steps)) for name, values in asked or every]
     peers, notes = peer_rows(asked, steps, video)
     return rows + peers, notes

@@ -5,6 +5,7 @@ quality vs dense and the judge; under several processes, merge and write on the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
@@ -16,14 +17,17 @@ from ..api import measure
 from ..calibration import calibrate
 from ..comparison import PlanRun
 from ..cli_options import call_kwargs, load_pipeline, status_printer
-from ..loading import read_prompts
+from ..loading import UsageError, read_prompts
 from ..machine import machine
+from ..metrics.judge import agreement
 from ..metrics.quality import PerceptualDistance, frames, psnr_frames, ssim_frames
+from ..tuning.target import model_source
 from .common import timed
-from .judging import Judging, caption_accuracy, judge_features, judging
+from .content import ContentScoring, clip_texts, content_scoring
+from .judging import Judging, caption_accuracy, judge_features, judge_readings, judging
 from .processes import ONE_PROCESS, Processes, merge_rows, partials
 from .prompts import DEFAULT_BATCH, SUITE_SETTING, call_parameters, suite_of, batch_calls, prompt_set
-from .report import markdown, notes, summarize, write_results
+from .report import equal_quality, markdown, notes, summarize, write_results
 from .rows import Row, build_rows, fewer_steps
 
 
@@ -146,9 +150,31 @@ def warm_up(pipe: Any, rows: list[Row], call: dict[str, Any], seed: int, memory:
             row.fail(error)
 
 
-def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: list | None,
-           judged: Judging | None, perceptual: PerceptualDistance) -> None:
-    """Add one batch's run to its row: time, ledger, memory, quality vs this batch's dense run, judge."""
+@dataclasses.dataclass
+class Scoring:
+    """What a run is scored with beyond time and the ledger: the perceptual distance vs dense, the judge
+    (suites), FID and CLIP score (`--fid`)."""
+
+    perceptual: PerceptualDistance
+    judged: Judging | None = None
+    content: ContentScoring | None = None
+
+
+@dataclasses.dataclass
+class BatchReference:
+    """One batch's dense run and what every row's run of the batch is compared with."""
+
+    dense: PlanRun
+    scenes: list | None
+    #: its prompts (the CLIP score's), where they are text
+    texts: list[str] | None
+    #: the judge's readings of dense's samples (suites)
+    readings: list | None
+
+
+def record(row: Row, run: PlanRun, peak: int | None, batch: BatchReference, scoring: Scoring) -> None:
+    """Add one batch's run to its row: time, ledger, memory, quality vs this batch's dense run, judge,
+    FID features and CLIP score."""
     samples = run.output.shape[0]
     row.samples += samples
     row.seconds += run.seconds
@@ -157,14 +183,27 @@ def record(row: Row, run: PlanRun, dense: PlanRun, peak: int | None, scenes: lis
         value = getattr(row, key)
         setattr(row, key, None if report is None or value is None else value + report[key])
     row.peak_bytes = peak if row.peak_bytes is None else max(row.peak_bytes, peak or 0)
-    if run is not dense:
-        values = psnr_frames(run.output, dense.output)
+    images = frames(run.output)
+    if run is not batch.dense:
+        values = psnr_frames(run.output, batch.dense.output)
         row.psnr_frames += values
-        row.ssim_sum += ssim_frames(run.output, dense.output) * len(values)
-        row.perceptual_sum += perceptual(frames(run.output), frames(dense.output)) * len(values)
-    if judged is not None and scenes is not None:
-        row.accuracy_sum += caption_accuracy(judged.judge, run.output, scenes, judged.video) * samples
+        row.ssim_sum += ssim_frames(run.output, batch.dense.output) * len(values)
+        row.perceptual_sum += scoring.perceptual(images, frames(batch.dense.output)) * len(values)
+    judged = scoring.judged
+    if judged is not None and batch.scenes is not None:
+        row.accuracy_sum += caption_accuracy(judged.judge, run.output, batch.scenes, judged.video) * samples
         row.features.append(judge_features(judged.judge, run.output))
+        agreeing, compared = agreement(judge_readings(judged, run.output), batch.readings)
+        row.agreeing_readings += agreeing
+        row.judge_readings += compared
+    content = scoring.content
+    if content is not None:
+        row.fid_features.append(content.features(images))
+        if content.clip is not None and batch.texts is not None:
+            per_sample = len(images) // len(batch.texts)  # a video's frames each read against its prompt
+            texts = [text for text in batch.texts for _ in range(per_sample)]
+            row.clip_sum += content.clip(images, texts) * len(images)
+            row.clip_frames += len(images)
 
 
 def _with_rank(say: Callable[[str], None], processes: Processes) -> Callable[[str], None]:
@@ -187,8 +226,8 @@ def _median_of_rounds(rounds: list[PlanRun]) -> PlanRun:
 
 
 def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | None]], seed: int,
-                memory: PeakMemory, judged: Judging | None, perceptual: PerceptualDistance, say,
-                processes: Processes = ONE_PROCESS, repeats: int = 1) -> None:
+                memory: PeakMemory, scoring: Scoring, say, processes: Processes = ONE_PROCESS,
+                repeats: int = 1) -> None:
     """This process's batches (all of them, or under several processes batch i on rank i % world): dense,
     then each row in turn, `repeats` rounds, on the batch's seed (`seed` + its index); each row keeps the
     median time of its rounds. The fewer-steps peers' step count is decided once, when first reached, by
@@ -220,11 +259,13 @@ def run_batches(pipe: Any, rows: list[Row], batches: list[tuple[dict, list | Non
                 say(f"[batch {index + 1}/{len(batches)}] {row.label}: {run.seconds:.2f} s"
                     + ("" if row is dense_row else f", {dense_seconds / run.seconds:.2f}x"))
         medians = {position: _median_of_rounds([run for run, _ in runs]) for position, runs in rounds.items()}
+        dense = medians[0]
+        reference = BatchReference(dense, scenes, clip_texts(call), None if scoring.judged is None or scenes is None
+                                   else judge_readings(scoring.judged, dense.output))
         for position, row in enumerate(rows):
             if row.error is None and position in rounds:
                 peaks = [peak for _, peak in rounds[position] if peak is not None]
-                record(row, medians[position], medians[0], max(peaks) if peaks else None, scenes, judged,
-                       perceptual)
+                record(row, medians[position], max(peaks) if peaks else None, reference, scoring)
     if processes.world > 1 and not decided and any(row.matches_fastest for row in rows):
         _decide_steps(rows, dense_row, batches[0][0]["num_inference_steps"], processes)
 
@@ -261,6 +302,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
         args.guidance = SUITE_SETTING["guidance"] if args.guidance is None else args.guidance
         args.model = args.model or f"reference:{suite}"
     given = read_prompts(args.prompt_file) if args.prompt_file is not None else None  # said before loading
+    if args.equal is not None and "judge" in args.equal.metrics and suite is None:
+        raise UsageError(f"--equal {args.equal}: the judge's agreement is measured on the reference models' caption "
+                         "suites only (--suite image|video, or a reference:* model without --prompts)")
+    content = content_scoring(args.fid)  # refused here, before any model loads, where its weights cannot
     pipe, defaults, model, dtype = load_pipeline(args, say)
     pipe.set_progress_bar_config(disable=True)  # one line a run instead
     call = call_kwargs(pipe, defaults, argparse.Namespace(**{**vars(args), "prompt": None}))
@@ -269,6 +314,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     batch = args.batch or DEFAULT_BATCH
     batches = batch_calls(pipe, call, prompts, batch)
     steps = call["num_inference_steps"]
+    if args.equal is not None:  # a judge bound on a model the judge cannot read: before any generation
+        args.equal.check_judge(model_source(pipe)[0], prompts.texts, video)
     rows, peer_notes = build_rows(args, pipe, steps, video)
     memory = PeakMemory(args.device)
     judged = judging(prompts, video)
@@ -278,15 +325,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     calibrate_rows(pipe, rows, first, args.seed, say, processes, run=bool(ours))
     if ours:
         warm_up(pipe, rows, first, args.seed, memory, say)
-    perceptual = PerceptualDistance()
-    run_batches(pipe, rows, batches, args.seed, memory, judged, perceptual, say, processes, args.repeats)
+    scoring = Scoring(PerceptualDistance(), judged, content)
+    run_batches(pipe, rows, batches, args.seed, memory, scoring, say, processes, args.repeats)
     if processes.world > 1:
         parts = processes.gather(partials(rows, ours))
         if not processes.main:
             return None
         merge_rows(rows, parts)
 
-    summary = summarize(rows, steps, judged)
+    summary = summarize(rows, steps, judged, content)
+    equal = None if args.equal is None else {"target": str(args.equal), "rows": equal_quality(summary, args.equal)}
     results = {
         "machine": machine(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "diffusers": _version("diffusers"), "device": str(args.device), "dtype": str(dtype).removeprefix("torch."),
@@ -296,8 +344,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
         "prompts": {"source": prompts.source, "count": len(prompts.texts), "texts": prompts.texts},
         "memory": memory.kind, "real_images": judged.real if judged else None, "processes": processes.world,
         "repeats": args.repeats,
-        "perceptual": perceptual.name,
-        "rows": summary, "notes": notes(rows, memory.kind, judged, perceptual, peer_notes, processes.world),
+        "perceptual": scoring.perceptual.name, "fid": None if content is None else content.source,
+        "rows": summary, "equal_quality": equal,
+        "notes": notes(rows, memory.kind, judged, scoring.perceptual, peer_notes, processes.world, content),
     }
     written = write_results(results, args.out)
     print(markdown(results), end="")

@@ -115,22 +115,54 @@ def judge_motion(first: str, quarter: str, last: str, color_first: str, color_la
     return "unknown"
 
 
-def video_caption_accuracy(judge: Judge, videos: torch.Tensor, scenes: list[procedural.VideoScene]) -> dict[str, float]:
-    """Caption accuracy for videos (B, 3, T, H, W) in [0, 1]: appearance from the first frame, motion
-    (and the final color of "turning") from the judged key frames."""
+def image_readings(judge: Judge, images: torch.Tensor) -> list[dict[str, str]]:
+    """What the judge reads in each image (B, 3, H, W): every caption attribute, by name."""
+    pred = predict(judge, images)
+    names = procedural.ATTRIBUTES
+    return [{k: names[k][int(pred[k][b])] for k in names} for b in range(len(images))]
+
+
+def video_readings(judge: Judge, videos: torch.Tensor) -> list[dict[str, str]]:
+    """What the judge reads in each video (B, 3, T, H, W): the appearance on the first frame and the motion
+    implied by the key frames ("turning" with the final color, "turning red", as a caption says it)."""
     t = videos.shape[2]
     keys = [0, round((t - 1) / 4), t - 1]
     preds = [predict(judge, videos[:, :, i]) for i in keys]
     names = procedural.ATTRIBUTES
-    hits = {k: [] for k in VIDEO_ATTRIBUTES}
-    for b, vs in enumerate(scenes):
+    found = []
+    for b in range(len(videos)):
         first = {k: names[k][int(preds[0][k][b])] for k in names}
         pos = [procedural.POSITION_NAMES[int(p["position"][b])] for p in preds]
         color_last = procedural.COLOR_NAMES[int(preds[2]["color"][b])]
-        for k in VIDEO_ATTRIBUTES[:-1]:
-            hits[k].append(first[k] == getattr(vs.scene, k))
         motion = judge_motion(pos[0], pos[1], pos[2], first["color"], color_last)
-        hits["motion"].append(motion == vs.motion and (vs.motion != "turning" or color_last == vs.to_color))
+        found.append({**{k: first[k] for k in VIDEO_ATTRIBUTES[:-1]},
+                      "motion": f"turning {color_last}" if motion == "turning" else motion})
+    return found
+
+
+def readings(judge: Judge, samples: torch.Tensor) -> list[dict[str, str]]:
+    """`image_readings` of images (B, 3, H, W), `video_readings` of videos (B, 3, T, H, W)."""
+    return video_readings(judge, samples) if samples.ndim == 5 else image_readings(judge, samples)
+
+
+def agreement(ours: list[dict[str, str]], theirs: list[dict[str, str]]) -> tuple[int, int]:
+    """(readings that agree, readings compared) of two sets of readings of the same seeds: how much of what
+    the judge sees in accelerated samples it also sees in the dense ones, whether or not either matches
+    its caption (a caption's accuracy over a few samples is mostly noise; agreement with dense is not)."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"readings of {len(ours)} samples against {len(theirs)}")
+    pairs = [(a[k], b[k]) for a, b in zip(ours, theirs) for k in a]
+    return sum(a == b for a, b in pairs), len(pairs)
+
+
+def video_caption_accuracy(judge: Judge, videos: torch.Tensor, scenes: list[procedural.VideoScene]) -> dict[str, float]:
+    """Caption accuracy for videos (B, 3, T, H, W) in [0, 1]: appearance from the first frame, motion
+    (and the final color of "turning") from the judged key frames."""
+    hits = {k: [] for k in VIDEO_ATTRIBUTES}
+    for read, vs in zip(video_readings(judge, videos), scenes):
+        for k in VIDEO_ATTRIBUTES[:-1]:
+            hits[k].append(read[k] == getattr(vs.scene, k))
+        hits["motion"].append(read["motion"] == (f"turning {vs.to_color}" if vs.motion == "turning" else vs.motion))
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
     acc["all"] = float(np.mean(np.all([hits[k] for k in VIDEO_ATTRIBUTES], axis=0)))
     return acc

@@ -115,6 +115,20 @@ class VideoScene:
         return replace(s, x=x, y=y, angle=angle, position=nearest_position(x, y)), tuple(rgb)
 
 
+def is_caption(text: str, video: bool = False) -> bool:
+    """Whether `text` is a caption of the procedural scenes (videos: with a motion), as `Scene.caption` and
+    `VideoScene.caption` write them: the only prompts whose samples the judge can read."""
+    words = str(text).strip().replace(",", " ,").split()
+    if len(words) < 9 or words[0] != "a" or words[1] not in SIZES or words[2] not in COLORS or words[3] not in SHAPES:
+        return False
+    where, rest = words[4:-4], words[-4:]
+    if video:
+        placed = " ".join(where) in MOTIONS or (where[:1] == ["turning"] and len(where) == 2 and where[1] in COLORS)
+    else:
+        placed = " ".join(where) in _POS_PHRASE.values()
+    return placed and rest[0] == "," and rest[1] in COLORS and rest[2] in BG_STYLES and rest[3] == "background"
+
+
 def _symmetry(shape: str) -> int:
     return {"square": 4, "triangle": 3, "star": 5}.get(shape, 1)
 

@@ -113,8 +113,10 @@ class LedgerOwner(Protocol):
 
 
 def _settle(records: Sequence[CallRecord]) -> None:
-    """Device scalars in the records' work (flops, pairs) and stats (values, or values of a dict of
-    them) replaced by host numbers, read in one transfer per device."""
+    """Device tensors in the records' work (flops, pairs) and stats (values, or values of a dict of
+    them) replaced by host values: scalars as numbers, read in one transfer per device; others (token
+    sets, cluster labels for the UI) as nested lists, one read each. Techniques hand them over as
+    tensors so that no call waits for the host."""
     pending: list[tuple[Any, Any, torch.Tensor]] = []  # (container, key, tensor)
     for record in records:
         for index, work in enumerate(record.works):
@@ -126,7 +128,7 @@ def _settle(records: Sequence[CallRecord]) -> None:
             elif isinstance(value, dict):
                 pending.extend((value, k, v) for k, v in value.items() if isinstance(v, torch.Tensor))
     tensors = [t for _, _, item in pending for t in ((item.flops, item.pairs) if isinstance(item, Work) else (item,))
-               if isinstance(t, torch.Tensor)]
+               if isinstance(t, torch.Tensor) and t.numel() == 1]
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for tensor in tensors:
         by_device[tensor.device].append(tensor)
@@ -134,7 +136,11 @@ def _settle(records: Sequence[CallRecord]) -> None:
     for device_tensors in by_device.values():
         values = torch.stack([t.detach().reshape(()).double() for t in device_tensors]).tolist()
         numbers.update(zip(map(id, device_tensors), values))
-    host = lambda x: numbers[id(x)] if isinstance(x, torch.Tensor) else x  # noqa: E731
+    def host(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return numbers[id(x)] if x.numel() == 1 else x.tolist()
+
     for container, key, item in pending:
         container[key] = replace(item, flops=float(host(item.flops)), pairs=round(host(item.pairs))) \
             if isinstance(item, Work) else host(item)

@@ -9,6 +9,8 @@ tokens of the grid, in two places, as densely as the temporal schedule says:
 - Pooled K/V (stage 5, `pooled_kv_blocks`): in the first blocks every self-attention attends to the
   image keys and values pooled into groups, each pooled key biased by log(its group's size) so that
   the softmax weighs it as the keys it stands for; text keys are never pooled, queries stay exact.
+  Where every key carries the same bias (windows that tile the grid, no text keys: Wan) it cancels in
+  the softmax and is left out, so the dense kernel runs without a mask (flash on CUDA).
   `bottom_attention="mean_v"` is the paper's Poolingformer instead: a uniform attention, every
   query gets the mean of all values (image and text; one zero key stands for them all).
   In a block that runs on pooled tokens the keys are pooled already and are not pooled again (the
@@ -278,20 +280,23 @@ class FlexDiT(Technique):
         ids, count = groups
         grid, window = call_state.grid, self.config.window
         extent = (grid.frames, grid.rows, grid.cols)
-        if image_keys == grid.num_tokens and count == window_count(grid, window) and \
-                all(e % w == 0 for e, w in zip(extent, window)):  # windows that tile the grid: successive sums
+        tiled = image_keys == grid.num_tokens and count == window_count(grid, window) and \
+            all(e % w == 0 for e, w in zip(extent, window))
+        if tiled:  # windows that tile the grid: successive sums, every pooled key biased by log(window size)
             pooled_k = pooling.tiled_mean(key[:, :, part], extent, window)
             pooled_v = pooling.tiled_mean(value[:, :, part], extent, window)
-            log_size = key.new_full((1, 1, 1, count), float(math.prod(window))).log()
+            log_size = torch.full((1, 1, 1, count), float(math.prod(window)), device=key.device).log()
         else:
             pooled_k, pooled_v, log_size = pooling.pool(key[:, :, part], value[:, :, part],
                                                         ids if ids.ndim == 2 else ids.unsqueeze(0), count)
         call_state.record_overhead("flexdit K/V pooling", 2.0 * key.shape[0] * key.shape[1] * image_keys * key.shape[-1],
-                             image_keys)
-        text = log_size.new_zeros(*log_size.shape[:3], key.shape[2])  # text keys: no bias
-        bias = torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1)
+                                   image_keys)
         attn_mask = resize_key_mask(attn_mask, key.shape[2], part, count)
-        return _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v), bias, attn_mask
+        keys, values = _with_pooled(key, part, pooled_k), _with_pooled(value, part, pooled_v)
+        if tiled and image_keys == key.shape[2]:  # the same bias on every key cancels in the softmax
+            return keys, values, None, attn_mask
+        text = log_size.new_zeros(*log_size.shape[:3], key.shape[2])  # text keys: no bias
+        return keys, values, torch.cat([text[..., : part.start], log_size, text[..., part.stop:]], -1), attn_mask
 
     @staticmethod
     def _mean_value(call_state: CallState, key, value, attn_mask):

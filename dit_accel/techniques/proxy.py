@@ -8,6 +8,12 @@ parts merge by log-sum-exp (`attention.proxy_kernel`). Windows can shift by half
 (Swin), so window borders do not stay fixed. Text queries attend densely; cross-attention is
 untouched. With RAS the queries are the tokens RAS computes and the keys its full-length cache.
 
+The window kernel (`attention/kernels/windows.py`) is chosen once per device from `kernel`: "auto" is
+`flex` (one compiled FlexAttention call) on CUDA and `torch` (a batched SDPA over the windows plus
+fused SDPAs over the proxies, merged by LSE) on CPU, where it measured faster at every size tried
+(medium:wan's layer, 4,096 tokens: 2.6x over dense against flex's 1.9x; 16k tokens: 4.4x against
+3.4x; docs/DESIGN.md). FlashInfer has no kernel for windows plus biased proxies: refused by name.
+
 A layer where windows cannot save runs dense, decided from the grid before any window is placed
 (`why_no_saving`): one local window holds the whole grid, or the padded windows, proxies and text
 would attend more than `DENSE_ABOVE` of the dense pairs. `report()` counts those layers per call
@@ -23,6 +29,9 @@ import torch
 
 from ..attention import proxy_kernel
 from ..attention.intercept import dense_attention
+from ..attention.kernels import KernelName
+from ..attention.kernels.dense import lse_kernel
+from ..attention.kernels.windows import FlexWindows, TorchWindows, WindowPlan, window_kernel
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
@@ -43,6 +52,8 @@ class ProxyAttentionConfig(AccelerationConfig):
     dense_warmup: float = param(0.2, "fraction of steps (from the first) kept dense", low=0.0, high=1.0)
     plan_every_layer: bool = param(False, "run windows and proxies on every layer, also where that cannot save "
                                           "(too few tokens, density near 1); False runs those dense at no overhead")
+    kernel: KernelName = param("auto", "window-attention kernel: auto (flex on CUDA, torch on CPU), torch, flex; "
+                                       "flashinfer has none for proxies")
 
     name = "proxy"
     #: measured on the reference video model (4 captions, CFG 4, 20 steps): PSNR vs dense about
@@ -54,6 +65,9 @@ class ProxyAttentionConfig(AccelerationConfig):
     }
 
     def validate(self) -> None:
+        if self.kernel == "flashinfer":
+            raise ConfigError("ProxyAttentionConfig.kernel 'flashinfer': FlashInfer has no kernel for local windows plus "
+                              "log-size-biased proxies; use 'auto', 'torch' or 'flex'")
         if any(w % p for w, p in zip(self.local_window, self.proxy_window)):
             raise ConfigError(f"ProxyAttentionConfig.local_window {self.local_window} must be a whole number of "
                               f"proxy windows {self.proxy_window} in every dimension")
@@ -80,8 +94,10 @@ def _split(x: torch.Tensor, part: slice, dim: int = 2) -> tuple[torch.Tensor, to
 class ProxyAttention(SparseAttention):
     def __init__(self, config: ProxyAttentionConfig, session):
         super().__init__(config, session)
-        #: window layouts: of the whole grid across calls, of a call's token set for that call
-        self._layouts: dict[tuple, proxy_kernel.Prepared] = {}
+        #: window plans: of the whole grid across calls, of a call's token set for that call
+        self._layouts: dict[tuple, WindowPlan] = {}
+        #: the window kernel per device, chosen at its first call there
+        self._kernels: dict[torch.device, TorchWindows | FlexWindows] = {}
 
     def begin_call(self, call_state: CallState) -> None:
         super().begin_call(call_state)
@@ -100,23 +116,30 @@ class ProxyAttention(SparseAttention):
         coordinates = tokens.coordinates()
         return key, coordinates.unsqueeze(0) if tokens.shared else coordinates
 
-    def _prepared(self, call_state: CallState, call, queries: int, keys: int, text: int, dtype, device) -> proxy_kernel.Prepared | None:
+    def _plan(self, call_state: CallState, call, queries: int, keys: int, device) -> WindowPlan | None:
         q_place, k_place = self._coordinates(call_state, queries), self._coordinates(call_state, keys)
         if q_place is None or k_place is None:
             return None
         shifted = self.config.shift_windows and call.block_index % 2 == 1
         cache_key = ("grid" if q_place[0][0] == k_place[0][0] == "grid" else "call", q_place[0], k_place[0],
-                     shifted, text, dtype)
-        prepared = self._layouts.get(cache_key)
-        if prepared is None:
+                     shifted, device)
+        plan = self._layouts.get(cache_key)
+        if plan is None:
             grid = call_state.grid
-            windows = proxy_kernel.place(q_place[1].to(device), k_place[1].to(device), (grid.frames, grid.rows, grid.cols),
-                                  self.config.local_window, self.config.proxy_window, shifted)
-            prepared = self._layouts[cache_key] = proxy_kernel.Prepared.of(windows, dtype, text)
-        return prepared
+            windows = proxy_kernel.place(q_place[1].to(device), k_place[1].to(device),
+                                         (grid.frames, grid.rows, grid.cols), self.config.local_window,
+                                         self.config.proxy_window, shifted)
+            plan = self._layouts[cache_key] = WindowPlan.of(windows)
+        return plan
+
+    def _kernel(self, device: torch.device) -> TorchWindows | FlexWindows:
+        kernel = self._kernels.get(device)
+        if kernel is None:
+            kernel = self._kernels[device] = window_kernel(self.config.kernel, device, lse_kernel(device))
+        return kernel
 
     def why_no_saving(self, call_state, call, queries, keys):
-        """The pairs `proxy_kernel.attention` computes, from the grid alone: the padded local windows, every
+        """The pairs the window kernel computes, from the grid alone: the padded local windows, every
         image query against every proxy and text key, the text queries against everything."""
         grid = call_state.grid
         extent = (grid.frames, grid.rows, grid.cols)
@@ -140,14 +163,14 @@ class ProxyAttention(SparseAttention):
         image_q, text_q = _split(query, q_part)
         image_k, text_k = _split(key, k_part)
         image_v, text_v = _split(value, k_part)
-        prepared = self._prepared(call_state, call, image_q.shape[2], image_k.shape[2],
-                                  0 if text_k is None else text_k.shape[2], query.dtype, query.device)
-        if prepared is None:
+        plan = self._plan(call_state, call, image_q.shape[2], image_k.shape[2], query.device)
+        if plan is None:
             return None
         image_bias = text_bias = None
         if key_bias is not None:
             image_bias, text_bias = _split(key_bias, k_part, dim=-1)
-        out, pairs = proxy_kernel.attention(image_q, image_k, image_v, prepared, image_bias, text_k, text_v, text_bias, scale)
+        out, pairs = self._kernel(query.device)(image_q, image_k, image_v, plan, image_bias, text_k, text_v, text_bias,
+                                                scale)
         if text_q is None:
             return out, pairs
         text_out = dense_attention(text_q, key, value, key_bias, scale=scale)

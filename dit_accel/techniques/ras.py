@@ -213,7 +213,7 @@ class RAS(Technique):
             computed.scatter_(1, index, True)
             computed = computed.expand(samples, -1)
             state.skipped = torch.where(computed, torch.zeros_like(state.skipped), state.skipped + 1)
-            self.computed[ctx.step_index] = computed.cpu()
+            self.computed[ctx.step_index] = computed
             if not self.adapter.per_sample_positions:
                 index = index[0]
         else:
@@ -312,11 +312,11 @@ class RAS(Technique):
 
     # -- report --------------------------------------------------------------------------------
     def call_stats(self, call_state: CallState) -> dict[str, Any]:
-        """Token counts, and which tokens of the first sample were computed (None: all), for the UI."""
+        """Token counts, and which tokens of the first sample were computed (None: all; a device tensor
+        until `report()`), for the UI."""
         total = call_state.grid.num_tokens
         computed = None
         if call_state.tokens is not None:
-            index = call_state.tokens.index if call_state.tokens.shared else call_state.tokens.index[0]
-            computed = index.tolist()
+            computed = call_state.tokens.index if call_state.tokens.shared else call_state.tokens.index[0]
         return {"image_tokens": total if call_state.tokens is None else call_state.tokens.count, "total_image_tokens": total,
                 "computed_tokens": computed, "grid": [call_state.grid.frames, call_state.grid.rows, call_state.grid.cols]}

@@ -9,6 +9,8 @@ at a density near 1); such a layer runs dense at no overhead, unless the config'
 asks for the real path everywhere (what `keep_all()` runs). Each call counts, per block, the (query,
 key) pairs computed against the dense ones: `attention_density` in `report()`, with its
 `attention_density_by_block` for the UI, and the attentions that ran dense and why (`dense_layers`).
+A kernel whose pair count depends on data (SVG2's) hands it over as a device scalar: it is summed on
+the device and read to the host with the rest of the ledger when `report()` is made, not per call.
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ class SparseAttention(Technique):
     def __init__(self, config, session):
         super().__init__(config, session)
         self._dense_blocks = math.floor(config.dense_first_blocks * len(self.adapter.blocks()))
-        #: per block this call: [pairs computed, dense pairs]
-        self._pairs: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        #: per block this call: [pairs computed (a number, or a device scalar), dense pairs]
+        self._pairs: dict[int, list] = defaultdict(lambda: [0.0, 0.0])
         #: attentions of this call that ran dense, by reason
         self._dense_layers: Counter[str] = Counter()
         #: per attention shape (and step count): why its plan cannot save, None where it can
         self._verdicts: dict[tuple, str | None] = {}
+        #: the device of the attention running now
+        self.device = torch.device("cpu")
 
     def begin_call(self, call_state: CallState) -> None:
         self._pairs = defaultdict(lambda: [0.0, 0.0])
@@ -90,23 +94,26 @@ class SparseAttention(Technique):
 
     def sparse(self, call_state: CallState, call: AttentionCall, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, key_bias: torch.Tensor | None, scale: float | None
-               ) -> tuple[torch.Tensor, float] | None:
-        """(output, pairs computed per sample and head), or None to run this attention dense."""
+               ) -> tuple[torch.Tensor, float | torch.Tensor] | str | None:
+        """(output, pairs computed per sample and head: a number or a device scalar), or why this
+        attention runs dense (None: its tokens cannot be placed)."""
         raise NotImplementedError
 
     def attend(self, call_state, call, query, key, value, bias, **sdpa_kwargs):
         mask = sdpa_kwargs.pop("attn_mask", None)
+        self.device = query.device
         dense_pairs = query.shape[2] * key.shape[2]
         counts = self._pairs[call.block_index]
         counts[1] += dense_pairs
         reason = self._why_dense(call_state, call, query, key, mask, sdpa_kwargs)
         if reason is None:
-            result = self.sparse(call_state, call, query, key, value, per_key_bias(bias, mask, query.dtype),
+            # in fp32: a bf16 log-count bias is off by up to 1/32 (kernels take fp32 biases whatever the inputs)
+            result = self.sparse(call_state, call, query, key, value, per_key_bias(bias, mask, torch.float32),
                                  sdpa_kwargs.get("scale"))
-            if result is not None:
+            if isinstance(result, tuple):
                 counts[0] += result[1]
-                return result[0], round(result[1])
-            reason = "tokens not placed on the grid"
+                return result[0], result[1].round() if isinstance(result[1], torch.Tensor) else round(result[1])
+            reason = result or "tokens not placed on the grid"
         self._dense_layers[reason] += 1
         counts[0] += dense_pairs
         return dense_attention(query, key, value, bias, attn_mask=mask, **sdpa_kwargs), dense_pairs

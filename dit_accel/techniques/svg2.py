@@ -13,14 +13,21 @@ run dense. k-means and the pair scoring are recorded in the ledger as overhead.
 With `stand_ins` (default), a query cluster also attends to one stand-in per key cluster it skips:
 that cluster's mean key and value, biased by log(its size), as proxy attention does for windows
 (after SVG-EAR's compensation). The skipped mass is then approximated instead of dropped, at one
-extra key per skipped cluster. The kernel is `block_sparse.gathered` on CPU (measured faster than
-the padded batched kernel at every size tried, 1.8k-16k tokens, even at 1.5x padding) and
-`block_sparse.padded` elsewhere (no Python loop per cluster).
+extra key per skipped cluster.
+
+The plan (`kernels.clusters.ClusterPlan`) runs on the cluster kernel `kernel` names, chosen once per
+device: flashinfer's variable-block kernel where it is installed on CUDA, else one compiled
+FlexAttention call on CUDA (key clusters then sized to its tile), and on other devices the `torch`
+kernel (batched fused SDPAs over each cluster's kept keys; measured faster than compiled flex on this
+CPU). Planning makes no host sync; the pairs a call attended stay on the device until `report()`.
 
 A layer where clustering cannot pay runs dense, decided from its shapes before any k-means
 (`why_no_saving`): too few tokens (one query or key cluster: below ~380 image tokens at the default
 cluster sizes; or a k-means that costs more than the plan could skip) or a target density near 1
-(top_p or min_key_cluster_ratio of 0.95 or more). `report()` counts those layers per call
+(top_p or min_key_cluster_ratio of 0.95 or more). A layer's first sparse call of a run also reads
+what its plan costs the kernel (one host read per layer and run): where that would save under
+`MIN_SAVING` of the dense attention's time (diffuse attention keeps most pairs at any top_p), the
+layer runs dense for the rest of the run, without k-means. `report()` counts those layers per call
 (`dense_layers`).
 """
 
@@ -31,8 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import block_sparse, kmeans, pooling
-from ..config import AccelerationConfig, Stage, param
+from ..attention import kmeans, pooling
+from ..attention.kernels import KernelName
+from ..attention.kernels.clusters import ClusterKernel, ClusterPlan, cluster_kernel, flashinfer_installed
+from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
@@ -41,6 +50,10 @@ from .sparse_attention import DENSE_ABOVE, SparseAttention
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
 TOKENS_PER_QUERY_CLUSTER = 252
 TOKENS_PER_KEY_CLUSTER = 76
+#: the least share of a layer's dense attention time a plan must save to run sparse
+MIN_SAVING = 0.1
+#: k-means iterations of the first call's probe (`probe`)
+PROBE_ITERATIONS = 5
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,8 @@ class SVG2Config(AccelerationConfig):
                          low=0.0, high=1.0, low_open=True)
     query_clusters: int | None = param(None, "k-means clusters of the image queries per head; None: one per 252 "
                                              "tokens (the official 720p ratio)", low=1, high=1 << 20)
-    key_clusters: int | None = param(None, "k-means clusters of the image keys per head; None: one per 76 tokens",
-                                     low=1, high=1 << 20)
+    key_clusters: int | None = param(None, "k-means clusters of the image keys per head; None: one per 76 tokens "
+                                           "(one per 128, its tile, on the flex kernel)", low=1, high=1 << 20)
     kmeans_iters_first: int = param(50, "k-means iterations at a layer's first sparse call", low=1, high=10_000)
     kmeans_iters_next: int = param(2, "warm-started k-means iterations at later calls", low=0, high=10_000)
     min_key_cluster_ratio: float = param(0.1, "fraction of key clusters always kept per query cluster",
@@ -62,7 +75,10 @@ class SVG2Config(AccelerationConfig):
     stand_ins: bool = param(True, "attend to each skipped key cluster through its mean key and value (log-size "
                                   "biased) instead of dropping it; False is the paper's SVG2")
     plan_every_layer: bool = param(False, "cluster every layer, also where that cannot save (too few tokens, "
-                                          "density near 1); False runs those dense at no overhead")
+                                          "density near 1, a first plan that saves under 10%); False runs those "
+                                          "dense at no overhead")
+    kernel: KernelName = param("auto", "cluster kernel: auto (flashinfer where installed on CUDA, else flex on "
+                                       "CUDA; torch elsewhere), torch, flex, flashinfer")
 
     name = "svg2"
     #: chosen on the reference video model (4 captions, CFG 4, 20 steps): quality 25.0 dB and fast
@@ -84,9 +100,11 @@ class SVG2Config(AccelerationConfig):
         return cls(top_p=1.0, min_key_cluster_ratio=1.0, dense_first_blocks=0.0, dense_warmup=0.0,
                    plan_every_layer=True)
 
-    def clusters_for(self, queries: int, keys: int) -> tuple[int, int]:
+    def clusters_for(self, queries: int, keys: int, key_tokens: int | None = None) -> tuple[int, int]:
+        """(query, key) cluster counts for `queries` and `keys` image tokens, one key cluster per
+        `key_tokens` where a kernel asks for it (flex: its tile), at most one per token."""
         query = self.query_clusters or max(1, round(queries / TOKENS_PER_QUERY_CLUSTER))
-        key = self.key_clusters or max(1, round(keys / TOKENS_PER_KEY_CLUSTER))
+        key = self.key_clusters or max(1, round(keys / (key_tokens or TOKENS_PER_KEY_CLUSTER)))
         return min(query, queries), min(key, keys)
 
 
@@ -111,9 +129,17 @@ class SVG2(SparseAttention):
                                           "SVG2: query clusters of one head"),)
 
     def __init__(self, config: SVG2Config, session):
+        if config.kernel == "flashinfer" and not flashinfer_installed():  # at apply; the device at its first call
+            raise ConfigError("SVG2Config.kernel 'flashinfer' needs the flashinfer package (the [gpu] extra) and a "
+                              "CUDA device; use 'auto', 'torch' or 'flex'")
         super().__init__(config, session)
         #: per (slot, block, attention): the (query, key) centroids the layer ended its last call with
         self.centroids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: per (slot, block, attention) this run: why its plan cannot save (None: it can), from its first
+        #: sparse call
+        self._measured: dict[tuple, str | None] = {}
+        #: the cluster kernel per device, chosen at its first call there
+        self._kernels: dict[torch.device, ClusterKernel] = {}
         #: this call's query clusters of one head over the grid (`_record_cluster_map`)
         self._cluster_map: dict | None = None
 
@@ -123,18 +149,32 @@ class SVG2(SparseAttention):
 
     def end_run(self) -> None:
         self.centroids.clear()
+        self._measured.clear()
+
+    def _kernel(self, device: torch.device) -> ClusterKernel:
+        kernel = self._kernels.get(device)
+        if kernel is None:
+            kernel = self._kernels[device] = cluster_kernel(self.config.kernel, device)
+        return kernel
+
+    def _clusters(self, call_state, queries: int, keys: int) -> tuple[int, int]:
+        """Cluster counts from the grid where the tokens lie on it (the same counts whatever subset RAS
+        computes, so the warm start survives), from the tokens themselves where they are pooled."""
+        placed = lambda n: call_state.grid.num_tokens if call_state.placed(n) is not None else n  # noqa: E731
+        q_clusters, k_clusters = self.config.clusters_for(placed(queries), placed(keys),
+                                                          self._kernel(self.device).key_cluster_tokens)
+        return min(q_clusters, queries), min(k_clusters, keys)
 
     def _record_cluster_map(self, call_state, call, labels: torch.Tensor) -> None:
         """The query clusters of the first sample's first head at the call's first sparse attention,
-        over the grid (-1 where a token was not computed), for the UI."""
+        over the grid (-1 where a token was not computed), for the UI; on the device."""
         grid = call_state.grid
-        cluster_map = torch.full((grid.num_tokens,), -1, dtype=torch.long)
-        placed = call_state.placed(labels.shape[1])
+        placed = call_state.placed(labels.shape[0])
+        cluster_map = torch.full((grid.num_tokens,), -1, dtype=torch.int32, device=labels.device)
         if placed is not None:
             index = placed[1].index if placed[1].shared else placed[1].index[0]
-            cluster_map[index.cpu()] = labels[0].cpu()
-        self._cluster_map = {"block": call.block_index,
-                             "labels": cluster_map.view(grid.frames, grid.rows, grid.cols).tolist()}
+            cluster_map.index_copy_(0, index.to(labels.device), labels.to(torch.int32))
+        self._cluster_map = {"block": call.block_index, "labels": cluster_map.view(grid.frames, grid.rows, grid.cols)}
 
     def call_stats(self, call_state) -> dict:
         stats = super().call_stats(call_state)
@@ -154,7 +194,7 @@ class SVG2(SparseAttention):
             return "density near 1"
         q_image, k_image = call.image_slice(queries), call.image_slice(keys)
         image_q, image_k = q_image.stop - q_image.start, k_image.stop - k_image.start
-        q_clusters, k_clusters = config.clusters_for(image_q, image_k)
+        q_clusters, k_clusters = self._clusters(call_state, image_q, image_k)
         if min(q_clusters, k_clusters) < 2:
             return "too few tokens"
         least_kept = max(1, math.ceil(config.min_key_cluster_ratio * k_clusters))
@@ -167,73 +207,98 @@ class SVG2(SparseAttention):
         return "too few tokens" if kmeans_pairs >= skippable else None
 
     def sparse(self, call_state, call, query, key, value, key_bias, scale):
-        batch, heads, q_len, dim = query.shape
-        k_len = key.shape[2]
-        q_image, k_image = call.image_slice(q_len), call.image_slice(k_len)
-        groups = batch * heads
-        flat = lambda x, part: x[:, :, part].reshape(groups, -1, x.shape[-1])  # noqa: E731
-        image_q, image_k = flat(query, q_image), flat(key, k_image)
-        q_clusters, k_clusters = self.config.clusters_for(image_q.shape[1], image_k.shape[1])
-        cache_key = (call_state.ctx.slot, call.block_index, call.attention_index)
-        warm = self.centroids.get(cache_key)
-        if warm is not None and (warm[0].shape != (groups, q_clusters, dim) or warm[1].shape != (groups, k_clusters, dim)):
+        layer = (call_state.ctx.slot, call.block_index, call.attention_index)
+        if self._measured.get(layer):
+            return self._measured[layer]
+        groups, dim = query.shape[0] * query.shape[1], query.shape[-1]
+        q_image, k_image = call.image_slice(query.shape[2]), call.image_slice(key.shape[2])
+        clusters = self._clusters(call_state, q_image.stop - q_image.start, k_image.stop - k_image.start)
+        warm = self.centroids.get(layer)
+        if warm is not None and (warm[0].shape, warm[1].shape) != ((groups, clusters[0], dim), (groups, clusters[1], dim)):
             warm = None
         iterations = self.config.kmeans_iters_first if warm is None else self.config.kmeans_iters_next
-        q_labels, q_centroids, _ = kmeans.kmeans(image_q, q_clusters, iterations, None if warm is None else warm[0])
-        k_labels, k_centroids, k_sizes = kmeans.kmeans(image_k, k_clusters, iterations,
-                                                       None if warm is None else warm[1])
-        self.centroids[cache_key] = (q_centroids, k_centroids)
-        if self._cluster_map is None:
-            self._record_cluster_map(call_state, call, q_labels)
-        keep = kept_cluster_pairs(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, self.config.top_p,
-                     math.ceil(self.config.min_key_cluster_ratio * k_clusters))
+        kernel = self._kernel(query.device)
+        judge = layer not in self._measured and not self.config.plan_every_layer
+        if judge and warm is None and iterations > PROBE_ITERATIONS:
+            # a layer's first sparse call of the run: a few k-means iterations tell whether its plans can
+            # save at all (one host read); if so, k-means goes on from there (the same result as from scratch)
+            density, warm = probe(self.config, query, key, scale, q_image, k_image, clusters, PROBE_ITERATIONS)
+            iterations -= PROBE_ITERATIONS
+            call_state.record_overhead("svg2 k-means", 2.0 * groups * PROBE_ITERATIONS * dim * (
+                (q_image.stop - q_image.start) * clusters[0] + (k_image.stop - k_image.start) * clusters[1]))
+            if float(density) > kernel.speed * (1 - MIN_SAVING):
+                self._measured[layer] = reason = f"{kernel.name} kernel: its plans save under {MIN_SAVING:.0%}"
+                return reason
+        plan, keys, values, self.centroids[layer] = plan_clusters(self.config, query, key, value, key_bias, scale,
+                                                                  q_image, k_image, clusters, iterations, warm)
         call_state.record_overhead("svg2 k-means", 2.0 * groups * max(iterations, 1) * dim *
-                             (image_q.shape[1] * q_clusters + image_k.shape[1] * k_clusters), image_q.shape[1])
+                                   (plan.q_perm.shape[1] * clusters[0] + plan.k_perm.shape[1] * clusters[1]),
+                                   plan.q_perm.shape[1])
+        if judge:  # and the kernel's own count of what the first whole plan costs it (one more read)
+            self._measured[layer] = reason = None if float(kernel.run.work(plan)) <= kernel.speed * (1 - MIN_SAVING) \
+                else f"{kernel.name} kernel: its plans save under {MIN_SAVING:.0%}"
+            if reason:
+                return reason
+        if self._cluster_map is None:
+            self._record_cluster_map(call_state, call, plan.q_labels[0])
+        out = kernel.run(plan.order_queries(query), keys, values, plan)
+        return plan.restore(out), plan.pairs().mean()
 
-        # text (joint attention) is one more cluster on each side, kept by and keeping every cluster
-        q_perm, q_offsets = kmeans.cluster_permutation(q_labels, q_clusters)
-        k_perm, k_offsets = kmeans.cluster_permutation(k_labels, k_clusters)
-        q_text, k_text = q_len - image_q.shape[1], k_len - image_k.shape[1]
-        q_offsets = torch.cat([q_offsets, q_offsets[:, -1:] + q_text], -1) if q_text else q_offsets
-        k_offsets = torch.cat([k_offsets, k_offsets[:, -1:] + k_text], -1) if k_text else k_offsets
-        if k_text:
-            keep = torch.cat([keep, keep.new_ones(groups, keep.shape[1], 1)], -1)
-        if q_text:
-            keep = torch.cat([keep, keep.new_ones(groups, 1, keep.shape[-1])], 1)
 
-        def order(x, part, permutation):
-            """The permuted image tokens, then the text tokens, as (G, S, D)."""
-            image = flat(x, part).gather(1, permutation.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            text = [x[:, :, : part.start], x[:, :, part.stop:]]
-            return torch.cat([image] + [t.reshape(groups, -1, x.shape[-1]) for t in text if t.shape[2]], 1)
+def probe(config: SVG2Config, query: torch.Tensor, key: torch.Tensor, scale: float | None, q_image: slice,
+          k_image: slice, clusters: tuple[int, int], iterations: int
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(the fraction of the dense pairs a plan attends (a device scalar), the (query, key) centroids)
+    after `iterations` k-means iterations from scratch: kept pairs, stand-ins and text counted."""
+    batch, heads, q_len, dim = query.shape
+    k_len, groups = key.shape[2], batch * heads
+    _, q_centroids, q_sizes = kmeans.kmeans(query[:, :, q_image].reshape(groups, -1, dim), clusters[0], iterations)
+    _, k_centroids, k_sizes = kmeans.kmeans(key[:, :, k_image].reshape(groups, -1, dim), clusters[1], iterations)
+    keep = kept_cluster_pairs(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, config.top_p,
+                              math.ceil(config.min_key_cluster_ratio * clusters[1]))
+    kept = (keep.float() * k_sizes.float().unsqueeze(1)).sum(-1)  # (G, QC) image keys kept
+    if config.stand_ins:
+        kept = kept + (~keep & (k_sizes > 0).unsqueeze(1)).float().sum(-1)
+    image_q = q_image.stop - q_image.start
+    text_k = k_len - (k_image.stop - k_image.start)
+    pairs = (q_sizes.float() * (kept + text_k)).sum() + groups * (q_len - image_q) * k_len
+    return pairs / (groups * q_len * k_len), (q_centroids, k_centroids)
 
-        if key_bias is not None:
-            key_bias = key_bias.expand(batch, heads, 1, k_len).reshape(groups, 1, k_len)
-        stand_ins = None
-        if self.config.stand_ins:
-            image_bias = None if key_bias is None else key_bias[:, :, k_image].unsqueeze(1)
-            means_k, means_v, log_sizes = pooling.pool(image_k.unsqueeze(1), flat(value, k_image).unsqueeze(1),
-                                                       k_labels, k_clusters, image_bias)
-            stand_ins = (means_k[:, 0], means_v[:, 0], log_sizes.reshape(groups, k_clusters))
-            if k_text:  # the text cluster is always kept: its stand-in is never attended
-                stand_ins = (torch.cat([stand_ins[0], stand_ins[0][:, :1]], 1),
-                             torch.cat([stand_ins[1], stand_ins[1][:, :1]], 1),
-                             torch.cat([stand_ins[2], torch.full_like(stand_ins[2][:, :1], -torch.inf)], 1))
-        if key_bias is not None:
-            image_bias = key_bias[:, :, k_image].gather(2, k_perm.unsqueeze(1))
-            key_bias = torch.cat([image_bias, key_bias[:, :, : k_image.start], key_bias[:, :, k_image.stop:]], 2)
-        kernel = block_sparse.gathered if query.device.type == "cpu" else block_sparse.padded
-        out = kernel(order(query, q_image, q_perm), order(key, k_image, k_perm), order(value, k_image, k_perm),
-                     q_offsets, k_offsets, keep, key_bias, scale, stand_ins)
-        pairs = float(block_sparse.pairs(q_offsets, k_offsets, keep).float().mean())
-        if stand_ins is not None:  # one more key per skipped non-empty key cluster
-            skipped = (~keep & (k_offsets.diff(dim=-1) > 0).unsqueeze(1)).float()
-            pairs += float((skipped.sum(-1) * q_offsets.diff(dim=-1)).sum(-1).float().mean())
 
-        # back to the processor's order: un-permute the image queries, text where it was
-        image_out = out[:, : image_q.shape[1]]
-        restored = torch.empty_like(image_out).scatter_(1, q_perm.unsqueeze(-1).expand_as(image_out), image_out)
-        text_out = out[:, image_q.shape[1]:]
-        before, after = text_out[:, : q_image.start], text_out[:, q_image.start:]
-        result = torch.cat([before, restored, after], 1).view(batch, heads, q_len, -1)
-        return result, pairs
+def plan_clusters(config: SVG2Config, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  key_bias: torch.Tensor | None, scale: float | None, q_image: slice, k_image: slice,
+                  clusters: tuple[int, int], iterations: int,
+                  warm: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[ClusterPlan, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(plan, permuted keys and values (G, K, D), the (query, key) centroids to warm-start the next call)
+    of one attention of (B, H, S, D) q/k/v: k-means of each side's image tokens (from `warm` centroids
+    if given), the kept pairs, the permutations, text as one more cluster on each side (kept by and
+    keeping every cluster), the stand-ins and the permuted key bias. No host sync."""
+    batch, heads, q_len, dim = query.shape
+    k_len, groups = key.shape[2], batch * heads
+    image_q = query[:, :, q_image].reshape(groups, -1, dim)
+    image_k = key[:, :, k_image].reshape(groups, -1, dim)
+    q_labels, q_centroids, q_sizes = kmeans.kmeans(image_q, clusters[0], iterations, None if warm is None else warm[0])
+    k_labels, k_centroids, k_sizes = kmeans.kmeans(image_k, clusters[1], iterations, None if warm is None else warm[1])
+    keep = kept_cluster_pairs(q_centroids, k_centroids, k_sizes, scale or dim ** -0.5, config.top_p,
+                              math.ceil(config.min_key_cluster_ratio * clusters[1]))
+    q_perm, q_offsets = kmeans.cluster_permutation(q_labels, q_sizes)
+    k_perm, k_offsets = kmeans.cluster_permutation(k_labels, k_sizes)
+    image_offsets = k_offsets
+    q_text, k_text = q_len - image_q.shape[1], k_len - image_k.shape[1]
+    if k_text:
+        k_offsets = torch.cat([k_offsets, k_offsets[:, -1:] + k_text], -1)
+        keep = torch.cat([keep, keep.new_ones(groups, keep.shape[1], 1)], -1)
+    if q_text:
+        q_offsets = torch.cat([q_offsets, q_offsets[:, -1:] + q_text], -1)
+        keep = torch.cat([keep, keep.new_ones(groups, 1, keep.shape[-1])], 1)
+    plan = ClusterPlan(batch, heads, q_len, k_len, q_image, k_image, q_perm, k_perm, q_offsets, k_offsets, keep,
+                       scale=scale, q_labels=q_labels)
+    keys, values = plan.order_keys(key), plan.order_keys(value)
+    if key_bias is not None:
+        plan.key_bias = plan.order_key_bias(key_bias)
+    if config.stand_ins:
+        image_keys = image_k.shape[1]
+        plan.stand_ins = pooling.segment_pool(keys[:, :image_keys], values[:, :image_keys], image_offsets,
+                                              None if plan.key_bias is None else plan.key_bias[:, :image_keys])
+    return plan, keys, values, (q_centroids, k_centroids)

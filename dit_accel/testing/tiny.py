@@ -17,6 +17,12 @@ Video calls spend most of their time in the VAE decode; pass
 ``medium_pipeline`` / ``medium_call_kwargs`` (SD3, Wan, PixArt) are the same pipelines with a
 random-weight transformer of 4 blocks of 6 heads of 64 at 4,096 image/video tokens: big enough on a
 CPU for wall clock to follow FLOPs (the size of the official RAS CPU comparison), still offline.
+
+``release_transformer`` builds a random-weight transformer with a real release's config (``RELEASES``:
+Wan 2.1 1.3B and 14B, SD3.5 medium), so kernels see the shapes users run; ``release_pipeline`` puts it in
+its pipeline without text encoders or VAE (``release_call_kwargs`` passes random prompt embeddings of
+the release's text widths and lengths; output latents), and ``wan_inputs`` are the inputs of one direct
+Wan transformer call. Overrides cut blocks or heads where a machine cannot hold the real ones.
 """
 
 from __future__ import annotations
@@ -610,3 +616,113 @@ def medium_call_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
     _medium(family)
     return tiny_call_kwargs(family, **{"num_inference_steps": 20, "guidance_scale": 1.0,
                                        **_MEDIUM_CALL[family], **overrides})
+
+
+# ---------------------------------------------------------------- releases at full width
+
+@dataclass(frozen=True)
+class Release:
+    """A released transformer's config (its diffusers config.json) and what its pipeline feeds it."""
+
+    transformer_cls: type
+    config: dict[str, Any]
+    pipeline_cls: type
+    #: text tokens its pipeline passes: (T5 / umT5 sequence length, CLIP tokens concatenated to it)
+    text_tokens: tuple[int, int]
+    #: whether its pipeline also passes pooled text embeddings (SD3: its two CLIP projections)
+    pooled_text: bool = False
+
+
+_WAN_2_1 = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+RELEASES: dict[str, Release] = {
+    "wan2.1-1.3b": Release(WanTransformer3DModel, dict(_WAN_2_1, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+                           WanPipeline, (512, 0)),
+    "wan2.1-14b": Release(WanTransformer3DModel, dict(_WAN_2_1, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+                          WanPipeline, (512, 0)),
+    "sd3.5-medium": Release(SD3Transformer2DModel, dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        StableDiffusion3Pipeline, (256, 77), pooled_text=True),
+}
+
+
+def _release(name: str) -> Release:
+    if name not in RELEASES:
+        raise ValueError(f"Unknown release {name!r}; known: {', '.join(RELEASES)}")
+    return RELEASES[name]
+
+
+def release_transformer(name: str, *, seed: int = 0, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
+    """A random-weight transformer with release `name`'s config (`RELEASES`), `overrides` on top
+    (``num_layers=2``: fewer blocks; ``num_attention_heads=2``: fewer heads for a CPU), its weights
+    made on `device` (a 14B block never passes through host memory) and cast to `dtype`. SD3's caption
+    projection follows the head count unless overridden. The global torch RNG state is left untouched."""
+    release = _release(name)
+    config = {**release.config, **overrides}
+    if release.transformer_cls is SD3Transformer2DModel and "caption_projection_dim" not in overrides:
+        config["caption_projection_dim"] = _inner_dim(config)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+        transformer = release.transformer_cls(**config).eval().requires_grad_(False)
+    # as from_pretrained(torch_dtype=...) loads it: the modules the class keeps in float32 stay there
+    kept = getattr(transformer, "_keep_in_fp32_modules", None) or []
+    for tensor_name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if tensor.is_floating_point() and not any(module in tensor_name.split(".") for module in kept):
+            tensor.data = tensor.data.to(dtype)
+    return transformer
+
+
+def release_pipeline(name: str, transformer: torch.nn.Module) -> DiffusionPipeline:
+    """Release `name`'s pipeline around `transformer` with its scheduler and no text encoders or VAE:
+    call it with `release_call_kwargs` (prompt embeddings given, latents out)."""
+    release = _release(name)
+    if release.pipeline_cls is WanPipeline:
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = WanPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
+    else:
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def release_call_kwargs(name: str, transformer: torch.nn.Module, *, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """Call arguments of `release_pipeline(name, transformer)`: random prompt embeddings (and negative
+    ones under CFG) of the release's text lengths and the transformer's text widths, on its device and
+    dtype, seeded; latents out. `overrides` (height, width, num_frames, steps, guidance) go on top."""
+    release = _release(name)
+    config = transformer.config
+    width = config.text_dim if release.pipeline_cls is WanPipeline else config.joint_attention_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def embeddings(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(transformer.device, transformer.dtype)
+
+    kwargs: dict[str, Any] = {"prompt_embeds": embeddings(1, sum(release.text_tokens), width),
+                              "negative_prompt_embeds": embeddings(1, sum(release.text_tokens), width),
+                              "output_type": "latent", "generator": torch.Generator().manual_seed(seed)}
+    if release.pooled_text:
+        pooled = config.pooled_projection_dim
+        kwargs |= {"pooled_prompt_embeds": embeddings(1, pooled),
+                   "negative_pooled_prompt_embeds": embeddings(1, pooled)}
+    return {**kwargs, **overrides}
+
+
+def wan_inputs(transformer: torch.nn.Module, grid: tuple[int, int, int], text_tokens: int, *, batch: int = 1,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Latents and text embeddings of one direct call of a Wan transformer (add `timestep`), on its
+    device and dtype: `grid` is (latent frames, token rows, token cols) after its (1, 2, 2) patch."""
+    config = transformer.config
+    generator = torch.Generator().manual_seed(seed)
+    frames, rows, cols = grid
+    latents = torch.randn(batch, config.in_channels, frames, rows * config.patch_size[1], cols * config.patch_size[2],
+                          generator=generator)
+    text = torch.randn(batch, text_tokens, config.text_dim, generator=generator)
+    # `dtype`: the weights' (modules kept in float32 aside), as the pipeline casts its inputs
+    return {"hidden_states": latents.to(transformer.device, transformer.dtype),
+            "encoder_hidden_states": text.to(transformer.device, transformer.dtype)}

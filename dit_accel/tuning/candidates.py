@@ -30,6 +30,10 @@ class CandidateStatus(str, enum.Enum):
     MISSES_ON_FIRST_BATCH = "misses the target on the first batch"
     MEETS_BUT_SLOWER = "meets it, slower than the best so far"
     CANNOT_WIN = "cannot win: slower than the best so far"
+    #: the speed mode: expected below the speed asked for
+    BELOW_SPEED = "slower than the speed asked for"
+    #: the speed mode: at the speed, but lower quality than the best so far there
+    LOWER_QUALITY = "at the speed, lower quality than the best so far"
     MEETS_TARGET = "meets the target"
     MISSES_TARGET = "misses the target"
     #: a stack left out: predicted to lose or to miss the target
@@ -65,6 +69,11 @@ class Candidate:
     flops_ratio: float | None = None
     psnr_frames: list = dataclasses.field(default_factory=list)
     ssim_sum: float = 0.0
+    #: summed over frames like SSIM; None where the target names no perceptual bound (not measured)
+    perceptual_sum: float | None = None
+    #: the judge's readings equal to dense's, of those compared (only where the target names the judge)
+    judge_agreeing: int = 0
+    judge_readings: int = 0
     #: (predicted speedup, predicted quality) of a stack before it ran
     predicted: tuple[float, float] | None = None
     final_speedup: float | None = None
@@ -85,9 +94,16 @@ class Candidate:
         return self.status.value
 
     def quality(self, metric: str) -> float | None:
+        """Its mean `metric` (a name of `target.METRICS`) over what it ran; None where not measured."""
         if not self.psnr_frames:
             return None
-        return mean_db(self.psnr_frames) if metric == "psnr" else self.ssim_sum / len(self.psnr_frames)
+        if metric == "psnr":
+            return mean_db(self.psnr_frames)
+        if metric == "ssim":
+            return self.ssim_sum / len(self.psnr_frames)
+        if metric == "perceptual":
+            return None if self.perceptual_sum is None else self.perceptual_sum / len(self.psnr_frames)
+        return self.judge_agreeing / self.judge_readings if self.judge_readings else None
 
     def does_what(self, other: "Candidate") -> bool:
         """The same work and the same outputs as `other`: the same plan in effect (a knob past its effect)."""
@@ -98,10 +114,10 @@ class Candidate:
         """Wall-clock speedup over the FLOPs speedup (1: time falls exactly as the counted work does)."""
         return (self.speedup or 1.0) * (self.flops_ratio or 1.0)
 
-    def summary(self, metric: str) -> dict[str, Any]:
+    def summary(self, metrics: tuple[str, ...]) -> dict[str, Any]:
         return {"label": self.label, "status": self.status_text, "error": self.error, "batches": self.batches,
                 "speedup": self.speedup, "final_speedup": self.final_speedup, "flops_ratio": self.flops_ratio,
-                metric: self.quality(metric), "predicted": self.predicted}
+                **{metric: self.quality(metric) for metric in metrics}, "predicted": self.predicted}
 
 
 def candidate_of(setting: Setting, context: SearchContext) -> Candidate:

@@ -12,16 +12,18 @@ import statistics
 
 from ..runtime.registry import registration
 from .candidates import Candidate
-from .target import Target
+from .target import METRICS, Target
 
 
-def predicted_quality(members: tuple[Candidate, ...], metric: str) -> float:
-    """A stack's quality from its members' if their errors added: PSNR by adding their mean squared
-    errors, SSIM by adding their losses."""
+def predicted_quality(members: tuple[Candidate, ...], metric: str) -> float | None:
+    """A stack's quality from its members' if their errors added (`Metric.loss`): PSNR by adding their
+    mean squared errors, SSIM and the judge's agreement by adding their losses, a perceptual distance by
+    adding the distances; None where a member's was not measured."""
     values = [m.quality(metric) for m in members]
-    if metric == "psnr":
-        return -10 * math.log10(sum(10 ** (-min(v, 100.0) / 10) for v in values))
-    return 1 - sum(1 - v for v in values)
+    if any(v is None for v in values):
+        return None
+    kind = METRICS[metric]
+    return kind.from_loss(sum(kind.loss(v) for v in values))
 
 
 class Predictor:
@@ -37,10 +39,11 @@ class Predictor:
     so each pairing of techniques is learnt on its own, and a pairing not run yet is tried optimistically.
     """
 
-    def __init__(self, metric: str):
-        self.metric = metric
+    def __init__(self, metrics: tuple[str, ...]):
+        #: the target's metrics, the primary first
+        self.metrics = tuple(metrics)
         self.efficiencies: dict[str, list[float]] = {}
-        #: per pairing of techniques (their kinds, sorted): measured / predicted, error and efficiency
+        #: per pairing of techniques (their kinds, sorted) and per metric for the errors: measured / predicted
         self.error_ratios: dict[tuple, list[float]] = {}
         self.efficiency_ratios: dict[tuple, list[float]] = {}
 
@@ -70,13 +73,16 @@ class Predictor:
         """The expected wall-clock speedup: the FLOPs speedup at the technique's efficiency."""
         return self.efficiency(candidate) / self.flops(candidate)
 
-    def quality(self, candidate: Candidate) -> float:
-        """Measured, else (a stack not run yet) predicted."""
+    def quality(self, candidate: Candidate, metric: str | None = None) -> float | None:
+        """`metric` (default: the primary one) measured, else (a stack not run yet) predicted."""
+        metric = metric or self.metrics[0]
         if candidate.batches:
-            return candidate.quality(self.metric)
-        added = predicted_quality(candidate.members, self.metric)
-        factor = self._median(self.error_ratios.get(self._pairing(candidate)))
-        return added - 10 * math.log10(factor) if self.metric == "psnr" else 1 - (1 - added) * factor
+            return candidate.quality(metric)
+        added = predicted_quality(candidate.members, metric)
+        if added is None:
+            return None
+        kind = METRICS[metric]
+        return kind.from_loss(kind.loss(added) * self._median(self.error_ratios.get((self._pairing(candidate), metric))))
 
     def observe(self, candidate: Candidate) -> None:
         """Take in a candidate's run: its technique's efficiency; for a stack its error and efficiency
@@ -87,11 +93,11 @@ class Predictor:
             self.efficiencies.setdefault(self._kind(candidate), []).append(candidate.efficiency)
             return
         pairing = self._pairing(candidate)
-        measured, added = candidate.quality(self.metric), predicted_quality(candidate.members, self.metric)
-        if self.metric == "psnr":
-            self.error_ratios.setdefault(pairing, []).append(10 ** ((added - min(measured, 100.0)) / 10))
-        elif added < 1:
-            self.error_ratios.setdefault(pairing, []).append((1 - measured) / (1 - added))
+        for metric in self.metrics:
+            measured, added = candidate.quality(metric), predicted_quality(candidate.members, metric)
+            kind = METRICS[metric]
+            if measured is not None and added is not None and kind.loss(added) > 0:
+                self.error_ratios.setdefault((pairing, metric), []).append(kind.loss(measured) / kind.loss(added))
         worst = min(self.efficiency(m) for m in candidate.members)
         self.efficiency_ratios.setdefault(pairing, []).append(candidate.efficiency / worst)
 
@@ -99,10 +105,10 @@ class Predictor:
 def stack_options(pool: list[Candidate], target: Target, size: int,
                   bases: list[Candidate] | None = None) -> list[Candidate]:
     """Every stack of `size` members from different stages, each member meeting the target alone on the
-    first batch (triples: a confirmed pair plus one such member). Not yet checked to compose: a plan the
-    runtime refuses is refused when it is tried."""
-    metric = target.metric
-    usable = [c for c in pool if len(c.members) == 1 and c.batches and c.quality(metric) >= target.value]
+    first batch (triples: a confirmed pair plus one such member); a bound without a value (the speed mode's
+    metric to maximise) keeps every member. Not yet checked to compose: a plan the runtime refuses is
+    refused when it is tried."""
+    usable = [c for c in pool if len(c.members) == 1 and c.batches and target.met(c.quality)]
     groups = ([base.members + (extra,) for base in bases for extra in usable if extra not in base.members]
               if bases is not None else itertools.combinations(usable, size))
     found, seen = [], set()

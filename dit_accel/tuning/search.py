@@ -1,4 +1,5 @@
-"""`tune`: the fastest plan that holds a quality target on the user's model, prompts and step count.
+"""`tune`: the fastest plan that holds a quality target on the user's model, prompts and step count, or
+(`speedup=`) the plan with the best quality at a speed.
 
 Thresholds, ratios and top-p that suit one model, resolution and step count do not suit another, so
 the search measures them on the user's own prompts against their own dense outputs, cheaper than a grid:
@@ -6,19 +7,22 @@ the search measures them on the user's own prompts against their own dense outpu
 1. dense runs once per batch of tuning prompts (its outputs are the reference of every candidate);
 2. every technique's documented presets and every diffusers cache at a few settings (the singles:
    what each registration's `search_space` offers, `candidates.singles`) run on the first batch
-   only: its quality, the ledger's FLOPs and its time;
+   only: its quality on every metric the target names, the ledger's FLOPs and its time;
 3. each knob's boldest setting that still holds the target goes bolder (`Candidate.bolder`) until it
-   fails, or changes nothing twice in a row;
+   fails, or changes nothing twice in a row (the speed mode: until it is past the speed asked for);
 4. candidates are judged by their expected speed: the ledger's FLOPs, exact and free, times the
-   technique's median wall/FLOPs efficiency so far (`Predictor`); one within a margin of the target on
+   technique's median wall/FLOPs efficiency so far (`Predictor`); one within a margin of every bound on
    the first batch, and within `FINAL_SLACK` of the best expected speed, runs on the other batches,
-   and one that meets the target on all of them is confirmed;
+   and one that meets the target on all of them is confirmed (the speed mode: one expected at the
+   speed, within a margin of the best quality confirmed there);
 5. stacks of singles from different stages are predicted before they run (FLOPs as the product of
-   their members', PSNR by adding their errors, both corrected by the stacks of the same pairing run
-   so far); only stacks predicted to hold the target and beat the best run, the most promising first;
-6. the fastest expected distinct confirmed candidates are timed again side by side with dense, in
-   turn, over every tuning batch; the winner has the best median speedup; a target no plan meets
-   returns dense, said so;
+   their members', each metric by adding their errors, both corrected by the stacks of the same pairing
+   run so far); only stacks predicted to hold the target and beat the best run, the most promising first;
+6. the best confirmed distinct candidates (fastest; the speed mode: best quality) are timed again side
+   by side with dense, in turn, over every tuning batch, the best fewer-steps setting always among
+   them; the winner has the best median speedup (the speed mode: the best quality among those whose
+   side-by-side speedup reaches the speed); a target no plan meets, or a speed none reaches, returns
+   dense, said so;
 7. held-out prompts, when given, are generated dense and with the winner: how much quality moved.
 
 MagCache's ratios and DyDiT's head scores are calibrated inside the search, on the first batch, when
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import shutil
 import statistics
@@ -47,13 +52,14 @@ from ..comparison import PlanRun, timed_run
 from ..config import ConfigError
 from ..loading import call_arguments
 from ..machine import machine
-from ..metrics.quality import psnr_frames, ssim_frames
+from ..metrics.judge import agreement, load_judge, readings
+from ..metrics.quality import PerceptualDistance, channels_first, frames, psnr_frames, ssim_frames
 from ..plan_files import save_plan
 from ..runtime.registry import registration
 from ..runtime.search_space import SearchContext
 from .candidates import Candidate, CandidateStatus, singles
 from .predict import Predictor, stack_options
-from .target import Budget, Target
+from .target import Budget, Target, model_source
 
 #: prompts a call (the reference models' standard setting)
 DEFAULT_BATCH = 8
@@ -76,6 +82,7 @@ class TuneResult:
     label: str
     target: Target
     speedup: float
+    #: the primary metric on the tuning prompts, and on the held-out ones
     quality: float | None
     held_out_quality: float | None
     candidates: list[Candidate]
@@ -83,6 +90,13 @@ class TuneResult:
     seconds: float
     message: str
     path: str | None = None
+    #: the speed asked for (best quality at it), None: the fastest plan that holds the target
+    wanted_speedup: float | None = None
+    #: every metric of the target on the tuning prompts, and on the held-out ones
+    qualities: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    held_out_qualities: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    #: which perceptual distance measured a `perceptual` bound (LPIPS or the judge-feature stand-in)
+    perceptual: str | None = None
 
     @property
     def quality_moved(self) -> float | None:
@@ -91,28 +105,66 @@ class TuneResult:
             return None
         return self.held_out_quality - self.quality
 
+    @property
+    def goal(self) -> str:
+        """What was asked for, as the plan file records it."""
+        if self.wanted_speedup is None:
+            return str(self.target)
+        floors = self.target.floors()
+        return f"best {self.target.metric} at speedup>={self.wanted_speedup:g}" + (f", keeping {floors}" if floors else "")
+
     def summary(self) -> dict[str, Any]:
-        metric = self.target.metric
+        metrics = self.target.metrics
         tried = [c for c in self.candidates if c.batches]
-        return {"plan": self.label, "target": str(self.target), "speedup": self.speedup, metric: self.quality,
-                f"held_out_{metric}": self.held_out_quality, "quality_moved": self.quality_moved,
+        return {"plan": self.label, "target": self.goal, "speedup": self.speedup,
+                **{m: self.qualities.get(m) for m in metrics},
+                **{f"held_out_{m}": self.held_out_qualities.get(m) for m in metrics},
+                "quality_moved": self.quality_moved, "perceptual": self.perceptual,
                 "search_seconds": self.seconds, "generations": self.generations, "candidates_tried": len(tried),
-                "message": self.message, "candidates": [c.summary(metric) for c in tried]}
+                "message": self.message, "candidates": [c.summary(metrics) for c in tried]}
+
+
+class _Scorers:
+    """What measures a run against dense beyond PSNR and SSIM, loaded once and only for the metrics the
+    target names: the perceptual distance and the judge."""
+
+    def __init__(self, target: Target):
+        self.perceptual = PerceptualDistance() if "perceptual" in target.metrics else None
+        self.judge = load_judge() if "judge" in target.metrics else None
+
+    def readings(self, output: torch.Tensor) -> list | None:
+        """The judge's readings of a pipeline's output, where the target names the judge."""
+        return None if self.judge is None else readings(self.judge, channels_first(output))
+
+
+def _qualities(candidate: Candidate, metrics: tuple[str, ...]) -> str:
+    return ", ".join(f"{m} {candidate.quality(m):.3f}" for m in metrics if candidate.quality(m) is not None)
+
+
+def _measured_speedup(candidate: Candidate) -> float:
+    """Its side-by-side speedup from the final, else its speedup over the batches it ran."""
+    return candidate.final_speedup or candidate.speedup or 0.0
 
 
 class _Search:
-    """The state of one `tune` call: the batches, dense's outputs, the clock and the budget."""
+    """The state of one `tune` call: the batches, dense's outputs, the clock, the budget, and what it
+    maximises (the expected speed, or in the speed mode the primary quality at `wanted_speedup`)."""
 
     def __init__(self, pipe: Any, batches: list[dict], seed: int, target: Target, budget: Budget,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], wanted_speedup: float | None = None, scorers: _Scorers | None = None):
         self.pipe, self.batches, self.seed, self.target, self.budget, self.say = pipe, batches, seed, target, budget, say
+        self.wanted_speedup = wanted_speedup
+        self.scorers = scorers or _Scorers(target)
         self.started = time.perf_counter()
         self.generations = 0
         self.dense: list[PlanRun] = []
-        self.predictor = Predictor(target.metric)
+        self.dense_readings: list[list | None] = []
+        self.predictor = Predictor(target.metrics)
         #: seconds and generations kept back for the final timing and the held-out check
         self.reserve_seconds = 0.0
         self.reserve_generations = 0
+        #: what `worth` is before anything is confirmed: dense's speed, or any quality
+        self.start = 1.0 if wanted_speedup is None else -math.inf
 
     def calibrating(self, what: str) -> None:
         """A calibration run (on the first batch) is about to happen: say so and count it."""
@@ -139,9 +191,14 @@ class _Search:
         self.generations += 1
         return run
 
+    def run_dense(self) -> None:
+        """Dense on every batch: the reference of every candidate (and the judge's readings of it)."""
+        self.dense = [self.run([], i) for i in range(len(self.batches))]
+        self.dense_readings = [self.scorers.readings(d.output) for d in self.dense]
+
     def measure(self, candidate: Candidate, indices: list[int]) -> None:
         """Run `candidate` on the batches `indices` (after an untimed warm-up on its first run) and add
-        its time, FLOPs and quality against dense's outputs."""
+        its time, FLOPs and quality on every metric of the target against dense's outputs."""
         if candidate.prepare is not None:
             candidate.configs, candidate.prepare = candidate.prepare(), None
         if not candidate.batches and not any(getattr(c, "num_inference_steps", None) for c in candidate.configs):
@@ -160,6 +217,13 @@ class _Search:
             values = psnr_frames(run.output, dense.output)
             candidate.psnr_frames += values
             candidate.ssim_sum += ssim_frames(run.output, dense.output) * len(values)
+            if self.scorers.perceptual is not None:
+                distance = self.scorers.perceptual(frames(run.output), frames(dense.output)) * len(values)
+                candidate.perceptual_sum = (candidate.perceptual_sum or 0.0) + distance
+            if self.scorers.judge is not None:
+                agreeing, compared = agreement(self.scorers.readings(run.output), self.dense_readings[index])
+                candidate.judge_agreeing += agreeing
+                candidate.judge_readings += compared
         self.predictor.observe(candidate)
 
     def _measured(self, candidate: Candidate, indices: list[int]) -> bool:
@@ -180,24 +244,47 @@ class _Search:
             return False
         return self._measured(candidate, [0])
 
+    def worth(self, candidate: Candidate) -> float:
+        """What the search maximises, measured or predicted: the expected speed, or in the speed mode the
+        primary quality (higher is better)."""
+        if self.wanted_speedup is None:
+            return self.predictor.speed(candidate)
+        value = self.predictor.quality(candidate)
+        return -math.inf if value is None else self.target.primary.score(value)
+
+    def at_speed(self, candidate: Candidate) -> bool:
+        """The speed mode: expected within `FINAL_SLACK` of the speed asked for (the final decides)."""
+        return self.predictor.speed(candidate) >= self.wanted_speedup * (1 - FINAL_SLACK)
+
+    def can_beat(self, candidate: Candidate, best: float) -> bool:
+        """Whether a stack not run yet is expected to beat `best` (and, in the speed mode, at the speed)."""
+        if self.wanted_speedup is None:
+            return self.predictor.speed(candidate) > best
+        return self.at_speed(candidate) and self.worth(candidate) > best
+
     def try_candidate(self, candidate: Candidate, best: float) -> bool:
         """Screen on the first batch, then the other batches if it can still meet the target and win
-        (expected speed within `FINAL_SLACK` of `best`, the best confirmed one's); True when it is
-        confirmed (meets the target on every tuning batch)."""
-        metric = self.target.metric
+        (expected speed within `FINAL_SLACK` of `best`, the best confirmed one's; the speed mode: expected
+        at the speed, primary quality within its margin of `best`); True when it is confirmed (meets the
+        target on every tuning batch)."""
         if not candidate.batches and not self.screen(candidate):
             return False
-        first = candidate.quality(metric)
         if candidate.flops_ratio is not None and candidate.flops_ratio >= 1.0:
             # it ran dense here (a sparse attention on too few tokens): dense itself, not a plan
             candidate.status = CandidateStatus.SAVES_NOTHING
             return False
-        if first < self.target.value - self.target.margin:
+        if not self.target.near(candidate.quality):
             candidate.status = CandidateStatus.MISSES_ON_FIRST_BATCH
             return False
-        if self.predictor.speed(candidate) <= best * (1 - FINAL_SLACK):
-            candidate.status = CandidateStatus.MEETS_BUT_SLOWER if first >= self.target.value else \
+        if self.wanted_speedup is None and self.predictor.speed(candidate) <= best * (1 - FINAL_SLACK):
+            candidate.status = CandidateStatus.MEETS_BUT_SLOWER if self.target.met(candidate.quality) else \
                 CandidateStatus.CANNOT_WIN
+            return False
+        if self.wanted_speedup is not None and not self.at_speed(candidate):
+            candidate.status = CandidateStatus.BELOW_SPEED
+            return False
+        if self.wanted_speedup is not None and self.worth(candidate) < best - self.target.primary.kind.margin:
+            candidate.status = CandidateStatus.LOWER_QUALITY
             return False
         rest = list(range(candidate.batches, len(self.batches)))
         if rest and not self.can_run(len(rest)):
@@ -205,19 +292,20 @@ class _Search:
             return False
         if rest and not self._measured(candidate, rest):
             return False
-        met = candidate.quality(metric) >= self.target.value
+        met = self.target.met(candidate.quality)
         candidate.status = CandidateStatus.MEETS_TARGET if met else CandidateStatus.MISSES_TARGET
-        self.say(f"[{self.elapsed():.0f} s, {self.generations} runs] {candidate.label}: {metric} "
-                 f"{candidate.quality(metric):.3f}, {candidate.speedup:.2f}x measured, "
+        self.say(f"[{self.elapsed():.0f} s, {self.generations} runs] {candidate.label}: "
+                 f"{_qualities(candidate, self.target.metrics)}, {candidate.speedup:.2f}x measured, "
                  f"{self.predictor.speed(candidate):.2f}x expected, FLOPs {candidate.flops_ratio or 1:.3f}: "
                  f"{candidate.status_text}")
         return met
 
     def time_side_by_side(self, finalists: list[Candidate]) -> None:
         """`FINAL_ROUNDS` rounds of dense then every finalist, in turn, on every tuning batch, as far as
-        the whole budget goes; each finalist's `final_speedup` is the median of its ratios to dense."""
+        the whole budget goes; each finalist's `final_speedup` is the median of its ratios to dense. One
+        finalist alone is timed only in the speed mode (its speed decides whether it wins)."""
         rounds = len(self.batches) * (len(finalists) + 1)
-        if len(finalists) < 2:
+        if len(finalists) < (1 if self.wanted_speedup is not None else 2):
             return
         ratios: dict[str, list[float]] = {c.label: [] for c in finalists}
         for _ in range(FINAL_ROUNDS):
@@ -244,23 +332,29 @@ def _kept_calibration(config: Any, scratch: Path, plan: Path) -> Any:
     return dataclasses.replace(config, calibration=str(kept))
 
 
-def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", steps: int | None = None,
-         budget: str | Budget | float | None = None, batch: int = DEFAULT_BATCH, seed: int = 0,
-         held_out: list[str] | None = None, path: str | os.PathLike | None = None,
+def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, speedup: float | None = None,
+         steps: int | None = None, budget: str | Budget | float | None = None, batch: int = DEFAULT_BATCH,
+         seed: int = 0, held_out: list[str] | None = None, path: str | os.PathLike | None = None,
          progress: Callable[[str], None] | None = None, **call: Any) -> TuneResult:
-    """The fastest plan whose quality vs dense on `prompts` meets `target`, within `budget`.
+    """The fastest plan whose quality vs dense on `prompts` meets every bound of `target` (default
+    psnr=30), within `budget`; with `speedup`, the plan with the best quality by the target's first metric
+    (default psnr) among those measured at >= `speedup` x dense, its other bounds kept as floors.
 
     `call` is the rest of the pipeline call (size, guidance, ...). With `path` the plan is written there
     as a plan file (DyDiT calibrations beside it); `held_out` prompts re-measure the winner on prompts
-    it was not tuned on. See the module's docstring for the search.
+    it was not tuned on. Everything is checked before anything runs: a target the model cannot be
+    measured on (`judge` beyond the reference models and their captions) is refused by name. See the
+    module's docstring for the search.
     """
-    target, budget = Target.parse(target), Budget.parse(budget)
+    target, budget = Target.for_search(target, speedup), Budget.parse(budget)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError("tune needs a non-empty list of prompts")
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     if "generator" in call:
         raise ConfigError("tune seeds every run itself from seed=...; pass no generator")
+    model, video = model_source(pipe)
+    target.check_judge(model, list(prompts) + list(held_out or []), video)
     say = progress or (lambda message: None)
     if steps is None:
         steps = call.pop("num_inference_steps", None) or \
@@ -272,12 +366,12 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
                 for i in range(0, len(texts), batch)]
 
     batches = calls(list(prompts))
-    search = _Search(pipe, batches, seed, target, budget, say)
+    search = _Search(pipe, batches, seed, target, budget, say, speedup)
     scratch = Path(tempfile.mkdtemp(prefix="dit-accel-tune-"))  # calibrations; the winner's moves beside the plan
 
     say(f"dense on {len(batches)} batch(es) of up to {batch}, {steps} steps")
     search.run([], 0, min(WARMUP_STEPS, steps))
-    search.dense = [search.run([], i) for i in range(len(batches))]
+    search.run_dense()
     dense_batch = statistics.mean(d.seconds for d in search.dense)
     say(f"dense: {dense_batch:.2f} s a batch")
     held = calls(list(held_out)) if held_out else []
@@ -295,7 +389,19 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     predictor = search.predictor
 
     def best() -> float:
-        return max((predictor.speed(c) for c in confirmed), default=1.0)
+        """What a candidate must come close to: the best confirmed one's speed; the speed mode: the quality
+        of the last of the `FINAL_CANDIDATES` best confirmed (several, should the best fall short of the
+        speed side by side)."""
+        worths = sorted((search.worth(c) for c in confirmed), reverse=True)
+        if speedup is None:
+            return worths[0] if worths else search.start
+        return worths[FINAL_CANDIDATES - 1] if len(worths) >= FINAL_CANDIDATES else search.start
+
+    def goes_bolder(base: Candidate) -> bool:
+        """A knob goes bolder while it holds the target (the speed mode: while short of the speed)."""
+        if not target.near(base.quality):
+            return False
+        return speedup is None or predictor.speed(base) < speedup * (1 + FINAL_SLACK)
 
     # the singles: all on the first batch first (they are the stacks' members), then the rest of the batches
     for candidate in pool:
@@ -305,7 +411,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
     unchanged = {id(c): 0 for c in bolder}  # steps in a row that changed neither work nor output
     while bolder and search.can_run(2):
         base = bolder.pop(0)
-        if base.quality(target.metric) is None or base.quality(target.metric) < target.value - target.margin:
+        if not goes_bolder(base):
             continue
         step = base.bolder()
         if step is None:
@@ -316,15 +422,17 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         unchanged[id(step)] = unchanged[id(base)] + 1 if step.does_what(base) else 0
         if step.bolder is not None and unchanged[id(step)] < 2:  # past its effect, a knob changes nothing more
             bolder.append(step)
-    for candidate in sorted((c for c in pool if c.batches), key=lambda c: -predictor.speed(c)):
+    for candidate in sorted((c for c in pool if c.batches), key=lambda c: -search.worth(c)):
         if search.try_candidate(candidate, best()):
             confirmed.append(candidate)
-    # the fastest fewer-steps setting that held on the first batch is confirmed even when slower than the
-    # best so far: the final measures every plan against it
+    # the fewer-steps setting the search would pick on its own (the fastest that held on the first batch; the
+    # speed mode: the best at the speed) is confirmed even when another is ahead: the final measures every
+    # plan against it
     if not any(_runs_fewer_steps_only(c) for c in confirmed):
-        holding = [c for c in pool if _runs_fewer_steps_only(c) and c.status is CandidateStatus.MEETS_BUT_SLOWER]
-        fewest = max(holding, key=predictor.speed, default=None)
-        if fewest is not None and search.try_candidate(fewest, 0.0):
+        holding = [c for c in pool if _runs_fewer_steps_only(c) and c.status in (CandidateStatus.MEETS_BUT_SLOWER,
+                                                                                   CandidateStatus.LOWER_QUALITY)]
+        fewest = max(holding, key=search.worth, default=None)
+        if fewest is not None and search.try_candidate(fewest, -math.inf):
             confirmed.append(fewest)
     # stacks, the most promising by the (corrected) prediction first, while any is predicted to win
     for size in (2, 3):
@@ -332,11 +440,11 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         options = stack_options(pool, target, size, bases)
         pool += options
         for _ in range(MAX_STACKS):
-            live = [c for c in options if c.status is CandidateStatus.NOT_TRIED and predictor.speed(c) > best()
-                    and predictor.quality(c) >= target.value - target.margin]
+            live = [c for c in options if c.status is CandidateStatus.NOT_TRIED and search.can_beat(c, best())
+                    and target.near(lambda metric, c=c: predictor.quality(c, metric))]
             if not live or not search.can_run(2):
                 break
-            candidate = max(live, key=predictor.speed)
+            candidate = max(live, key=search.worth)
             candidate.predicted = (predictor.speed(candidate), predictor.quality(candidate))
             if search.try_candidate(candidate, best()):
                 confirmed.append(candidate)
@@ -344,11 +452,15 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
             if candidate.status is CandidateStatus.NOT_TRIED:
                 candidate.status = CandidateStatus.PREDICTED_OUT
 
-    # the final, side by side: the fastest expected distinct confirmed ones in turn with dense, every batch
-    # fewer steps, the simplest thing a user could do instead, always runs in the final when it held
-    fewer = max((c for c in confirmed if _runs_fewer_steps_only(c)), key=predictor.speed, default=None)
+    # the final, side by side: the best distinct confirmed ones in turn with dense, every batch; fewer steps,
+    # the simplest thing a user could do instead, always runs in the final when it held
+    fewer = max((c for c in confirmed if _runs_fewer_steps_only(c)), key=search.worth, default=None)
     finalists: list[Candidate] = [] if fewer is None else [fewer]
-    for candidate in sorted(confirmed, key=lambda c: -predictor.speed(c)):
+    ranked = sorted(confirmed, key=lambda c: -search.worth(c))
+    if speedup is not None:  # the best one expected well past the speed gets a place, should the others fall short
+        safe = next((c for c in ranked if predictor.speed(c) >= speedup * (1 + FINAL_SLACK)), None)
+        ranked = ranked if safe is None else [safe] + [c for c in ranked if c is not safe]
+    for candidate in ranked:
         same = next((f for f in finalists if candidate.does_what(f)), None)
         if candidate is fewer:
             continue
@@ -357,40 +469,66 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target = "psnr=30", ste
         elif len(finalists) < FINAL_CANDIDATES:
             finalists.append(candidate)
     search.time_side_by_side(finalists)
-    winner = max(finalists, key=lambda c: c.final_speedup or predictor.speed(c), default=None)
+    if speedup is None:
+        winner = max(finalists, key=lambda c: c.final_speedup or predictor.speed(c), default=None)
+    else:
+        reached = [c for c in finalists if _measured_speedup(c) >= speedup]
+        winner = max(reached, key=lambda c: (search.worth(c), _measured_speedup(c)), default=None)
 
     metric = target.metric
-    if winner is None:
-        tried = [c for c in pool if c.batches]
-        met = [c for c in tried if c.quality(target.metric) >= target.value]
+    tried = [c for c in pool if c.batches]
+    floors = target.floors()
+    keeping = "" if floors is None else f" keeping {floors}"
+    if winner is None and speedup is None:
+        met = [c for c in tried if target.met(c.quality)]
         why = (f"{len(met)} met it on the first batch but none ran faster than dense" if met else
                f"none of the {len(tried)} tried met it")
         message = f"no plan met {target} on these prompts faster than dense within the budget ({why}): dense is returned"
-        configs, label, speedup, quality = [], "dense", 1.0, None
+    elif winner is None:
+        fastest = max((c for c in tried if target.met(c.quality)), key=_measured_speedup, default=None)
+        why = (f"the fastest{keeping}: {fastest.label} at {_measured_speedup(fastest):.2f}x" if fastest is not None
+               else f"none of the {len(tried)} tried kept {floors}" if tried else "the budget ran out before any plan ran")
+        message = f"no plan reached {speedup:g}x{keeping} on these prompts within the budget ({why}): dense is returned"
+    if winner is None:
+        configs, label, result_speedup = [], "dense", 1.0
     else:
-        configs, label = winner.configs, winner.label
-        speedup, quality = winner.final_speedup or winner.speedup, winner.quality(metric)
-        message = f"{label}: {speedup:.2f}x at {metric} {quality:.3f} on the tuning prompts (target {target})"
-        if winner is fewer:
-            message = (f"fewer steps alone is the fastest plan that holds {target} here, ahead of every technique "
-                       f"and stack tried: {message}")
-        elif fewer is not None:
-            message += f"; the best fewer-steps setting, {fewer.label}, ran {fewer.final_speedup or fewer.speedup:.2f}x"
-    held_quality = None
+        configs, label, result_speedup = winner.configs, winner.label, _measured_speedup(winner)
+        measured = _qualities(winner, target.metrics)
+        if speedup is None:
+            message = f"{label}: {result_speedup:.2f}x at {measured} on the tuning prompts (target {target})"
+            if winner is fewer:
+                message = (f"fewer steps alone is the fastest plan that holds {target} here, ahead of every "
+                           f"technique and stack tried: {message}")
+            elif fewer is not None:
+                message += f"; the best fewer-steps setting, {fewer.label}, ran {_measured_speedup(fewer):.2f}x"
+        else:
+            message = (f"{label}: {measured} at {result_speedup:.2f}x on the tuning prompts, the best {metric} at "
+                       f">= {speedup:g}x{keeping}")
+            if winner is fewer:
+                message = (f"fewer steps alone gives the best {metric} at >= {speedup:g}x here, ahead of every "
+                           f"technique and stack tried: {message}")
+            elif fewer is not None and fewer in reached:
+                message += (f"; the best fewer-steps setting at that speed, {fewer.label}, kept {metric} "
+                            f"{fewer.quality(metric):.3f} at {_measured_speedup(fewer):.2f}x")
+    held_qualities: dict[str, float | None] = {}
     if winner is not None and held:
         say(f"held-out check: {len(held)} batch(es), dense and {label}")
         check = Candidate(label, configs)
-        held_search = _Search(pipe, held, seed + len(batches), target, Budget(None), say)
-        held_search.dense = [held_search.run([], i) for i in range(len(held))]
+        held_search = _Search(pipe, held, seed + len(batches), target, Budget(None), say, scorers=search.scorers)
+        held_search.run_dense()
         held_search.measure(check, list(range(len(held))))
         search.generations += held_search.generations
-        held_quality = check.quality(metric)
-        message += f"; held-out {metric} {held_quality:.3f}"
-    result = TuneResult(configs, label, target, speedup, quality, held_quality, pool, search.generations,
-                        search.elapsed(), message)
+        held_qualities = {m: check.quality(m) for m in target.metrics}
+        message += f"; held-out {metric} {held_qualities[metric]:.3f}"
+    result = TuneResult(configs, label, target, result_speedup, None if winner is None else winner.quality(metric),
+                        held_qualities.get(metric), pool, search.generations, search.elapsed(), message,
+                        wanted_speedup=speedup,
+                        qualities={} if winner is None else {m: winner.quality(m) for m in target.metrics},
+                        held_out_qualities=held_qualities,
+                        perceptual=None if search.scorers.perceptual is None else search.scorers.perceptual.name)
     if path is not None:
         configs = result.configs = [_kept_calibration(c, scratch, Path(path)) for c in configs]
-        save_plan(path, configs, pipe, num_inference_steps=steps, target=str(target),
+        save_plan(path, configs, pipe, num_inference_steps=steps, target=result.goal,
                   measured={k: v for k, v in result.summary().items() if k != "candidates"},
                   machine=machine(getattr(pipe, "device", "cpu")), threads=torch.get_num_threads(),
                   prompts=len(prompts), held_out_prompts=len(held_out or []))
