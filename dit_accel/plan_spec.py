@@ -121,6 +121,11 @@ def parse_technique(spec: str, num_steps: int | None = None) -> Any:
     return config
 
 
+def steps_run(configs: list[Any], num_steps: int | None) -> int | None:
+    """The steps a plan runs when the call asks for `num_steps`: its schedule member's (fewer steps)."""
+    return next((c.steps_run(num_steps) for c in configs if hasattr(c, "steps_run")), num_steps)
+
+
 def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
     """`"ras:sample_ratio=0.5+fbcache:threshold=0.08"` -> `[RASConfig(...), FirstBlockCacheConfig(...)]`,
     checked to be combinable, or a plan file's configs (`plan_files.load_plan`: a path ending in .json,
@@ -133,7 +138,7 @@ def parse_plan(spec: str, num_steps: int | None = None) -> list[Any]:
     configs = [parse_technique(part, num_steps) for part in parts]
     check_composable(configs)
     # a member that runs another step count (fewer steps): the others' schedules are scaled to it
-    runs = next((c.steps_run(num_steps) for c in configs if hasattr(c, "steps_run")), num_steps)
+    runs = steps_run(configs, num_steps)
     if runs != num_steps:
         configs = [c if hasattr(c, "steps_run") else parse_technique(part, runs) for part, c in zip(parts, configs)]
     return configs

@@ -209,6 +209,17 @@ def test_window_kernels_equal_the_reference(kernel, dtype):
     _check(kernel, dtype, False, False, False, subset=True)  # queries a per-sample subset, keys the grid
 
 
+def test_torch_window_kernel_is_exact_where_own_window_proxies_hold_the_far_mass():
+    """The torch kernel takes the own-window proxies out of a part over every proxy by subtraction: queries
+    that look like their own window's keys put nearly all of that part's mass there (share ~0.999)."""
+    coordinates = _grid_coordinates(*EXTENT)
+    windows = proxy_kernel.place(coordinates, coordinates, EXTENT, (1, 4, 4), (1, 2, 2))
+    key, value = _randn(2, 3, math.prod(EXTENT), 16, seed=30), _randn(2, 3, math.prod(EXTENT), 16, seed=31)
+    query = 3 * key
+    out, _ = TorchWindows(dense.fused_cpu)(query, key, value, WindowPlan.of(windows))
+    torch.testing.assert_close(out, proxy_kernel.reference(query, key, value, windows), rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_flex_window_kernel_equals_the_reference():
     """A few compiles (each takes seconds): shared and per-sample-and-head biases, shifted windows, bf16."""
     kernel = FlexWindows(tile=16)

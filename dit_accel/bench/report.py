@@ -15,6 +15,7 @@ import torch
 from ..metrics.judge import frechet_distance
 from ..metrics.quality import PerceptualDistance, mean_db
 from ..outputs import json_fields
+from ..plan_spec import steps_run
 from ..runtime.registry import registration
 from ..tuning.target import Target
 from .common import markdown_table
@@ -47,7 +48,7 @@ def summarize(rows: list[Row], steps: int, judged: Judging | None,
     out = []
     for row in rows:
         entry = {"label": row.label, "kind": row.kind, "family": row.family, "spec": row.spec,
-                 "steps": row.steps or steps,
+                 "steps": row.steps or steps_run(row.configs, steps),
                  "configs": [{"technique": registration(c).name, **json_fields(c)} for c in row.configs],
                  "status": "failed" if row.error else "ok", "error": row.error}
         if row.error is None and row.samples:

@@ -44,9 +44,11 @@ class StepsConfig(AccelerationConfig):
     def keep_all(cls) -> "StepsConfig":
         return cls(ratio=1.0)
 
-    def steps_run(self, num_steps: int) -> int:
-        """The steps that run when the call asks for `num_steps`."""
-        return self.count if self.count is not None else max(1, round(self.ratio * num_steps))
+    def steps_run(self, num_steps: int | None) -> int | None:
+        """The steps that run when the call asks for `num_steps` (None: unknown yet)."""
+        if self.count is not None or num_steps is None:
+            return self.count
+        return max(1, round(self.ratio * num_steps))
 
 
 def _resampled(schedule: Any, count: int) -> Any:

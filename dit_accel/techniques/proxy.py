@@ -10,13 +10,13 @@ untouched. With RAS the queries are the tokens RAS computes and the keys its ful
 
 The window kernel (`attention/kernels/windows.py`) is chosen once per device from `kernel`: "auto" is
 `flex` (one compiled FlexAttention call) on CUDA and `torch` (a batched SDPA over the windows plus
-fused SDPAs over the proxies, merged by LSE) on CPU, where it measured faster at every size tried
-(medium:wan's layer, 4,096 tokens: 2.6x over dense against flex's 1.9x; 16k tokens: 4.4x against
-3.4x; docs/DESIGN.md). FlashInfer has no kernel for windows plus biased proxies: refused by name.
+one fused SDPA over the proxies, merged by LSE) on CPU, where it measured faster at every size tried
+(medium:wan's layer, 4,096 tokens: 2.64x over dense against flex's 1.81x; 16,384 tokens: 3.47x
+against 2.26x; docs/BENCHMARKS.md). FlashInfer has no kernel for windows plus biased proxies: refused by name.
 
 A layer where windows cannot save runs dense, decided from the grid before any window is placed
 (`why_no_saving`): one local window holds the whole grid, or the padded windows, proxies and text
-would attend more than `DENSE_ABOVE` of the dense pairs. `report()` counts those layers per call
+would attend more than 1 - `MIN_SAVING` (90%) of the dense pairs. `report()` counts those layers per call
 (`dense_layers`).
 """
 
@@ -36,7 +36,7 @@ from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.call_state import CallState
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
-from .sparse_attention import DENSE_ABOVE, SparseAttention
+from .sparse_attention import MIN_SAVING, SparseAttention
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class ProxyAttention(SparseAttention):
         exact = local_windows * width * width * (image_q / grid.num_tokens) * (image_k / grid.num_tokens)
         proxies = math.prod(-(-e // p) for e, p in zip(extent, proxy_size))
         pairs = exact + image_q * (proxies + keys - image_k) + (queries - image_q) * keys
-        return "density near 1" if pairs > DENSE_ABOVE * queries * keys else None
+        return f"saves under {MIN_SAVING:.0%} of the pairs" if pairs > (1 - MIN_SAVING) * queries * keys else None
 
     def sparse(self, call_state, call, query, key, value, key_bias, scale):
         q_part, k_part = call.image_slice(query.shape[2]), call.image_slice(key.shape[2])

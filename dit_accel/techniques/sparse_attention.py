@@ -26,8 +26,11 @@ from ..runtime.call_state import CallState
 from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
 
-#: a target density (or a planned one) from which a layer cannot save enough to pay for its planning
+#: a target density (top-p, a kept ratio) from which a layer cannot save enough to pay for its planning
 DENSE_ABOVE = 0.95
+#: the least share of a layer's dense attention (pairs, or time where a kernel measures it) a plan must
+#: save to run sparse
+MIN_SAVING = 0.1
 
 
 def per_key_bias(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

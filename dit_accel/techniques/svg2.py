@@ -45,13 +45,11 @@ from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
-from .sparse_attention import DENSE_ABOVE, SparseAttention
+from .sparse_attention import DENSE_ABOVE, MIN_SAVING, SparseAttention
 
 #: tokens per cluster of the official Wan 720p settings (75,600 tokens: 300 query, 1,000 key clusters)
 TOKENS_PER_QUERY_CLUSTER = 252
 TOKENS_PER_KEY_CLUSTER = 76
-#: the least share of a layer's dense attention time a plan must save to run sparse
-MIN_SAVING = 0.1
 #: k-means iterations of the first call's probe (`probe`)
 PROBE_ITERATIONS = 5
 

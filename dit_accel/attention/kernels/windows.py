@@ -6,10 +6,12 @@ window, one pooled proxy per proxy window outside it, and the extra (text) keys.
 order, rank, padded layout) and the proxies in window order. It holds nothing of size queries x
 proxies: the own-window test is made from the ids where a kernel needs it.
 
-- `TorchWindows`: the local part as one batched SDPA over the padded windows, the proxy part as SDPAs
-  over proxies and extra keys in query chunks (the own-window proxies removed by a mask built per
-  chunk, the chunk sized by batch x heads x rows x keys), merged by their log-sum-exp. Its `with_lse`
-  is the device's (`dense.lse_kernel`).
+- `TorchWindows`: the local part as one batched SDPA over the padded windows; the far part as one SDPA
+  of every query over every proxy and extra key with a per-key bias only (a per-query mask costs
+  torch's fused CPU kernel a third of its speed), from which the proxies of each query's own window
+  are then taken out exactly: their logits, a few per query, are computed per window and their share
+  of the far part's sum (and of its output) is subtracted, in fp32; the two parts merge by their
+  log-sum-exp. Its `with_lse` is the device's (`dense.lse_kernel`).
 - `FlexWindows`: one `flex_attention` call. Tokens in window order, so the local part is
   block-diagonal; the key columns are [image keys | proxies | extra keys], each padded to whole tiles;
   `mask_mod` tests the own window from per-token ids, `score_mod` adds the fp32 per-key bias (proxies'
@@ -29,7 +31,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..merge import merge
 from ..proxy_kernel import Windows, pool
-from .dense import CHUNK_ELEMENTS, LseKernel
+from .dense import LseKernel
 
 #: what marks a padding column in the flex kernel's column ids (windows are >= 0, extra keys -1)
 _PAD = -2
@@ -105,6 +107,8 @@ class WindowPlan:
     key_padding: torch.Tensor | None
     #: (M,) the proxies by local window
     proxy_order: torch.Tensor
+    #: the proxies grouped by local window, in a (windows x width) padded layout
+    proxy_layout: _Layout
     #: the flex kernel's BlockMasks and mask_mods, by (extra keys, tile)
     flex: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -115,7 +119,8 @@ class WindowPlan:
         if bool((keys.counts != keys.width).any()):
             present = torch.arange(keys.width, device=keys.counts.device) < keys.counts.unsqueeze(-1)
             padding = torch.zeros(present.shape, device=present.device).masked_fill(~present, -torch.inf)
-        return cls(windows, queries, keys, padding, windows.proxy_local.argsort(stable=True))
+        return cls(windows, queries, keys, padding, windows.proxy_local.argsort(stable=True),
+                   _Layout.of(windows.proxy_local.unsqueeze(0), windows.locals))
 
     @property
     def proxies(self) -> int:
@@ -168,33 +173,52 @@ class TorchWindows:
         extra = 0 if extra_key is None else extra_key.shape[2]
         if plan.proxies == 0 and extra == 0:
             return out, plan.pairs(0)
-        keys, values = [], []
+        keys, values, biases = [], [], []
         if plan.proxies:
             proxy_k, proxy_v, proxy_bias = pool(key, value, plan.windows, key_bias)
             keys.append(proxy_k)
             values.append(proxy_v)
+            biases.append(proxy_bias.float())
         if extra:
             keys.append(extra_key)
             values.append(extra_value)
-            text_bias = torch.zeros(1, 1, 1, extra, device=query.device) if extra_bias is None else extra_bias.float()
-        keys, values = torch.cat(keys, 2), torch.cat(values, 2)
-        batch, heads, queries = query.shape[:3]
-        rows = max(1, CHUNK_ELEMENTS // (batch * heads * keys.shape[2]))
-        alive = plan.every_query_has_far_keys(extra_bias)
-        parts = []
-        for start in range(0, queries, rows):
-            chunk = slice(start, start + rows)
-            biases = []
-            if plan.proxies:  # the proxies of the query's own window are its exact keys
-                inside = plan.windows.q_local[:, chunk].unsqueeze(-1) == plan.windows.proxy_local
-                biases.append(proxy_bias.masked_fill(inside.unsqueeze(1), -torch.inf))
-            if extra:
-                biases.append(text_bias.expand(*text_bias.shape[:2], min(rows, queries - start), -1))
-            lead = [max(b.shape[d] for b in biases) for d in (0, 1)]
-            bias = torch.cat([b.expand(*lead, *b.shape[2:]) for b in biases], -1)
-            parts.append(self.with_lse(query[:, :, chunk], keys, values, bias, scale, every_query_has_keys=alive))
-        far, far_lse = (torch.cat(p, 2) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+            biases.append(torch.zeros(1, 1, 1, extra, device=query.device) if extra_bias is None else extra_bias.float())
+        lead = [max(b.shape[d] for b in biases) for d in (0, 1)]
+        bias = torch.cat([b.expand(*lead, *b.shape[2:]) for b in biases], -1)
+        far, far_lse = self.with_lse(query, torch.cat(keys, 2), torch.cat(values, 2), bias, scale,
+                                     every_query_has_keys=plan.every_query_has_far_keys(extra_bias) and plan.proxies > 0)
+        if plan.proxies:
+            far, far_lse = _without_own_proxies(far, far_lse, query, proxy_k, proxy_v, proxy_bias, plan, scale)
         return merge(out, lse, far, far_lse)[0], plan.pairs(extra)
+
+
+def _without_own_proxies(far: torch.Tensor, far_lse: torch.Tensor, query: torch.Tensor, proxy_k: torch.Tensor,
+                         proxy_v: torch.Tensor, proxy_bias: torch.Tensor, plan: WindowPlan, scale: float | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, lse) of the far part without the proxies of each query's own window (its exact keys
+    attend instead), from the part over every proxy: per window, the own proxies' weights relative to
+    the part's sum, exp(logit - lse), their share s of the sum and their weighted values o; then
+    out' = (out - o) / (1 - s), lse' = lse + log(1 - s), in fp32. A query left without keys (s = 1 up to
+    rounding) gets lse -inf and output 0."""
+    batch, heads = query.shape[:2]
+    queries, proxies = plan.queries, plan.proxy_layout
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    own_bias = proxy_bias.float().expand(batch, heads, 1, -1).transpose(2, 3)  # (B, H, M, 1)
+    own_bias = proxies.gather(own_bias)[..., 0]  # (B * H, windows, width)
+    present = torch.arange(proxies.width, device=query.device) < proxies.counts.unsqueeze(-1)  # (1, windows, width)
+    own_bias = own_bias.masked_fill(~present, -torch.inf)
+    relative = queries.gather(far_lse.unsqueeze(-1))[..., 0].unsqueeze(-1)  # (B * H, windows, rows, 1)
+    logits = queries.gather(query).float() @ proxies.gather(proxy_k).float().transpose(-1, -2) * scale
+    # a query without far keys (lse -inf) has no own proxies to take out either
+    weights = (logits + own_bias.unsqueeze(-2) - relative).exp().nan_to_num(0.0, posinf=0.0)
+    share = queries.scatter(weights.sum(-1).unsqueeze(-1), batch)[..., 0]  # (B, H, n)
+    weighted = queries.scatter(weights @ proxies.gather(proxy_v).float(), batch)  # (B, H, n, Dv)
+    rest = 1.0 - share
+    alive = rest > 16 * torch.finfo(torch.float32).eps
+    out = ((far.float() - weighted) / rest.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    out = out.masked_fill(~alive.unsqueeze(-1), 0.0).to(far.dtype)
+    lse = (far_lse + torch.log(rest.clamp(min=torch.finfo(torch.float32).tiny))).masked_fill(~alive, -torch.inf)
+    return out, lse
 
 
 @functools.cache
@@ -343,8 +367,8 @@ class FlexWindows:
 def window_kernel(name: str, device: torch.device, with_lse: LseKernel) -> TorchWindows | FlexWindows:
     """The window kernel `name` for `device`: "torch", "flex", or "auto": flex on CUDA (one fused call that
     writes no logits), torch on CPU, where it measured faster (`benchmarks/proxy_layer_speed.py`: at
-    medium:wan's layer, 4,096 tokens, 2.6x over dense against compiled flex's 1.9x; at 16,384 tokens
-    4.4x against 3.4x)."""
+    medium:wan's layer, 4,096 tokens, 2.64x over dense against compiled flex's 1.81x; at 16,384 tokens
+    3.47x against 2.26x)."""
     if name == "auto":
         name = "flex" if torch.device(device).type == "cuda" else "torch"
     if name == "torch":
