@@ -189,6 +189,17 @@ def test_fastercache_alone_and_refused_with_a_token_subset():
     assert model_state(pipe.transformer) == before
 
 
+def test_fastercache_skips_the_unconditional_half_of_pooled_text_embeddings():
+    """SD3 passes pooled text embeddings beside the hidden states; on the steps where FasterCache computes
+    only the conditional half, diffusers' default input names leave them whole (a batch-size mismatch)."""
+    pipe = tiny_pipeline("sd3")
+    call = tiny_call_kwargs("sd3", num_inference_steps=30, guidance_scale=4.0, output_type="latent")
+    with dit_accel.apply(pipe, FasterCacheConfig(tensor_format="BCHW")) as handle:
+        out = pipe(**{**call, "prompt": ["a red circle", "a blue square"]})[0]
+        report = handle.report()
+    assert torch.isfinite(out).all() and report["flops_ratio"] < 0.95
+
+
 def test_taylorseer_defaults_that_miss_attn1_are_completed():
     """diffusers' default TaylorSeer patterns hook no module of Wan or CogVideoX (their attentions are
     attn1/attn2): the runtime names the self-attentions instead, so TaylorSeer acts."""

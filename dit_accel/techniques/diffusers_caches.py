@@ -196,6 +196,11 @@ class DiffusersCache(Technique):
         changes: dict[str, Any] = {}
         if getattr(config, "current_timestep_callback", False) is None:
             changes["current_timestep_callback"] = self._current_timestep
+        identifiers = getattr(config, "_unconditional_conditional_input_kwargs_identifiers", None)
+        if identifiers is not None and "pooled_projections" not in identifiers:
+            # FasterCache drops the unconditional half of every input it names; SD3's and Flux's pooled text
+            # embeddings carry that half too (diffusers' defaults miss them: a batch-size mismatch)
+            changes["_unconditional_conditional_input_kwargs_identifiers"] = [*identifiers, "pooled_projections"]
         if isinstance(config, TaylorSeerCacheConfig) and not (config.cache_identifiers or config.skip_predict_identifiers
                                                               or config.use_lite_mode):
             changes.update(self._taylorseer_identifiers())

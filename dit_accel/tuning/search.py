@@ -482,7 +482,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
     if winner is None and speedup is None:
         met = [c for c in tried if target.met(c.quality)]
         why = (f"{len(met)} met it on the first batch but none ran faster than dense" if met else
-               f"none of the {len(tried)} tried met it")
+               f"none of the {len(tried)} tried met it" if tried else "the budget ran out before any plan ran")
         message = f"no plan met {target} on these prompts faster than dense within the budget ({why}): dense is returned"
     elif winner is None:
         fastest = max((c for c in tried if target.met(c.quality)), key=_measured_speedup, default=None)

@@ -141,7 +141,8 @@ class WindowPlan:
 
 @dataclass(frozen=True)
 class TorchWindows:
-    """Local windows as one batched SDPA, proxies and extra keys in query chunks, merged by LSE."""
+    """Local windows as one batched SDPA, every proxy and extra key as one SDPA less the own-window proxies,
+    merged by LSE."""
 
     with_lse: LseKernel
     name = "torch"
