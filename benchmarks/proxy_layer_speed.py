@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from dit_accel.attention import proxy_kernel
 from dit_accel.attention.kernels.dense import lse_kernel
 from dit_accel.attention.kernels.windows import WindowPlan, window_kernel
+from dit_accel.bench.common import median_seconds_in_turn, seconds
 from dit_accel.machine import machine
 
 HEADS, DIM, ROWS, COLS = 6, 64, 32, 32
@@ -40,26 +39,18 @@ def layer(frames: int, dtype: torch.dtype, rounds: int) -> dict:
     plan = WindowPlan.of(proxy_kernel.place(grid, grid, extent, LOCAL, PROXY))
     device = torch.device("cpu")
     kernels = {name: window_kernel(name, device, lse_kernel(device)) for name in ("torch", "flex")}
-    start = time.perf_counter()
-    kernels["flex"](query, key, value, plan)
-    compile_seconds = time.perf_counter() - start
+    compile_seconds = seconds(lambda: kernels["flex"](query, key, value, plan))
     runs = {"dense": lambda: F.scaled_dot_product_attention(query, key, value),
             **{name: (lambda k=k: k(query, key, value, plan)) for name, k in kernels.items()}}
     for run in runs.values():  # warm
         run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    median = median_seconds_in_turn(runs, rounds)
     density = plan.pairs(0) / tokens ** 2
     row = {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "density": density,
-           "dense_s": seconds["dense"], "flex_compile_s": compile_seconds}
+           "dense_s": median["dense"], "flex_compile_s": compile_seconds}
     for name in kernels:
-        speedup = seconds["dense"] / seconds[name]
-        row.update({f"{name}_s": seconds[name], f"{name}_speedup": speedup, f"{name}_of_ideal": speedup * density})
+        speedup = median["dense"] / median[name]
+        row.update({f"{name}_s": median[name], f"{name}_speedup": speedup, f"{name}_of_ideal": speedup * density})
     return row
 
 

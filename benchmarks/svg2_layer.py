@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 import dit_accel
 from dit_accel.attention.kernels import clusters
-from dit_accel.bench.common import markdown_table
+from dit_accel.bench.common import markdown_table, median_seconds_in_turn, seconds
 from dit_accel.machine import machine
 from dit_accel.techniques.svg2 import plan_clusters
 
@@ -50,16 +49,9 @@ def inputs(tokens: int, heads: int, dim: int, topics: int, strength: float, seed
     return (strength * at + noise()).unsqueeze(0), (strength * at + noise()).unsqueeze(0), noise().unsqueeze(0)
 
 
-#: how `seconds` reads time: the wall clock, or this process's CPU time (steadier on a shared machine,
-#: where other processes take turns on the cores; meaningful with one thread)
+#: how times are read: the wall clock, or this process's CPU time (steadier on a shared machine, where
+#: other processes take turns on the cores; meaningful with one thread)
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = time.perf_counter
-
-
-def seconds(fn) -> float:
-    start = clock()
-    fn()
-    return clock() - start
 
 
 def _plans(config, query, key, value, key_tokens):
@@ -83,16 +75,13 @@ def measure(args, top_p: float) -> dict:
     flex_kernel = clusters.cluster_kernel("flex", query.device)
     counts, planning, plan, ordered = _plans(config, query, key, value, torch_kernel.key_cluster_tokens)
     flex_counts, _, flex_plan, flex_ordered = _plans(config, query, key, value, flex_kernel.key_cluster_tokens)
-    compile_s = seconds(lambda: flex_kernel.run(*flex_ordered, flex_plan))
+    clock = CLOCK[args.clock]
+    compile_s = seconds(lambda: flex_kernel.run(*flex_ordered, flex_plan), clock)
     runs = {"dense": lambda: F.scaled_dot_product_attention(query, key, value),
             "planning": planning,
             "torch": lambda: torch_kernel.run(*ordered, plan),
             "flex": lambda: flex_kernel.run(*flex_ordered, flex_plan)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(seconds(fn))
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median = median_seconds_in_turn(runs, args.repeats, clock)
     density, flex_density = float(torch_kernel.run.work(plan)), float(clusters.TorchClusters.work(flex_plan))
     row = {"tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim, "top_p": top_p,
            "query_clusters": counts[0], "key_clusters": counts[1], "density": density,
@@ -122,8 +111,6 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCK), default="wall")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    global clock
-    clock = CLOCK[args.clock]
     torch.set_num_threads(args.threads)
     rows = [measure(args, top_p) for top_p in args.top_p]
     print(f"{machine('cpu')['name']}, {args.threads} threads, {args.clock} clock\n")

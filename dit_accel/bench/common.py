@@ -1,10 +1,12 @@
 """What the benchmarks share: their start (threads, quiet diffusers, the machine named), runs repeated
-in turn, their medians, and markdown tables."""
+in turn (whole generations, or any callables), their medians, and markdown tables."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import time
+from typing import Callable
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -48,6 +50,24 @@ def medians(runs: dict[str, list[PlanRun]]) -> list[dict]:
     return [{"plan": label, "seconds": statistics.median(r.seconds for r in rounds),
              "speedup": statistics.median(r.speedup for r in rounds), "flops_ratio": rounds[-1].flops_ratio}
             for label, rounds in runs.items()]
+
+
+def seconds(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    """How long one call of `fn` took on `clock`."""
+    start = clock()
+    fn()
+    return clock() - start
+
+
+def median_seconds_in_turn(runs: dict[str, Callable[[], object]], rounds: int,
+                           clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Per label, the median time of its callable over `rounds` rounds that call every one in turn, so a
+    drift of the machine's speed hits all alike."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, fn in runs.items():
+            times[label].append(seconds(fn, clock))
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

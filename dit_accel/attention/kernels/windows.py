@@ -187,7 +187,7 @@ class TorchWindows:
         lead = [max(b.shape[d] for b in biases) for d in (0, 1)]
         bias = torch.cat([b.expand(*lead, *b.shape[2:]) for b in biases], -1)
         far, far_lse = self.with_lse(query, torch.cat(keys, 2), torch.cat(values, 2), bias, scale,
-                                     every_query_has_keys=plan.every_query_has_far_keys(extra_bias) and plan.proxies > 0)
+                                     every_query_has_keys=plan.every_query_has_far_keys(extra_bias))
         if plan.proxies:
             far, far_lse = _without_own_proxies(far, far_lse, query, proxy_k, proxy_v, proxy_bias, plan, scale)
         return merge(out, lse, far, far_lse)[0], plan.pairs(extra)
