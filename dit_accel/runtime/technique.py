@@ -14,6 +14,7 @@ import torch
 from ..attention.intercept import AttentionCall
 from ..config import Stage
 from .call_state import CallState
+from .estimate import CallShapes
 from .session_view import SessionView
 from .stats import Stat
 
@@ -89,6 +90,12 @@ class Technique:
     def state_bytes(self) -> int:
         """Bytes of tensors held between calls right now (K/V caches, previous outputs)."""
         return 0
+
+    def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
+        """Before any call: the most bytes `state_bytes` will reach in a run at `shapes`, by kind ("kv_cache",
+        "outputs", "slice_copies", "token_cache", ...; a kind ending in "@host" sits in host memory),
+        from the adapter and the shapes alone."""
+        return {}
 
     def call_stats(self, call_state: CallState) -> dict[str, Any]:
         """Per-call numbers for `report()` (e.g. tokens computed), under the keys `stats` declares."""
