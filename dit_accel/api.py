@@ -224,12 +224,14 @@ def _is_accelerated(module: nn.Module) -> bool:
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
 
 
-def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
+def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False) -> AccelerationHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) with `configs`; returns a handle.
 
     `configs` are dit-accel configs (`RASConfig`, ...) and diffusers cache configs
     (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, ...), at most one per stage, in any order.
-    With no config it only measures: `report()` then counts what the blocks really ran.
+    With no config it only measures: `report()` then counts what the blocks really ran. `details`:
+    `report()` carries per-call pictures too (RAS's token sets, SVG2's cluster maps; the UI draws them),
+    which cost work and memory every call otherwise saved.
     """
     configs = list(configs)
     for config in configs:
@@ -252,6 +254,7 @@ def apply(pipe_or_transformer: Any, *configs: Any) -> AccelerationHandle:
     try:
         for transformer, adapter in zip(transformers, adapters):
             session = Session(transformer, adapter, handle.tracker, configs)
+            session.details = details
             session.attach()
             handle.sessions.append(session)
             _HANDLES[transformer] = handle

@@ -98,7 +98,7 @@ def compare(pipe: Any, plans: list, *, seed: int = 0, warmup_steps: int = 2,
 def timed_run(pipe: Any, run: PlanRun, call: dict[str, Any], seed: int) -> None:
     """One generation of `run` on `seed`, timed from the call to the last kernel: fills its output,
     seconds and report (`compare` and the benchmarks' repetitions call this)."""
-    handle = apply(pipe, *run.configs) if run.configs else None
+    handle = apply(pipe, *run.configs, details=True) if run.configs else None
     device = getattr(pipe, "device", None)
     try:
         _synchronize(device)

@@ -302,11 +302,15 @@ def test_flashinfer_kernel_is_refused_by_name_on_this_cpu():
 
 
 def test_the_ui_cluster_map_reaches_the_host_with_the_report():
-    """Per call the map is a device tensor (the contracts in test_kernel_contracts.py count no host read);
+    """Built only where details are asked for (the UI). Per call the map is a device tensor (the contracts in test_kernel_contracts.py count no host read);
     `report()` hands it over as the nested lists the UI draws."""
     pipe = tiny_pipeline("wan")
     config = dataclasses.replace(dit_accel.SVG2Config.keep_all(), query_clusters=4)
-    with dit_accel.apply(pipe, config) as handle:
+    with dit_accel.apply(pipe, config) as handle:  # not asked for: neither built nor kept
+        run(pipe, "wan", num_inference_steps=2)
+        assert "svg2_query_clusters" not in handle.techniques[0].call_stats(None)
+        assert all("svg2_query_clusters" not in call for s in handle.report()["steps"] for call in s["calls"])
+    with dit_accel.apply(pipe, config, details=True) as handle:
         run(pipe, "wan", num_inference_steps=2)
         technique = handle.techniques[0]
         assert isinstance(technique.call_stats(None)["svg2_query_clusters"]["labels"], torch.Tensor)

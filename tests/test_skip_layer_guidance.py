@@ -39,7 +39,7 @@ def _dense(skip: tuple[int, ...] = tuple(SKIP)) -> torch.Tensor:
 
 
 def _run(*configs, **overrides) -> tuple[torch.Tensor, dict]:
-    with dit_accel.apply(_pipe(), *configs) as handle:
+    with dit_accel.apply(_pipe(), *configs, details=True) as handle:
         out = run(_pipe(), "sd3", **_kwargs(**overrides))
         return out, handle.report()
 

@@ -52,7 +52,7 @@ def test_keep_all_runs_the_sparse_kernel_and_equals_dense(technique, family):
 def test_sparse_settings_skip_pairs_and_compose_with_ras(technique, family):
     pipe = tiny_pipeline(family)
     before = model_state(pipe.transformer)
-    with dit_accel.apply(pipe, SPARSE[technique]) as handle:
+    with dit_accel.apply(pipe, SPARSE[technique], details=True) as handle:
         out = run(pipe, family)
         report = handle.report()
     assert torch.isfinite(out).all()

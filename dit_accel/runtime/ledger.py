@@ -11,6 +11,7 @@ of them to the host in one transfer (`_settle`), so no call waits on the device 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
@@ -78,6 +79,52 @@ class AttentionHook(ModelHook):
 
 
 @dataclass
+class CallTime:
+    """How long one call ran, and when it ended (time.perf_counter()). On CUDA the call's start and end
+    events and its run's first start (host time, event) stand in until `report()` reads them."""
+
+    seconds: float = 0.0
+    ended: float = 0.0
+    events: tuple[torch.cuda.Event, torch.cuda.Event, tuple[float, torch.cuda.Event]] | None = None
+
+    def settle(self) -> None:
+        if self.events is not None:
+            start, end, (anchor_host, anchor) = self.events
+            end.synchronize()
+            self.seconds = start.elapsed_time(end) / 1e3
+            self.ended = anchor_host + anchor.elapsed_time(end) / 1e3
+            self.events = None
+
+
+class CallClock:
+    """Times one run's calls without waiting for the device: the host clock on a CPU; on CUDA an event at
+    each call's start and end, read once at `report()` (no synchronize per call, so the host keeps
+    queueing work ahead of the GPU)."""
+
+    def __init__(self) -> None:
+        self._anchor: tuple[float, torch.cuda.Event] | None = None
+
+    def start(self, device: torch.device) -> tuple[float, torch.cuda.Event | None]:
+        host = time.perf_counter()
+        if device.type != "cuda":
+            return host, None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        if self._anchor is None:
+            self._anchor = (host, event)
+        return host, event
+
+    def stop(self, started: tuple[float, torch.cuda.Event | None], device: torch.device) -> CallTime:
+        host, event = started
+        if event is None or device.type != "cuda":
+            now = time.perf_counter()
+            return CallTime(now - host, now)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return CallTime(events=(event, end, self._anchor))
+
+
+@dataclass
 class CallRecord:
     """One transformer call in the ledger."""
 
@@ -85,11 +132,18 @@ class CallRecord:
     #: outlives its call
     ctx: StepContext
     dense_flops: float
-    seconds: float
-    #: time.perf_counter() when the call returned
-    ended: float
+    time: CallTime
     works: list[Work]
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.time.seconds
+
+    @property
+    def ended(self) -> float:
+        """time.perf_counter() when the call returned (on CUDA: when the device finished it)."""
+        return self.time.ended
 
     @property
     def flops(self) -> float:
@@ -119,6 +173,7 @@ def _settle(records: Sequence[CallRecord]) -> None:
     tensors so that no call waits for the host."""
     pending: list[tuple[Any, Any, torch.Tensor]] = []  # (container, key, tensor)
     for record in records:
+        record.time.settle()
         for index, work in enumerate(record.works):
             if isinstance(work.flops, torch.Tensor) or isinstance(work.pairs, torch.Tensor):
                 pending.append((record.works, index, work))

@@ -19,7 +19,6 @@ Hooks a session adds, outermost first on each module:
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from .attention_route import AttentionRouter
 from .call_state import CallState
 from .context import StepTracker
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
-from .ledger import AttentionHook, CallRecord, LedgerHook
+from .ledger import AttentionHook, CallClock, CallRecord, LedgerHook
 from .registry import check_composable, registration
 from .technique import Technique
 from .token_set import TokenSetStage
@@ -132,7 +131,11 @@ class Session:
         #: the blocks and attention modules a step cache wrapped when the session attached
         self._cached: tuple[set[int], dict[nn.Module, str]] = (set(), {})
         self._call_hooks: list = []
-        self._started = 0.0
+        #: times the calls without waiting for the device; `_started` is the running call's start
+        self._clock = CallClock()
+        self._started: Any = None
+        #: keep the per-call pictures' stats (token sets, cluster maps) for the UI (`apply(..., details=True)`)
+        self.details = False
 
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -279,6 +282,7 @@ class Session:
         self.end_run()
         self.records.clear()
         self.notes.clear()
+        self._clock = CallClock()
         # before any block runs: processors set since apply(), caches added by other means than enable_cache
         self.router.check_backends()
         self.follow_step_caches()
@@ -299,8 +303,8 @@ class Session:
         return self.end_call(output)
 
     def begin_call(self, args: tuple, kwargs: dict, cache_context: Any) -> None:
-        self._started = time.perf_counter()
         call = self.adapter.call_info(args, kwargs)
+        self._started = self._clock.start(call.latents.device)
         ctx = self.tracker.on_call(call, cache_context)
         if ctx.run_index != self.run_index:
             self.run_index = ctx.run_index
@@ -342,20 +346,18 @@ class Session:
         for technique in reversed(self._acting):
             sample = technique.end_call(call_state, sample)
         self._close_call()
-        if sample.is_cuda:
-            torch.cuda.synchronize(sample.device)
-        ended = time.perf_counter()
+        clock = self._clock.stop(self._started, sample.device)
         ctx = call_state.ctx
         stats: dict[str, Any] = {}
         for technique in self._acting:
-            stats.update(technique.call_stats(call_state))
+            stats.update({key: value for key, value in technique.call_stats(call_state).items()
+                          if self.details or key not in technique.picture_stats})
             held = technique.state_bytes() + (self.token_set.state_bytes() if self.token_set and
                                               Stage.TOKEN_SET in technique.stages else 0)
             self.peak_state_bytes[technique.label] = max(self.peak_state_bytes.get(technique.label, 0), held)
         dense = self.cost_model.dense_flops(ctx.call.batch_size, ctx.call.grid.num_tokens, ctx.call.text_tokens,
                                             ctx.call.skipped_blocks)
-        self.records.append(CallRecord(ctx.without_tensors(), dense, ended - self._started, ended, call_state.ledger,
-                                       stats))
+        self.records.append(CallRecord(ctx.without_tensors(), dense, clock, call_state.ledger, stats))
         if isinstance(output, tuple):
             return (sample,) + tuple(output[1:])
         output.sample = sample

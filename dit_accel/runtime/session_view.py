@@ -44,6 +44,11 @@ class SessionView(Protocol):
         ...
 
     @property
+    def details(self) -> bool:
+        """Whether per-call pictures (token sets, cluster maps) are kept for the UI; build them only then."""
+        ...
+
+    @property
     def by_stage(self) -> Mapping[Stage, StageMember]:
         """The plan's techniques by the stages they occupy."""
         ...

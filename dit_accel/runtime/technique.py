@@ -16,7 +16,7 @@ from ..config import Stage
 from .call_state import CallState
 from .estimate import CallShapes
 from .session_view import SessionView
-from .stats import Stat
+from .stats import Stat, StatKind
 
 
 class Technique:
@@ -28,6 +28,12 @@ class Technique:
     kv_source_optional: bool = False
     #: the keys `call_stats` returns, and how the tools show each (`runtime/stats.py`)
     stats: tuple[Stat, ...] = ()
+
+    @property
+    def picture_stats(self) -> frozenset[str]:
+        """The keys of per-call pictures (token sets, label maps): kept only where details are asked for
+        (`apply(..., details=True)`, the UI), and worth building only then (`session.details`)."""
+        return frozenset(stat.key for stat in self.stats if stat.kind in (StatKind.TOKEN_SET, StatKind.TOKEN_LABELS))
 
     def __init__(self, config: Any, session: SessionView):
         self.config = config

@@ -237,7 +237,7 @@ class SVG2(SparseAttention):
                 else f"{kernel.name} kernel: its plans save under {MIN_SAVING:.0%}"
             if reason:
                 return reason
-        if self._cluster_map is None:
+        if self._cluster_map is None and self.session.details:
             self._record_cluster_map(call_state, call, plan.q_labels[0])
         out = kernel.run(plan.order_queries(query), keys, values, plan)
         return plan.restore(out), plan.pairs().mean()
