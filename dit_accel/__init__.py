@@ -9,7 +9,7 @@
     dit_accel.apply(pipe, *dit_accel.load_plan("plan.json"))
 """
 
-from .api import AccelerationHandle, apply, measure
+from .api import AccelerationHandle, apply, estimate, measure
 from .calibration import calibrate
 from .comparison import PlanRun, compare
 from .config import AccelerationConfig, ConfigError, Stage
@@ -43,6 +43,7 @@ __all__ = [
     "calibrate",
     "compare",
     "load_plan",
+    "estimate",
     "measure",
     "save_plan",
     "supported_families",

@@ -1,6 +1,6 @@
 """`apply(pipe_or_transformer, *configs)`: the one function users call, the handle it returns
-(`remove()`, `report()`), and `measure`. Calibrating a config lives in calibration.py, comparing plans
-against dense in comparison.py."""
+(`remove()`, `report()`, `estimate()`), `measure`, and `estimate` (the bytes a plan will hold, before it
+runs). Calibrating a config lives in calibration.py, comparing plans against dense in comparison.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterator
 
+import torch
 from diffusers.hooks import HookRegistry
 from torch import nn
 
@@ -19,6 +20,7 @@ from .config import ConfigError, Stage
 from .models import adapter_for, pipeline_transformers
 from .runtime import ledger
 from .runtime.context import SchedulerClock, StepTracker, asked_steps
+from .runtime.estimate import call_shapes
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
 from .runtime.session import Session
@@ -212,6 +214,13 @@ class AccelerationHandle:
         analytic model, the ledger by kind of work, time, and the memory techniques held."""
         return ledger.report(self.sessions, self.tracker.run_index, self._run_started)
 
+    def estimate(self, *, height: int, width: int, num_frames: int = 1, batch: int = 1, guidance: bool | None = None,
+                 text_tokens: int | None = None, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The bytes the plan will hold in a pipeline call at these sizes, without running the model (see
+        `estimate`)."""
+        return _estimate(self.sessions, self._pipeline, height=height, width=width, num_frames=num_frames,
+                         batch=batch, guidance=guidance, text_tokens=text_tokens, dtype=dtype)
+
     def __enter__(self) -> "AccelerationHandle":
         return self
 
@@ -268,3 +277,48 @@ def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False) -> Acc
 def measure(pipe_or_transformer: Any) -> AccelerationHandle:
     """A handle that changes nothing and counts what the blocks really run (also under other accelerators)."""
     return apply(pipe_or_transformer)
+
+
+def estimate(pipe_or_transformer: Any, *configs: Any, height: int, width: int, num_frames: int = 1, batch: int = 1,
+             guidance: bool | None = None, text_tokens: int | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The bytes `apply(pipe_or_transformer, *configs)` will hold in a call at `height` x `width` pixels
+    (`num_frames` for video) for `batch` prompts, from the adapters and the shapes alone (the model does
+    not run; a model on the meta device works). `guidance`: whether the transformer also runs an
+    unconditional branch (None: as the family's pipelines do by default); `text_tokens` None: the family's
+    default length; `dtype` None: the model's.
+
+    Returns `total_bytes`, `device_bytes` and `host_bytes` (what forms like `kv_cache="host"` keep in
+    host memory), `by_technique` ({label: {kind: bytes}}, as `report()["state_bytes"]` measures them),
+    `by_kind`, `weights_bytes` (the transformers' parameters and buffers) and the `shapes` assumed."""
+    with apply(pipe_or_transformer, *configs) as handle:
+        return handle.estimate(height=height, width=width, num_frames=num_frames, batch=batch, guidance=guidance,
+                               text_tokens=text_tokens, dtype=dtype)
+
+
+def _estimate(sessions: list[Session], pipeline: Any, *, dtype: torch.dtype | None, **sizes: Any) -> dict[str, Any]:
+    spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None) or 8
+    temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 4
+    by_technique: dict[str, dict[str, int]] = {}
+    weights = 0
+    shapes = None
+    for session in sessions:
+        itemsize = None if dtype is None else torch.empty((), dtype=dtype).element_size()
+        shapes = call_shapes(session.adapter, **sizes, itemsize=itemsize, spatial=spatial, temporal=temporal)
+        for label, kinds in session.estimate_bytes(shapes).items():
+            for kind, held in kinds.items():
+                by_technique.setdefault(label, {}).setdefault(kind, 0)
+                by_technique[label][kind] += held
+        tensors = [*session.transformer.parameters(), *session.transformer.buffers()]
+        weights += sum(t.numel() * (itemsize if itemsize and t.is_floating_point() else t.element_size()) for t in tensors)
+    by_kind: dict[str, int] = {}
+    for kinds in by_technique.values():
+        for kind, held in kinds.items():
+            by_kind[kind] = by_kind.get(kind, 0) + held
+    host = sum(held for kind, held in by_kind.items() if kind.endswith("@host"))
+    total = sum(by_kind.values())
+    return {"total_bytes": total, "device_bytes": total - host, "host_bytes": host, "by_technique": by_technique,
+            "by_kind": by_kind, "weights_bytes": weights,
+            "shapes": None if shapes is None else {
+                "samples": shapes.samples, "grid": [shapes.grid.frames, shapes.grid.rows, shapes.grid.cols],
+                "tokens": shapes.tokens, "text_tokens": shapes.text_tokens, "itemsize": shapes.itemsize}}

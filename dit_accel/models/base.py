@@ -14,6 +14,7 @@ tensor operations in `dit_accel/tokens.py`.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -85,6 +86,12 @@ class ModelAdapter:
     per_sample_positions: ClassVar[bool] = True
     #: Layout of the model output: "BCHW", "BCFHW", "BFCHW" (channels/frames order) or "BNC" (tokens).
     output_layout: ClassVar[str]
+    #: what the family's pipelines feed the transformer by default, for estimates before a call: text
+    #: tokens, whether it runs an unconditional branch too (CFG), and latent pixels packed per token
+    #: side beyond the patch (Flux packs 2 x 2 latents into one token)
+    default_text_tokens: ClassVar[int] = 0
+    guidance_by_default: ClassVar[bool] = True
+    latent_packing: ClassVar[int] = 1
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
@@ -124,6 +131,27 @@ class ModelAdapter:
     def patch_size(self) -> tuple[int, int, int]:
         """(frames, rows, cols) patch size."""
         raise NotImplementedError
+
+    def grid_for(self, height: int, width: int, num_frames: int = 1, spatial: int = 8, temporal: int = 4) -> TokenGrid:
+        """The token grid of a pipeline call at `height` x `width` pixels (and `num_frames` for video),
+        for a VAE that shrinks `spatial` times per side and `temporal` times in time."""
+        pt, ph, pw = self.patch_size()
+        side = spatial * self.latent_packing
+        frames = (num_frames - 1) // temporal + 1 if self.output_layout in ("BCFHW", "BFCHW") else 1
+        return TokenGrid(max(1, frames // pt), height // side // ph, width // side // pw)
+
+    def hidden_size(self) -> int:
+        """Width of the image tokens between blocks."""
+        return self.self_attentions(self.blocks()[0])[0].to_q.in_features
+
+    def activation_itemsize(self) -> int:
+        """Bytes per element of the blocks' activations: their linears' dtype (some modules stay in fp32)."""
+        return self.self_attentions(self.blocks()[0])[0].to_q.weight.element_size()
+
+    def output_channels(self) -> int:
+        """Width of one token of the model output (`output_to_tokens`)."""
+        config = self.transformer.config
+        return (getattr(config, "out_channels", None) or config.in_channels) * math.prod(self.patch_size())
 
     # -- one call ----------------------------------------------------------------------------
     def _signature(self, module: nn.Module) -> inspect.Signature:

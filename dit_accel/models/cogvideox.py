@@ -27,6 +27,7 @@ class CogVideoXAdapter(ModelAdapter):
     positions = "rotary"
     per_sample_positions = False
     output_layout = "BFCHW"
+    default_text_tokens = 226
 
     def __init__(self, transformer):
         super().__init__(transformer)

@@ -27,6 +27,9 @@ class FluxAdapter(DualStreamAdapter):
     positions = "rotary"
     per_sample_positions = False
     output_layout = "BNC"
+    default_text_tokens = 512
+    guidance_by_default = False
+    latent_packing = 2
 
     def block_signature(self, block):
         return BlockSignature(rotary_arg="image_rotary_emb", output_hidden_index=1)

@@ -33,6 +33,8 @@ class HunyuanVideoAdapter(DualStreamAdapter):
     positions = "rotary"
     per_sample_positions = False
     output_layout = "BCFHW"
+    default_text_tokens = 256
+    guidance_by_default = False
 
     def block_signature(self, block):
         rotary = "image_rotary_emb" if self._is_single(block) else "freqs_cis"

@@ -26,6 +26,7 @@ class PixArtAdapter(ModelAdapter):
     text_placement = "cross_attention"
     positions = "absolute"
     output_layout = "BCHW"
+    default_text_tokens = 300
 
     def blocks(self):
         return list(self.transformer.transformer_blocks)

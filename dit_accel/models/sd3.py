@@ -20,6 +20,7 @@ class SD3Adapter(ModelAdapter):
     text_placement = "image_first"
     positions = "absolute"
     output_layout = "BCHW"
+    default_text_tokens = 333
 
     def blocks(self):
         return list(self.transformer.transformer_blocks)

@@ -36,6 +36,7 @@ class WanAdapter(ModelAdapter):
     positions = "rotary"
     per_sample_positions = True
     output_layout = "BCFHW"
+    default_text_tokens = 512
 
     def blocks(self):
         return list(self.transformer.blocks)

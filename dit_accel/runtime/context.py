@@ -154,6 +154,10 @@ class StepTracker:
         #: the step count the pipeline asked for, where the plan runs another (`begin_run`)
         self._requested_steps: int | None = None
 
+    def guided(self) -> bool | None:
+        """Whether the running pipeline call runs CFG, where the pipeline says so (None: not known)."""
+        return self._cfg_hint() if self._cfg_hint is not None else None
+
     def begin_run(self, requested_steps: int | None = None) -> None:
         """Called when the pipeline sets up its scheduler: the next call starts step 0 of a new run;
         `requested_steps`: the count the pipeline asked for, where the plan's schedule stage runs another."""

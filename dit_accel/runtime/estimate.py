@@ -61,3 +61,23 @@ def attention_shapes(adapter: ModelAdapter) -> list[AttentionShape]:
             shapes.append(AttentionShape(index, position, heads, inner // heads,
                                          adapter.attention_layout(block, attention)))
     return shapes
+
+
+def call_shapes(adapter: ModelAdapter, *, height: int, width: int, num_frames: int = 1, batch: int = 1,
+                guidance: bool | None = None, text_tokens: int | None = None, itemsize: int | None = None,
+                spatial: int = 8, temporal: int = 4) -> CallShapes:
+    """The shapes of a pipeline call at these sizes (pixels; `spatial`/`temporal`: the VAE's scale factors);
+    `guidance` None: as the family's pipelines run by default; `itemsize` None: the blocks' weights'."""
+    for name, value in (("height", height), ("width", width), ("num_frames", num_frames), ("batch", batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"estimate: {name} must be a positive int, got {value!r}")
+    grid = adapter.grid_for(height, width, num_frames, spatial, temporal)
+    if grid.num_tokens == 0:
+        raise ValueError(f"estimate: {height} x {width} pixels give no tokens ({spatial * adapter.latent_packing} "
+                         f"pixels a latent, patches of {adapter.patch_size()[1:]})")
+    guided = adapter.guidance_by_default if guidance is None else guidance
+    if itemsize is None:
+        itemsize = adapter.activation_itemsize()
+    return CallShapes(batch * (2 if guided else 1), grid,
+                      adapter.default_text_tokens if text_tokens is None else text_tokens, itemsize,
+                      adapter.hidden_size(), adapter.output_channels())

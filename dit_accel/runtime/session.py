@@ -19,6 +19,7 @@ Hooks a session adds, outermost first on each module:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -29,10 +30,11 @@ from torch import nn
 from ..attention.intercept import AttentionCall
 from ..config import ConfigError, Stage
 from ..metrics.flops import TransformerCostModel, UnitCost
-from ..models.base import ModelAdapter
+from ..models.base import CallInfo, ModelAdapter
 from .attention_route import AttentionRouter
 from .call_state import CallState
 from .context import StepTracker
+from .estimate import CallShapes
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
 from .ledger import AttentionHook, CallClock, CallRecord, LedgerHook
 from .registry import check_composable, registration
@@ -53,6 +55,14 @@ def _foreign_skippers(module: nn.Module) -> list[str]:
         return []
     return [name for name, hook in registry.hooks.items()
             if not name.startswith(HOOK_PREFIX) and hasattr(hook, "new_forward")]
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """Whether every step-cache hook on a block only runs it or hands its input on unchanged (diffusers'
+    FirstBlockCache and MagCache on the blocks between their head and tail: `is_tail` False), so the
+    cache never reads or writes the block's tokens and stage 2 need not bring them to full length there."""
+    registry = module._diffusers_hook
+    return all(getattr(registry.hooks[name], "is_tail", True) is False for name in _foreign_skippers(module))
 
 
 def _has_foreign_stateful_hooks(root: nn.Module) -> bool:
@@ -212,8 +222,10 @@ class Session:
         self.call_state = None
 
     def _cached_modules(self) -> tuple[set[int], dict[nn.Module, str]]:
-        """Blocks and attention modules a step cache wraps (a foreign hook with `new_forward`)."""
-        blocks = {i for i, block in enumerate(self.adapter.blocks()) if _foreign_skippers(block)}
+        """Blocks and attention modules where a step cache reads or writes tokens (a foreign hook with
+        `new_forward`, unless it only passes the block through)."""
+        blocks = {i for i, block in enumerate(self.adapter.blocks())
+                  if _foreign_skippers(block) and not _passes_through(block)}
         attentions: dict[nn.Module, str] = {}
         self_attentions = {id(a) for b in self.adapter.blocks() for a in self.adapter.self_attentions(b)}
         transform = self.by_stage.get(Stage.TOKEN_TRANSFORM)
@@ -270,6 +282,37 @@ class Session:
         if with_block:
             self.hooks.add(block, LedgerHook(self, index, with_block), "ledger", innermost=True)
 
+    def _check_memory(self, call: CallInfo, cfg_batched: bool) -> None:
+        """A run's first call on CUDA: refuse a plan whose state cannot fit in the free device memory, and
+        warn where it takes most of it, with the numbers and the smaller forms its techniques offer."""
+        guided = not cfg_batched and bool(self.tracker.guided())
+        shapes = CallShapes(call.batch_size * (2 if guided else 1), call.grid, call.text_tokens,
+                            self.adapter.activation_itemsize(), self.adapter.hidden_size(), self.adapter.output_channels())
+        held = self.estimate_bytes(shapes)
+        device = sum(b for kinds in held.values() for kind, b in kinds.items() if not kind.endswith("@host"))
+        free = torch.cuda.mem_get_info(call.latents.device)[0]
+        if device <= 0.8 * free:
+            return
+        parts = ", ".join(f"{label} {kind} {b / 2**30:.1f} GiB" for label, kinds in held.items()
+                          for kind, b in kinds.items() if b)
+        options = [option for technique in self.techniques for option in technique.smaller_forms()]
+        message = (f"the plan will hold {device / 2**30:.1f} GiB on the device ({parts}) with "
+                   f"{free / 2**30:.1f} GiB free" + (f"; smaller forms: {'; '.join(options)}" if options else ""))
+        if device > free:
+            raise ConfigError(message)
+        warnings.warn(message, ResourceWarning, stacklevel=2)
+
+    def estimate_bytes(self, shapes: CallShapes) -> dict[str, dict[str, int]]:
+        """Per technique, the bytes by kind it will hold at most in a run at `shapes` (the token set's
+        boundary residuals under the stage-2 technique), as `report()["state_bytes"]` measures them."""
+        held = {}
+        for technique in self.techniques:
+            kinds = dict(technique.estimate_bytes(shapes))
+            if self.token_set is not None and Stage.TOKEN_SET in technique.stages:
+                kinds.update(self.token_set.estimate_bytes(shapes))
+            held[technique.label] = kinds
+        return held
+
     # -- per run -------------------------------------------------------------------------------
     def end_run(self) -> None:
         """The pipeline call is over: every technique frees what it kept between calls."""
@@ -309,6 +352,8 @@ class Session:
         if ctx.run_index != self.run_index:
             self.run_index = ctx.run_index
             self._begin_run(cache_context)
+            if call.latents.is_cuda:
+                self._check_memory(call, ctx.cfg_batched)
         if self._resets_caches and (cache_context is None or getattr(cache_context, "step_index", None) is None):
             # the pipeline opened no context (SD3, PixArt, DiT) or one without the step: open a full one
             name = ctx.cache_name if cache_context is None else cache_context.name

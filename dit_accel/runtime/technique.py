@@ -103,6 +103,10 @@ class Technique:
         from the adapter and the shapes alone."""
         return {}
 
+    def smaller_forms(self) -> list[str]:
+        """Config changes that shrink what `estimate_bytes` counts (for the message when a plan will not fit)."""
+        return []
+
     def call_stats(self, call_state: CallState) -> dict[str, Any]:
         """Per-call numbers for `report()` (e.g. tokens computed), under the keys `stats` declares."""
         return {}

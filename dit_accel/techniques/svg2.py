@@ -42,6 +42,7 @@ from ..attention import kmeans, pooling
 from ..attention.kernels import KernelName
 from ..attention.kernels.clusters import ClusterKernel, ClusterPlan, cluster_kernel, flashinfer_installed
 from ..config import AccelerationConfig, ConfigError, Stage, param
+from ..runtime.estimate import CallShapes, attention_shapes
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
@@ -182,6 +183,12 @@ class SVG2(SparseAttention):
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.centroids.values() for t in pair)
+
+    def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
+        """Every layer's fp32 query and key centroids, kept for the next call's warm start."""
+        queries, keys = self.config.clusters_for(shapes.tokens, shapes.tokens)
+        return {"centroids": sum(shapes.samples * a.heads * (queries + keys) * a.head_dim * 4
+                                 for a in attention_shapes(self.adapter))}
 
     def why_no_saving(self, call_state, call, queries, keys):
         """Too few tokens: one query cluster (every query would keep the key clusters of the mean query,
