@@ -3,19 +3,23 @@ schedules, batches, memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import weakref
 
 import pytest
 import torch
-from helpers import AttentionRecorderConfig, run
+from helpers import AttentionRecorderConfig, RecordingConfig, run
 
 import dit_accel
+from dit_accel.config import ConfigError
 from dit_accel.techniques.ras import RAS
 from dit_accel.models.base import CallInfo, TokenGrid
 from dit_accel.runtime.context import StepContext
 from dit_accel.runtime.call_state import CallState
+from dit_accel.runtime.estimate import CallShapes
+from dit_accel.runtime.storage import StoredTensor
 from dit_accel.testing import FAMILIES, tiny_pipeline
 
 STEPS = 4
@@ -69,18 +73,20 @@ def test_half_ratio_computes_half_the_tokens(family):
     assert 0.3 < report["flops_ratio"] < 0.9
 
 
-def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed():
+@pytest.mark.parametrize("kv_cache", ["device", "host"])
+def test_skipped_tokens_reuse_previous_output_and_kv_cache_is_refreshed(kv_cache):
     pipe = tiny_pipeline("sd3")
     outputs = []
     pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
     kv_snapshots = []
-    with dit_accel.apply(pipe, dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=2, error_reset_steps=())) as handle:
+    config = dit_accel.RASConfig(sample_ratio=0.5, warmup_steps=2, error_reset_steps=(), kv_cache=kv_cache)
+    with dit_accel.apply(pipe, config) as handle:
         ras = _ras(handle)
         original_end = ras.end_call
 
         def end_and_snapshot(call_state, output):
             result = original_end(call_state, output)
-            kv_snapshots.append({k: (v[0].clone(), v[1].clone()) for k, v in ras.state.kv.items()})
+            kv_snapshots.append({k: tuple(entry.load().clone() for entry in v) for k, v in ras.state.kv.items()})
             return result
 
         ras.end_call = end_and_snapshot
@@ -230,7 +236,8 @@ def test_state_is_freed_when_the_call_ends_and_on_remove():
 
         def end_and_watch(call_state, output):
             result = original_end(call_state, output)
-            held.extend(weakref.ref(t) for kv in ras.state.kv.values() for t in kv)
+            # the entries, and in "device" form the tensors they hold (the dense call's own K/V)
+            held.extend(weakref.ref(t) for kv in ras.state.kv.values() for entry in kv for t in (entry, entry.load()))
             held.extend(weakref.ref(t) for t in ras.state.outputs.values())
             held.extend(weakref.ref(t) for t in handle.sessions[0].token_set._stale.values())
             return result
@@ -241,3 +248,98 @@ def test_state_is_freed_when_the_call_ends_and_on_remove():
         assert held and all(ref() is None for ref in held)
         assert handle.tracker._last_latents is None
         assert handle.report()["state_bytes"]["RASConfig"] > 0  # what it held at its peak is reported
+
+
+# -- the K/V cache in cheaper forms ------------------------------------------------------------------
+
+#: "fp8" K/V cache against "device" on the tiny models (6 steps, 5 of them RAS steps at ratio 0.5): measured
+#: at most 4e-4 mean abs of the latents relative to their mean abs (Wan), and at most 1% of how far RAS
+#: itself moves the latents from dense
+FP8_RELATIVE, FP8_OF_RAS = 1e-3, 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_forms_against_device(family):
+    """"host" is exact; "fp8" moves the output far less than RAS itself does."""
+    pipe = tiny_pipeline(family)
+    call = dict(num_inference_steps=6, output_type="latent")
+    dense = run(pipe, family, **call)
+    latents = {}
+    for form in ("device", "host", "fp8"):
+        with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF, kv_cache=form)):
+            latents[form] = run(pipe, family, **call)
+    device = latents["device"]
+    torch.testing.assert_close(latents["host"], device, rtol=1e-6, atol=1e-6)
+    fp8_change = (latents["fp8"] - device).abs().mean()
+    assert 0 < fp8_change < FP8_RELATIVE * device.abs().mean()
+    assert fp8_change < FP8_OF_RAS * (device - dense).abs().mean()
+
+
+@pytest.mark.parametrize("kv_cache", ["fp8", "host"])
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_keep_all_with_a_cheaper_kv_cache_loads_it_and_equals_dense(family, kv_cache, monkeypatch):
+    """At keep_all every cached row is overwritten by a fresh one before attention reads it, so even the
+    fp8 form gives the dense output, through loads and saves of its own form."""
+    loads = []
+    load = StoredTensor.load
+    monkeypatch.setattr(StoredTensor, "load", lambda self: loads.append(self.storage) or load(self))
+    pipe = tiny_pipeline(family)
+    baseline = run(pipe, family)
+    with dit_accel.apply(pipe, dataclasses.replace(dit_accel.RASConfig.keep_all(), kv_cache=kv_cache)):
+        out = run(pipe, family)
+    torch.testing.assert_close(out, baseline, rtol=1e-5, atol=1e-5)
+    assert loads and set(loads) == {kv_cache}
+
+
+def _held_bytes(pipe, family: str, kv_cache: str) -> tuple[int, int]:
+    """(peak state_bytes of RAS, bytes of one call's output: the previous outputs RAS holds under batched CFG)."""
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].numel() * o[0].element_size()))
+    with dit_accel.apply(pipe, dit_accel.RASConfig(**RAS_HALF, kv_cache=kv_cache)) as handle:
+        run(pipe, family, num_inference_steps=STEPS)
+        held = handle.report()["state_bytes"]["RASConfig"]
+    hook.remove()
+    return held, outputs[0]
+
+
+@pytest.mark.parametrize("dtype, fp8_share", [(torch.float32, 0.25), (torch.bfloat16, 0.5)])
+def test_fp8_kv_cache_holds_one_byte_an_element(dtype, fp8_share):
+    pipe = tiny_pipeline("sd3").to(dtype)
+    device, outputs = _held_bytes(pipe, "sd3", "device")
+    fp8, _ = _held_bytes(pipe, "sd3", "fp8")
+    host, _ = _held_bytes(pipe, "sd3", "host")
+    assert host == device  # counted wherever it sits
+    assert (fp8 - outputs) / (device - outputs) == pytest.approx(fp8_share, rel=0.02)
+
+
+def test_bad_kv_cache_form_names_the_field_and_the_forms():
+    with pytest.raises(ConfigError, match=r"RASConfig.kv_cache must be one of 'device', 'fp8', 'host', got 'gpu'"):
+        dit_accel.RASConfig(kv_cache="gpu")
+
+
+def _call_shapes(pipe, ctx: StepContext, samples: int) -> CallShapes:
+    config = pipe.transformer.config
+    patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2
+    return CallShapes(samples=samples, grid=ctx.call.grid, text_tokens=ctx.call.text_tokens,
+                      itemsize=pipe.transformer.dtype.itemsize,
+                      hidden=config.num_attention_heads * config.attention_head_dim,
+                      output_channels=math.prod(patch) * config.out_channels)
+
+
+@pytest.mark.parametrize("kv_cache", ["device", "fp8", "host", None])
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_estimate_bytes_meets_what_a_run_holds(family, kv_cache):
+    """The estimate from the adapter and the call's shapes alone is what the run held at its peak (None:
+    `cache_kv=False`, previous outputs only)."""
+    pipe = tiny_pipeline(family)
+    config = dit_accel.RASConfig(**RAS_HALF, cache_kv=False) if kv_cache is None else \
+        dit_accel.RASConfig(**RAS_HALF, kv_cache=kv_cache)
+    recorder = RecordingConfig()
+    with dit_accel.apply(pipe, config, recorder) as handle:
+        run(pipe, family, num_inference_steps=STEPS)
+        held = handle.report()["state_bytes"]["RASConfig"]
+        estimate = _ras(handle).estimate_bytes(_call_shapes(pipe, recorder.seen[0], samples=1 * 2))  # one prompt, CFG
+    kinds = {None: {"outputs"}, "device": {"outputs", "kv_cache"}, "fp8": {"outputs", "kv_cache"},
+             "host": {"outputs", "kv_cache@host"}}[kv_cache]
+    assert set(estimate) == kinds
+    assert sum(estimate.values()) == pytest.approx(held, rel=0.1)

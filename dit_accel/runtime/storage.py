@@ -37,7 +37,6 @@ class StoredTensor:
 
     def __init__(self, tensor: torch.Tensor, storage: StateStorage, scale_dims: tuple[int, ...] = (-1,)):
         self.storage, self.scale_dims = storage, scale_dims
-        self.dtype, self.device, self.shape = tensor.dtype, tensor.device, tensor.shape
         self._held: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         #: "host": the device copy a `prefetch` started, and the event that says it arrived
@@ -45,7 +44,9 @@ class StoredTensor:
         self.save(tensor)
 
     def save(self, tensor: torch.Tensor) -> None:
-        """Keep `tensor` (the model's dtype, on the device) as the stored value."""
+        """Keep `tensor` (the model's dtype, on the device) as the stored value; it may differ in shape from
+        the last one (DyDiT's next head bucket)."""
+        self.dtype, self.device, self.shape = tensor.dtype, tensor.device, tensor.shape
         if self.storage == "device":
             self._held = tensor
         elif self.storage == "fp8":
