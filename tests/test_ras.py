@@ -317,6 +317,17 @@ def test_bad_kv_cache_form_names_the_field_and_the_forms():
         dit_accel.RASConfig(kv_cache="gpu")
 
 
+def test_smaller_forms_offer_the_cheaper_kv_caches():
+    pipe = tiny_pipeline("sd3")
+    offered = {}
+    for config in (dit_accel.RASConfig(), dit_accel.RASConfig(kv_cache="fp8"), dit_accel.RASConfig(kv_cache="host"),
+                   dit_accel.RASConfig(cache_kv=False)):
+        with dit_accel.apply(pipe, config) as handle:
+            offered[(config.kv_cache, config.cache_kv)] = [text.split(":")[0] for text in _ras(handle).smaller_forms()]
+    assert offered == {("device", True): ["RASConfig(kv_cache='fp8')", "RASConfig(kv_cache='host')"],
+                       ("fp8", True): ["RASConfig(kv_cache='host')"], ("host", True): [], ("device", False): []}
+
+
 def _call_shapes(pipe, ctx: StepContext, samples: int) -> CallShapes:
     config = pipe.transformer.config
     patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2

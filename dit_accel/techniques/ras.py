@@ -297,6 +297,15 @@ class RAS(Technique):
                 estimate[kind] = estimate.get(kind, 0) + 2 * held  # keys and values
         return estimate
 
+    def smaller_forms(self) -> list[str]:
+        """The K/V cache forms that hold less on the device than the configured one."""
+        if not self.config.cache_kv:
+            return []
+        texts = {"fp8": "RASConfig(kv_cache='fp8'): the K/V cache at one byte an element",
+                 "host": "RASConfig(kv_cache='host'): the K/V cache in host memory"}
+        cheaper = {"device": ("fp8", "host"), "fp8": ("host",), "host": ()}[self.config.kv_cache]
+        return [texts[form] for form in cheaper]
+
     # -- stage 5: keys and values of the tokens not computed -----------------------------------------
     def kv_source(self, call_state: CallState, call: AttentionCall, query, key, value, attn_mask):
         """Keys/values of skipped image tokens come from the cache; computed ones (and the text) refresh
