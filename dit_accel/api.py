@@ -233,15 +233,19 @@ def _is_accelerated(module: nn.Module) -> bool:
     return isinstance(registry, HookRegistry) and any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
 
 
-def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False) -> AccelerationHandle:
+def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False, ledger: str = "light") -> AccelerationHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) with `configs`; returns a handle.
 
     `configs` are dit-accel configs (`RASConfig`, ...) and diffusers cache configs
     (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, ...), at most one per stage, in any order.
     With no config it only measures: `report()` then counts what the blocks really ran. `details`:
     `report()` carries per-call pictures too (RAS's token sets, SVG2's cluster maps; the UI draws them),
-    which cost work and memory every call otherwise saved.
+    which cost work and memory every call otherwise saved. `ledger`: "light" (the default) records each
+    block's work from one hook on the block, so compiled blocks keep their attention and MLP in one graph;
+    "exact" hooks every attention unit too and records it as it runs (what `measure` uses).
     """
+    if ledger not in ("light", "exact"):
+        raise ConfigError(f"apply(ledger={ledger!r}): the ledger is 'light' or 'exact'")
     configs = list(configs)
     for config in configs:
         registration(config)
@@ -262,8 +266,7 @@ def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False) -> Acc
     handle = AccelerationHandle(pipe_or_transformer, pipeline)
     try:
         for transformer, adapter in zip(transformers, adapters):
-            session = Session(transformer, adapter, handle.tracker, configs)
-            session.details = details
+            session = Session(transformer, adapter, handle.tracker, configs, ledger, details)
             session.attach()
             handle.sessions.append(session)
             _HANDLES[transformer] = handle
@@ -275,8 +278,9 @@ def apply(pipe_or_transformer: Any, *configs: Any, details: bool = False) -> Acc
 
 
 def measure(pipe_or_transformer: Any) -> AccelerationHandle:
-    """A handle that changes nothing and counts what the blocks really run (also under other accelerators)."""
-    return apply(pipe_or_transformer)
+    """A handle that changes nothing and counts what the blocks really run (also under other accelerators),
+    every attention unit as it runs (the exact ledger)."""
+    return apply(pipe_or_transformer, ledger="exact")
 
 
 def estimate(pipe_or_transformer: Any, *configs: Any, height: int, width: int, num_frames: int = 1, batch: int = 1,

@@ -8,7 +8,9 @@ q/k/v (B, H, S, D) to the plan's handler, in the calling thread only (other thre
 SDPA), and puts the attribute back afterwards. No processor code is copied; every family whose
 processor ends in SDPA is covered, at the cost of one Python call per attention. The handler's own
 dense attention calls `dense_attention`, which runs the real SDPA under whatever kernel context the
-processor's backend opened (`_native_math`, `_native_flash`, ...; `kernels/dense.py`).
+processor's backend opened (`_native_math`, `_native_flash`, ...; `kernels/dense.py`). Under
+`torch.compile` the router is traced: a routed call becomes one `dit_accel::routed_attention` custom op
+(the handler runs eagerly inside it), so a compiled block has no graph break at its attention.
 """
 
 from __future__ import annotations
@@ -54,18 +56,53 @@ class AttentionCall:
         return slice(0, length)
 
 
-def _router(query, key, value, *args, **kwargs):
+def _route(query, key, value, **kwargs) -> torch.Tensor:
     handler = getattr(_local, "handler", None)
     if handler is None:
-        return _SDPA(query, key, value, *args, **kwargs)
+        return _SDPA(query, key, value, **kwargs)
     _local.calls[0] += 1
-    kwargs.update(zip(_SDPA_ARGS, args))
     return handler(query, key, value, **kwargs)
+
+
+def borrowed_inputs() -> bool:
+    """Whether the q/k/v of the SDPA call being routed belong to a compiled graph, which may reuse their memory
+    once the call returns: a stage that keeps one past the call (RAS's K/V cache) keeps a copy."""
+    return getattr(_local, "borrowed", False)
+
+
+@torch.library.custom_op("dit_accel::routed_attention", mutates_args=())
+def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                     dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """One SDPA call handed to this thread's handler, as one opaque node of a compiled graph: the plan's
+    stages 5-6 (Python that plans, caches and picks kernels) run eagerly inside it. Its output is
+    contiguous, as the compiled graph expects of an opaque op."""
+    _local.borrowed = True
+    try:
+        return _route(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa).contiguous()
+    finally:
+        _local.borrowed = False
+
+
+@routed_attention.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _router(query, key, value, *args, **kwargs):
+    """What `F.scaled_dot_product_attention` is while a routed block runs: traceable by dynamo (a compiled
+    block records one `routed_attention` node); eager calls go to the handler directly (and keep autograd)."""
+    kwargs.update(zip(_SDPA_ARGS, args))
+    if torch.compiler.is_compiling():
+        return routed_attention(query, key, value, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0),
+                                kwargs.get("is_causal", False), kwargs.get("scale"), kwargs.get("enable_gqa", False))
+    return _route(query, key, value, **kwargs)
 
 
 @contextlib.contextmanager
 def routed_sdpa(handler: Handler) -> Iterator[list[int]]:
-    """Within the block, this thread's SDPA calls go to `handler`; yields `[number of calls routed]`."""
+    """Within the block (an attention module, or a whole transformer block), this thread's SDPA calls go to
+    `handler` (other threads reach the real SDPA through the same function); yields `[number of calls routed]`."""
     global _routers
     with _lock:
         _routers += 1

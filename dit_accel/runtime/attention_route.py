@@ -14,6 +14,8 @@ import functools
 import inspect
 from typing import Any, Callable
 
+import torch
+from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..attention.intercept import AttentionCall, dense_attention, routed_sdpa
@@ -21,6 +23,7 @@ from ..config import ConfigError, Stage
 from ..metrics.flops import UnitCost
 from ..models.base import ModelAdapter
 from .call_state import CallState
+from .session_view import SessionView
 from .technique import Technique
 
 #: diffusers attention backends that end in torch's SDPA, which stages 5 and 6 can take over
@@ -100,13 +103,27 @@ class AttentionRouter:
                         "that calls torch's scaled_dot_product_attention (the model's default), or a plan without "
                         "stages 5-6.")
 
+    def _attend(self, call: AttentionCall, cost: UnitCost, call_state: CallState, query, key, value,
+                **sdpa_kwargs) -> torch.Tensor:
+        """One self-attention's SDPA call through stage 5 then stage 6; the core it ran goes into the ledger."""
+        call = AttentionCall(call.layout, call_state.text_tokens, call.block_index, call.attention_index)
+        bias = None
+        if self.kv_source is not None:
+            key, value, bias, mask = self.kv_source.kv_source(call_state, call, query, key, value,
+                                                              sdpa_kwargs.pop("attn_mask", None))
+            sdpa_kwargs["attn_mask"] = mask
+        if self.kernel is not None:
+            output, pairs = self.kernel.attend(call_state, call, query, key, value, bias, **sdpa_kwargs)
+        else:
+            output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
+        call_state.record(cost.core_record(call.block_index, query.shape[0], query.shape[2], key.shape[2], pairs,
+                                           query.shape[1]))
+        return output
+
     def run(self, module: nn.Module, forward: Callable[..., Any], call: AttentionCall, cost: UnitCost,
             call_state: CallState, args: tuple, kwargs: dict) -> Any:
         """`forward(*args, **kwargs)` of the self-attention `module` (block `call.block_index`), its SDPA
-        calls handed to stage 5 then stage 6; the attention core they ran goes into the ledger."""
-        kv_source, kernel = self.kv_source, self.kernel
-        block = call.block_index
-        call = AttentionCall(call.layout, call_state.text_tokens, block, call.attention_index)
+        calls handed to stage 5 then stage 6 (the exact ledger's per-module route)."""
         calls = 0
 
         def attend(query, key, value, **sdpa_kwargs):
@@ -115,23 +132,36 @@ class AttentionRouter:
             if self.adapter.sdpa_call_layout(call.layout, calls - 1) == "cross":
                 # conditioning tokens a processor adds (IP-Adapter): outside the plan, as outside the dense model
                 return dense_attention(query, key, value, None, **sdpa_kwargs)
-            bias = None
-            if kv_source is not None:
-                key, value, bias, mask = kv_source.kv_source(call_state, call, query, key, value,
-                                                             sdpa_kwargs.pop("attn_mask", None))
-                sdpa_kwargs["attn_mask"] = mask
-            if kernel is not None:
-                output, pairs = kernel.attend(call_state, call, query, key, value, bias, **sdpa_kwargs)
-            else:
-                output, pairs = dense_attention(query, key, value, bias, **sdpa_kwargs), query.shape[2] * key.shape[2]
-            call_state.record(cost.core_record(block, query.shape[0], query.shape[2], key.shape[2], pairs,
-                                               query.shape[1]))
-            return output
+            return self._attend(call, cost, call_state, query, key, value, **sdpa_kwargs)
 
         with routed_sdpa(attend):
             output = forward(*args, **kwargs)
         if calls == 0:
-            self._ran_without_sdpa(module, block, cost, call_state)
+            self._ran_without_sdpa(module, call.block_index, cost, call_state)
+        return output
+
+    def run_block(self, attentions: list[tuple[nn.Module, AttentionCall, UnitCost]], forward: Callable[..., Any],
+                  call_state: CallState, args: tuple, kwargs: dict) -> Any:
+        """`forward(*args, **kwargs)` of a block, each of its self-attentions' SDPA call handed to stages 5-6.
+
+        The block's SDPA calls are told apart by their (queries, keys) counts: the first call with a
+        self-attention's counts is that attention's (in every family a block runs its self-attentions before
+        any cross-attention, and a processor its own attention before extra conditioning calls); any other
+        call (cross-attention, IP-Adapter tokens) runs dense, outside the plan as outside the dense model."""
+        pending = list(attentions)
+
+        def attend(query, key, value, **sdpa_kwargs):
+            for position, (module, call, cost) in enumerate(pending):
+                if cost.attention_shape(call_state.image_tokens, call_state.text_tokens) == \
+                        (query.shape[2], key.shape[2]):
+                    del pending[position]
+                    return self._attend(call, cost, call_state, query, key, value, **sdpa_kwargs)
+            return dense_attention(query, key, value, None, **sdpa_kwargs)
+
+        with routed_sdpa(attend):
+            output = forward(*args, **kwargs)
+        for module, call, cost in pending:
+            self._ran_without_sdpa(module, call.block_index, cost, call_state)
         return output
 
     def _ran_without_sdpa(self, module: nn.Module, block: int, cost: UnitCost, call_state: CallState) -> None:
@@ -153,3 +183,21 @@ class AttentionRouter:
         self.notes.add(f"{label} ran without its K/V source (stage 5) where attention never reaches torch's "
                        f"scaled_dot_product_attention ({obstacle}): there the tokens computed attended to each "
                        "other and the text only")
+
+
+class BlockRouteHook(ModelHook):
+    """Innermost on a block whose self-attentions stages 5-6 act in (light ledger): the block's SDPA calls go
+    through `AttentionRouter.run_block`. It sits outside the block's body, so a compiled body keeps its
+    attention in its graph (the routed call is one custom op there)."""
+
+    def __init__(self, session: SessionView, router: AttentionRouter,
+                 attentions: list[tuple[nn.Module, AttentionCall, UnitCost]]):
+        super().__init__()
+        self.session, self.router, self.attentions = session, router, attentions
+
+    @torch.compiler.disable
+    def new_forward(self, module, *args, **kwargs):
+        call_state = self.session.call_state
+        if call_state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.router.run_block(self.attentions, self.fn_ref.original_forward, call_state, args, kwargs)

@@ -208,3 +208,13 @@ class BlockHook(ModelHook):
     @torch.compiler.disable
     def post_forward(self, module, output):
         return self.owner.leave_block(self.index, module, output)
+
+
+def body_of(module: nn.Module) -> Callable:
+    """What the innermost hook on `module` calls: the module's own forward (its body)."""
+    return _below(module._diffusers_hook._fn_refs[0])
+
+
+def set_body(module: nn.Module, body: Callable) -> None:
+    """Make the innermost hook on `module` call `body` in place of what it calls now."""
+    _set_below(module._diffusers_hook._fn_refs[0], body)

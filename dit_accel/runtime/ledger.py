@@ -1,7 +1,10 @@
 """The work ledger: hooks that record what really ran, one `CallRecord` per call, and `report()`'s sums.
 
-The ledger hooks sit innermost on every unit a step cache may skip on its own and on every block (for
-its other units), so a unit that did not run writes nothing. An attention unit's hook also runs it
+The ledger hooks sit innermost on every block and on every unit a step cache may skip on its own, so a
+unit that did not run writes nothing. The light ledger (the default) records a block's units from one
+hook on the block, outside the block's body (a compiled body stays one graph); the exact ledger
+(`measure()`, `apply(..., ledger="exact")`) gives every attention unit a hook of its own that records
+it as it runs. An attention unit's hook also runs it
 through stages 5-6 (`AttentionRouter`) and hands a step cache around it full-length outputs (stage 2).
 At the end of each call the session files a `CallRecord`; `report` sums the records of a run per
 step, per block and per kind of work, against the dense analytic FLOPs. A kernel whose work depends on
@@ -29,12 +32,13 @@ from .token_set import TokenSetStage
 
 
 class LedgerHook(ModelHook):
-    """Innermost on a block (or on a unit a step cache may skip on its own): records the linear work of
-    its units that are not attentions, after it ran (stage 2 has set the tokens by then)."""
+    """Innermost on a block (or on a unit a step cache may skip on its own): records the work of its units
+    that have no hook of their own, after it ran (stages 2-3 have set the tokens by then): their linears,
+    and the dense attention core of each in `with_core` (stages 5-6 record the cores they route)."""
 
-    def __init__(self, session: SessionView, block: int, costs: list[UnitCost]):
+    def __init__(self, session: SessionView, block: int, costs: list[UnitCost], with_core: frozenset[str] = frozenset()):
         super().__init__()
-        self.session, self.block, self.costs = session, block, costs
+        self.session, self.block, self.costs, self.with_core = session, block, costs, with_core
 
     @torch.compiler.disable
     def post_forward(self, module, output):
@@ -42,7 +46,7 @@ class LedgerHook(ModelHook):
         if call_state is not None:
             for cost in self.costs:
                 call_state.ledger.extend(cost.records(self.block, call_state.batch, call_state.image_tokens,
-                                                      call_state.text_tokens, False,
+                                                      call_state.text_tokens, cost.name in self.with_core,
                                                       call_state.widths.get((self.block, cost.name))))
         return output
 

@@ -31,8 +31,9 @@ from ..attention.intercept import AttentionCall
 from ..config import ConfigError, Stage
 from ..metrics.flops import TransformerCostModel, UnitCost
 from ..models.base import CallInfo, ModelAdapter
-from .attention_route import AttentionRouter
+from .attention_route import AttentionRouter, BlockRouteHook
 from .call_state import CallState
+from .compiled_blocks import CompiledBlocks
 from .context import StepTracker
 from .estimate import CallShapes
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
@@ -108,7 +109,8 @@ class _TextOutputHook(ModelHook):
 class Session:
     """Binds techniques to one transformer through its adapter; the handle owns one per transformer."""
 
-    def __init__(self, transformer: nn.Module, adapter: ModelAdapter, tracker: StepTracker, configs: list[Any]):
+    def __init__(self, transformer: nn.Module, adapter: ModelAdapter, tracker: StepTracker, configs: list[Any],
+                 ledger: str = "light", details: bool = False):
         self.transformer = transformer
         self.adapter = adapter
         self.tracker = tracker
@@ -140,12 +142,18 @@ class Session:
         self._receiver: _ContextReceiver | None = None
         #: the blocks and attention modules a step cache wrapped when the session attached
         self._cached: tuple[set[int], dict[nn.Module, str]] = (set(), {})
+        #: blocks the user compiled, their compiled call moved below the plan's hooks
+        self._compiled = CompiledBlocks()
+        #: whether a hook of the plan sits inside a block's body and breaks a compiled graph there
+        self._hooks_in_bodies = False
         self._call_hooks: list = []
         #: times the calls without waiting for the device; `_started` is the running call's start
         self._clock = CallClock()
         self._started: Any = None
+        #: "light": the ledger's hooks on blocks; "exact": on every attention unit too (`apply(..., ledger=)`)
+        self.ledger = ledger
         #: keep the per-call pictures' stats (token sets, cluster maps) for the UI (`apply(..., details=True)`)
-        self.details = False
+        self.details = details
 
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -167,6 +175,7 @@ class Session:
             self._call_hooks = [self.transformer.register_forward_pre_hook(self._pre_call, with_kwargs=True),
                                 self.transformer.register_forward_hook(self._post_call, with_kwargs=True,
                                                                        prepend=True)]
+            self._follow_compiled_blocks()
         except Exception:
             self.detach()
             raise
@@ -176,6 +185,7 @@ class Session:
         """The stage hooks, around the step caches on the model now (see the module docstring)."""
         self._cached = cached_blocks, cached_attentions = self._cached_modules()
         self.token_set = self.token_transform = None
+        self._hooks_in_bodies = False
         if Stage.TOKEN_SET in self.by_stage:
             self.token_set = TokenSetStage(self, cached_blocks, cached_attentions)
         for index, (block, cost) in enumerate(zip(self.adapter.blocks(), self.cost_model.blocks)):
@@ -205,12 +215,21 @@ class Session:
         cached = self._cached_modules()
         if cached == self._cached:
             return
+        self._compiled.restore()
         self.hooks.remove_since(self._layout_start)
         self._lay_out()
         invalidate_registry_caches(self.transformer)
+        self._follow_compiled_blocks()
+
+    def _follow_compiled_blocks(self) -> None:
+        """Blocks the user compiled run the plan's hooks eagerly around their compiled body (`compiled_blocks.py`)."""
+        if self._compiled.follow(self.adapter.blocks(), eager=self._hooks_in_bodies) and self._hooks_in_bodies:
+            self.notes.add("compiled blocks ran their bodies eagerly: a hook of the plan inside them (the exact "
+                           "ledger's, or a step cache on attention modules) would break their graph")
 
     def detach(self) -> None:
         self.end_run()
+        self._compiled.restore()
         for handle in self._call_hooks:
             handle.remove()
         self._call_hooks = []
@@ -260,10 +279,11 @@ class Session:
 
     def _attach_units(self, index: int, block: nn.Module, units: dict[str, UnitCost],
                       cached_attentions: dict[nn.Module, str]) -> None:
-        """Ledger hooks: one per attention unit, one per unit a step cache may skip on its own, and one on
-        the block for the other units (they run exactly when the block does)."""
+        """Ledger hooks: one per unit a step cache may skip on its own (and, for the exact ledger, per
+        attention unit), one on the block for the other units (they run exactly when the block does); the
+        block's self-attentions that stages 5-6 act in are routed from the block, or from their own hook."""
         self_attentions = self.adapter.self_attentions(block)
-        with_block = []
+        with_block, with_core, routed = [], set(), []
         for name, cost in units.items():
             module = getattr(block, name)
             if cost.attention is None:
@@ -277,10 +297,21 @@ class Session:
                 if attention is module:
                     call = AttentionCall(self.adapter.attention_layout(block, module), 0, index, position)
             router = self.router if call is not None and self.router.active else None
-            scatter = self.token_set if module in cached_attentions else None
-            self.hooks.add(module, AttentionHook(self, index, cost, call, router, scatter), "ledger", innermost=True)
+            if self.ledger == "exact" or module in cached_attentions or _foreign_skippers(module):
+                self._hooks_in_bodies = True
+                scatter = self.token_set if module in cached_attentions else None
+                self.hooks.add(module, AttentionHook(self, index, cost, call, router, scatter), "ledger",
+                               innermost=True)
+                continue
+            with_block.append(cost)
+            if router is None:
+                with_core.add(name)
+            else:
+                routed.append((module, call, cost))
         if with_block:
-            self.hooks.add(block, LedgerHook(self, index, with_block), "ledger", innermost=True)
+            self.hooks.add(block, LedgerHook(self, index, with_block, frozenset(with_core)), "ledger", innermost=True)
+        if routed:
+            self.hooks.add(block, BlockRouteHook(self, self.router, routed), "route", innermost=True)
 
     def _check_memory(self, call: CallInfo, cfg_batched: bool) -> None:
         """A run's first call on CUDA: refuse a plan whose state cannot fit in the free device memory, and
@@ -329,6 +360,7 @@ class Session:
         # before any block runs: processors set since apply(), caches added by other means than enable_cache
         self.router.check_backends()
         self.follow_step_caches()
+        self._follow_compiled_blocks()
         self._resets_caches = _has_foreign_stateful_hooks(self.transformer)
         if self._resets_caches:
             # diffusers resets stateful cache hooks only in CacheMixin models' pipelines (not SD3, PixArt, DiT)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention.intercept import AttentionCall, resize_key_mask
+from ..attention.intercept import AttentionCall, borrowed_inputs, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..tokens import gather_tokens, scatter_tokens
 from ..runtime.context import StepContext
@@ -152,6 +152,13 @@ def _writable(x: torch.Tensor) -> torch.Tensor:
     """A (B, H, S, D) tensor stored as (B, H, S, D) or (B, S, H, D), the processors' two layouts: the
     call's own tensor when it already is (it is not read again), else a copy."""
     return x if x.is_contiguous() or _rows(x).is_contiguous() else x.contiguous()
+
+
+def _kept(x: torch.Tensor) -> torch.Tensor:
+    """A dense call's key or value to keep past the call: `_writable`, and a copy where a compiled graph owns
+    the call's tensors (it reuses their memory once the call returns)."""
+    x = _writable(x)
+    return torch.empty_like(x).copy_(x) if borrowed_inputs() else x
 
 
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -350,11 +357,11 @@ class RAS(Technique):
         them), linked after the entry the call filled before."""
         stored = self.state.kv.get(cache_key)
         if stored is None:
-            self.state.kv[cache_key] = tuple(StoredTensor(_writable(t), self.config.kv_cache, _KV_SCALE_DIMS)
+            self.state.kv[cache_key] = tuple(StoredTensor(_kept(t), self.config.kv_cache, _KV_SCALE_DIMS)
                                              for t in (key, value))
         else:
             for entry, tensor in zip(stored, (key, value)):
-                entry.save(_writable(tensor))
+                entry.save(_kept(tensor))
         self.state.kv_next[self._filled_kv] = cache_key
         self._filled_kv = cache_key
 
