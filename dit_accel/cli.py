@@ -26,10 +26,11 @@ from .cli_options import (DEFAULT_PLANS, TUNING_SEED, add_call_options, add_mode
                           load_pipeline, plan_spec_arg, status_printer)
 from .config import ConfigError
 from .gpu_check import PARTS, run_check, write
-from .loading import UsageError, call_arguments, default_model, read_prompts
+from .api import apply, estimate
+from .loading import UsageError, call_arguments, default_model, meta_transformer, read_prompts
 from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
-from .plan_spec import describe
+from .plan_spec import describe, parse_plan
 from .techniques.dydit import DyDiTConfig
 from .tuning import Budget, CandidateStatus, Target, TuneResult, tune
 
@@ -129,8 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "quality; JSON, CSV, markdown and a speedup-PSNR plot (dit-accel bench --help)")
     commands.add_parser("ui", help="serve the Gradio page: baseline and accelerated side by side (dit-accel ui "
                         "--help)")
-    commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their fields",
-                        description="Every name a plan may use, its stages, and each field's type, range and doc.")
+    plans = commands.add_parser("plans", help="list the plan members (techniques and diffusers' caches) with their "
+                                "fields; with --estimate, the memory a plan will hold on a model",
+                                description="Every name a plan may use, its stages, and each field's type, range and "
+                                "doc. With --estimate MODEL: the bytes each --plan will hold at a call's sizes, from "
+                                "the model's config alone (no weights load), against an 80 GB GPU.")
+    plans.add_argument("--estimate", metavar="MODEL",
+                       help="a release (wan2.1-14b, wan2.1-1.3b, hunyuanvideo, flux.1-dev, sd3.5-medium), a hub id or a "
+                       "local pipeline folder")
+    plans.add_argument("--plan", dest="plans", action="append", type=plan_spec_arg, metavar="SPEC|FILE",
+                       help="a plan to estimate (repeatable; default: the plan with no member)")
+    plans.add_argument("--height", type=int, default=480)
+    plans.add_argument("--width", type=int, default=832)
+    plans.add_argument("--frames", type=int, default=1, help="video frames (default: %(default)s)")
+    plans.add_argument("--batch", type=int, default=1, help="prompts per call (default: %(default)s)")
+    plans.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
+                       help="whether the transformer also runs an unconditional branch (default: as the family's "
+                       "pipelines do)")
     gpu = commands.add_parser(
         "gpu-check", help="check every technique on this GPU: keep-all equals dense under each SDPA backend, one "
         "attention layer and whole runs at Wan 2.1 and SD3.5 shapes; JSON and markdown",
@@ -165,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "plans":
+    if args.command == "plans" and args.estimate is None:
         print(describe(), end="")
         return 0
     try:
+        if args.command == "plans":
+            print(estimate_command(args), end="")
+            return 0
         if args.command == "gpu-check":
             return gpu_check_command(args)
         {"calibrate": calibrate_command, "tune": tune_command, "generate": generate_command}[args.command](args)
@@ -178,6 +197,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- commands ------------------------------------------------------------------------------------
+
+#: what a plan and the weights may hold on an 80 GB GPU, leaving room for activations and VAE decoding
+FITS_80GB = 70 * 2**30
+
+
+def estimate_command(args: argparse.Namespace) -> str:
+    """`dit-accel plans --estimate MODEL`: per plan, the GiB it will hold by kind, against an 80 GB GPU."""
+    transformer = meta_transformer(args.estimate)
+    lines = [f"{args.estimate} at {args.width}x{args.height}" + (f" x {args.frames} frames" if args.frames > 1 else "")
+             + f", batch {args.batch}:", ""]
+    for spec in args.plans or [""]:
+        configs = parse_plan(spec) if spec else []
+        held = estimate(transformer, *configs, height=args.height, width=args.width, num_frames=args.frames,
+                        batch=args.batch, guidance=args.guidance)
+        total = held["weights_bytes"] + held["device_bytes"]
+        kinds = ", ".join(f"{kind} {b / 2**30:.1f}" for kind, b in held["by_kind"].items() if b) or "nothing"
+        lines.append(f"{spec or 'dense'}: {held['device_bytes'] / 2**30:.1f} GiB on the device ({kinds}); with the "
+                     f"weights {total / 2**30:.1f} GiB: {'fits' if total <= FITS_80GB else 'does NOT fit'} an 80 GB "
+                     f"GPU (at most {FITS_80GB / 2**30:.0f} GiB, the rest for activations)")
+        if total > FITS_80GB:
+            options = [option for session in _techniques_of(transformer, configs) for option in session]
+            lines += [f"  smaller: {option}" for option in options]
+    lines.append(f"(tokens {held['shapes']['tokens']}, samples a step {held['shapes']['samples']}, "
+                 f"weights {held['weights_bytes'] / 2**30:.1f} GiB)")
+    return "\n".join(lines) + "\n"
+
+
+def _techniques_of(transformer, configs: list) -> list[list[str]]:
+    """Each technique's smaller forms, from a plan applied to `transformer` for a moment (nothing runs)."""
+    with apply(transformer, *configs) as handle:
+        return [technique.smaller_forms() for technique in handle.techniques]
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
     prompts = list(args.prompts or [])

@@ -117,3 +117,24 @@ def read_prompts(path: Path, option: str = "--prompts") -> list[str]:
     if not prompts:
         raise UsageError(f"{option} {path}: no prompts")
     return prompts
+
+
+def meta_transformer(model: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The transformer of `model` without weights (on the meta device), for estimates: a release's config
+    (`dit_accel.testing.RELEASES`: wan2.1-14b, hunyuanvideo, flux.1-dev, ...) or the transformer config of a
+    hub id or a local pipeline folder (its config files only; none is downloaded when offline)."""
+    from .testing import RELEASES, release_transformer
+
+    if model in RELEASES:
+        return release_transformer(model, device="meta", dtype=dtype)
+    import diffusers
+
+    try:
+        index = diffusers.DiffusionPipeline.load_config(model)
+        transformer_class = getattr(diffusers, index["transformer"][1])
+        config = transformer_class.load_config(model, subfolder="transformer")
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as error:
+        raise UsageError(f"{model!r}: neither a release ({', '.join(RELEASES)}) nor a pipeline whose transformer "
+                         f"config can be read ({error})") from None
+    with torch.device("meta"):
+        return transformer_class.from_config(config).to(dtype)

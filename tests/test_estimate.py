@@ -80,3 +80,15 @@ def test_sizes_that_give_no_tokens_are_named():
         dit_accel.estimate(pipe, dit_accel.RASConfig(), height=0, width=512)
     with pytest.raises(ValueError, match="give no tokens"):
         dit_accel.estimate(pipe, dit_accel.RASConfig(), height=8, width=8)
+
+
+def test_the_command_line_estimates_a_release_without_its_weights(capsys):
+    """`dit-accel plans --estimate`: per plan the GiB it holds, whether it fits an 80 GB GPU beside the
+    weights, and the smaller forms that would make it fit."""
+    from dit_accel.cli import main
+
+    assert main(["plans", "--estimate", "wan2.1-14b", "--frames", "81", "--plan", "ras",
+                 "--plan", "ras:kv_cache=fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "ras: 50.0 GiB on the device" in out and "does NOT fit" in out and "kv_cache='fp8'" in out
+    assert "ras:kv_cache=fp8: 25.0 GiB on the device" in out and "fits an 80 GB GPU" in out

@@ -645,6 +645,16 @@ RELEASES: dict[str, Release] = {
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
         StableDiffusion3Pipeline, (256, 77), pooled_text=True),
+    # transformer configs only (`release_transformer`, on the meta device for memory estimates)
+    "flux.1-dev": Release(FluxTransformer2DModel, dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), FluxPipeline, (512, 0)),
+    "hunyuanvideo": Release(HunyuanVideoTransformer3DModel, dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+        num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56)), HunyuanVideoPipeline, (256, 0)),
 }
 
 
@@ -680,6 +690,8 @@ def release_pipeline(name: str, transformer: torch.nn.Module) -> DiffusionPipeli
     """Release `name`'s pipeline around `transformer` with its scheduler and no text encoders or VAE:
     call it with `release_call_kwargs` (prompt embeddings given, latents out)."""
     release = _release(name)
+    if release.pipeline_cls not in (WanPipeline, StableDiffusion3Pipeline):
+        raise ValueError(f"release {name!r}: its transformer's config only (release_transformer)")
     if release.pipeline_cls is WanPipeline:
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
         pipe = WanPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
