@@ -84,3 +84,23 @@ def test_compiled_blocks_run_their_bodies_eagerly_under_the_exact_ledger_and_say
     with dit_accel.measure(pipe) as handle:
         _latents(pipe, steps=2)
         assert any("ran their bodies eagerly" in note for note in handle.report()["notes"])
+
+
+def test_a_transformer_compiled_whole_compiles_the_block_bodies_under_a_plan():
+    """`transformer.compile()`: its graph breaks at the plan's block hooks; the bodies below them get its
+    settings rather than running eagerly, and remove() leaves the transformer compiled as it was."""
+    pipe = tiny_pipeline("wan")
+    with dit_accel.apply(pipe, *PLANS["ras+fbc"]()):
+        eager = _latents(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.transformer.compile()
+    compiled_call = pipe.transformer._compiled_call_impl
+    with dit_accel.apply(pipe, *PLANS["ras+fbc"]()) as handle:
+        compiled = _latents(pipe)
+        bodies = [handle.sessions[0]._compiled._moved[block][1] for block in pipe.transformer.blocks]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] > 2  # the transformer's pieces and the block bodies
+    assert all(not hasattr(body, "_torchdynamo_orig_callable") for body in bodies)  # the eager bodies kept to restore
+    assert pipe.transformer._compiled_call_impl is compiled_call
+    assert all(block.__dict__.get("_compiled_call_impl") is None for block in pipe.transformer.blocks)

@@ -1,6 +1,7 @@
 """Compiled blocks under a plan: the plan's block hooks run eagerly around the block's compiled body.
 
-`transformer.compile_repeated_blocks()` (or `block.compile()`) compiles a block's `_call_impl`, which
+`transformer.compile_repeated_blocks()` (or `block.compile()`, or `transformer.compile()` for all of it)
+compiles a block's `_call_impl`, which
 runs whatever forward the block has: under a plan, the hook chain. dit-accel's block hooks (stage 2
 gathers, stage 3 pooling, the ledger, the attention route) are Python bookkeeping that dynamo cannot
 trace as one graph, so while a plan is attached the compiled call moves one level down: the block
@@ -38,23 +39,26 @@ class CompiledBlocks:
         #: block -> (its compiled call, the body its innermost hook called before)
         self._moved: dict[nn.Module, tuple[Callable, Callable]] = {}
 
-    def follow(self, blocks: list[nn.Module], eager: bool) -> bool:
+    def follow(self, transformer: nn.Module, blocks: list[nn.Module], eager: bool) -> bool:
         """Move the compiled call of each block compiled since (`compile_repeated_blocks` after `apply`) below
-        its hooks; `eager`: run those bodies eagerly (something in them breaks a graph). Returns whether any
-        block is compiled."""
+        its hooks; where the whole transformer was compiled in place (`transformer.compile()`), its blocks'
+        bodies get its settings (its graph breaks at the plan's block hooks, which would otherwise run the
+        bodies eagerly). `eager`: run those bodies eagerly (something in them breaks a graph). Returns
+        whether any block is compiled."""
+        whole = transformer.__dict__.get("_compiled_call_impl")
         for block in blocks:
-            compiled_call = block.__dict__.get("_compiled_call_impl")
-            if compiled_call is None or not hasattr(block, "_diffusers_hook"):
+            own = block.__dict__.get("_compiled_call_impl")
+            if (own is None and whole is None) or block in self._moved or not hasattr(block, "_diffusers_hook"):
                 continue
             body = body_of(block)
-            self._moved[block] = (compiled_call, body)
+            self._moved[block] = (own, body)
             block._compiled_call_impl = None
             if not eager:
-                set_body(block, _recompile(compiled_call, body))
+                set_body(block, _recompile(own or whole, body))
         return bool(self._moved)
 
     def restore(self) -> None:
-        for block, (compiled_call, body) in self._moved.items():
+        for block, (own, body) in self._moved.items():
             set_body(block, body)
-            block._compiled_call_impl = compiled_call
+            block._compiled_call_impl = own
         self._moved.clear()

@@ -223,7 +223,7 @@ class Session:
 
     def _follow_compiled_blocks(self) -> None:
         """Blocks the user compiled run the plan's hooks eagerly around their compiled body (`compiled_blocks.py`)."""
-        if self._compiled.follow(self.adapter.blocks(), eager=self._hooks_in_bodies) and self._hooks_in_bodies:
+        if self._compiled.follow(self.transformer, self.adapter.blocks(), eager=self._hooks_in_bodies) and self._hooks_in_bodies:
             self.notes.add("compiled blocks ran their bodies eagerly: a hook of the plan inside them (the exact "
                            "ledger's, or a step cache on attention modules) would break their graph")
 
