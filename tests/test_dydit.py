@@ -1,6 +1,7 @@
 """DyDiT through the runtime: keep-all equals dense through the sliced path on every family, sliced
 execution equals masked execution of the same heads and groups, the weights used shrink, token
-skipping, calibration files, and composition."""
+skipping (its sketch decision against the full-input one, its cache forms), what it holds against its
+estimate, calibration files, and composition."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import torch
 from helpers import model_state, run
 
 import dit_accel
-from dit_accel.techniques.dydit import load_calibration, select_units
+from dit_accel.metrics.quality import psnr
 from dit_accel.models import adapter_for
+from dit_accel.models.base import TokenGrid
 from dit_accel.plan_spec import parse_plan
-from dit_accel.testing import FAMILIES, tiny_pipeline
+from dit_accel.runtime.estimate import CallShapes
+from dit_accel.techniques.dydit import load_calibration, select_units
+from dit_accel.techniques.dydit.tokens import MLPTokens, SkipTokens
+from dit_accel.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from dit_accel.tokens import scatter_tokens
 
 NARROW = dit_accel.DyDiTConfig(width_ratio=0.5, max_width_ratio=0.5, buckets=1)
 
@@ -30,17 +36,25 @@ def _technique(handle):
     return session.techniques[0]
 
 
+def _token_hooks(module: torch.nn.Module) -> list:
+    return [hook for m in module.modules() for hook in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values()
+            if isinstance(hook, SkipTokens)]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_runs_the_sliced_path_and_equals_dense(family):
+    """The slicing hooks run and cut nothing: no copies; at token_ratio 1 no token hook, no cache."""
     pipe = tiny_pipeline(family)
     baseline = run(pipe, family)
     before, weights = model_state(pipe.transformer), _weights(pipe.transformer)
     with dit_accel.apply(pipe, dit_accel.DyDiTConfig.keep_all()) as handle:
+        assert not _token_hooks(pipe.transformer)
         torch.testing.assert_close(run(pipe, family), baseline, rtol=1e-5, atol=1e-5)
         report = handle.report()
     stats = _calls(report)[-1]
     assert stats["dydit_heads"] == stats["dydit_groups"] == 1.0
-    assert stats["dydit_mlp_tokens"] == 1.0  # the token gather/scatter ran
+    assert "dydit_mlp_tokens" not in stats
+    assert report["state_bytes"]["DyDiTConfig"] == 0
     assert report["flops_ratio"] == pytest.approx(1.0)
     assert model_state(pipe.transformer) == before
     assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
@@ -127,6 +141,135 @@ def test_token_skipping_reuses_cached_mlp_outputs(family):
     assert calls[-1]["dydit_mlp_tokens"] == pytest.approx(0.5, abs=0.05)
     assert report["flops_ratio"] < 1.0
     assert report["state_bytes"]["DyDiTConfig"] > 0
+
+
+def test_width_one_buckets_hold_no_slice_copies():
+    """A bucket that keeps every head and group runs each linear on its own weight: nothing is held
+    then, while the narrower bucket holds exactly the copies `estimate_bytes` names."""
+    pipe = tiny_pipeline("sd3")
+    config = dit_accel.DyDiTConfig(width_ratio=0.5, max_width_ratio=1.0, buckets=2)
+    layout = adapter_for(pipe.transformer).width_layout(pipe.transformer.transformer_blocks[0])
+    linears = [*layout.attentions[0].rows, *layout.mlp.rows, layout.attentions[0].columns[0][0]]
+    seen = []
+    with dit_accel.apply(pipe, config) as handle:
+        technique = _technique(handle)
+        probe = pipe.transformer.register_forward_hook(lambda *_: seen.append(
+            (technique.state_bytes(), [technique.sliced(linear)[0] is linear.weight for linear in linears])))
+        try:
+            run(pipe, "sd3", num_inference_steps=4)
+        finally:
+            probe.remove()
+        shapes = CallShapes(samples=2, grid=TokenGrid(1, 16, 16), text_tokens=109, itemsize=4, hidden=64,
+                            output_channels=64)
+        estimate = technique.estimate_bytes(shapes)
+    narrow, full = seen[:2], seen[2:]  # 4 steps, 2 buckets; one batched CFG call a step
+    assert all(held == estimate["slice_copies"] > 0 and not any(own) for held, own in narrow)
+    assert all(held == 0 and all(own) for held, own in full)
+    assert "token_cache" not in estimate
+
+
+@pytest.mark.parametrize("family, token_cache", [("sd3", "device"), ("sd3", "fp8"), ("wan", "host"), ("wan", "fp8")])
+def test_estimate_is_within_ten_percent_of_the_state_held(family, token_cache):
+    """SD3 batches CFG in one call, Wan runs it as two calls: `samples` counts both branches either way."""
+    pipe = tiny_pipeline(family)
+    config = dit_accel.DyDiTConfig.preset("fast", token_cache=token_cache)
+    call = tiny_call_kwargs(family)
+    transformer = pipe.transformer.config
+    patch = (1, transformer.patch_size, transformer.patch_size) if family == "sd3" else transformer.patch_size
+    frames = (call["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1 if family == "wan" else 1
+    spatial = pipe.vae_scale_factor if family == "sd3" else pipe.vae_scale_factor_spatial
+    grid = TokenGrid(frames // patch[0], call["height"] // spatial // patch[1], call["width"] // spatial // patch[2])
+    shapes = CallShapes(samples=1 * 2, grid=grid, text_tokens=call["max_sequence_length"], itemsize=4,
+                        hidden=transformer.num_attention_heads * transformer.attention_head_dim,
+                        output_channels=transformer.out_channels * patch[1] * patch[2])
+    with dit_accel.apply(pipe, config) as handle:
+        estimate = _technique(handle).estimate_bytes(shapes)
+        run(pipe, family)
+        held = handle.report()["state_bytes"]["DyDiTConfig"]
+    assert estimate["slice_copies"] > 0 and estimate["token_cache"] > 0
+    assert ("token_cache@host" in estimate) == (token_cache == "host")
+    assert sum(estimate.values()) == pytest.approx(held, rel=0.1)
+
+
+def _sketch_as_input(self, hidden):
+    """The old full-input decision: the "sketch" is the MLP input itself."""
+    return hidden.float()
+
+
+def _full_input_decisions_beside(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Beside every token-skipping decision a run makes: the full-input decision on the same state (the
+    old cache: each token's MLP input as of its last computation). Per decision, for each sample: the
+    share of the tokens run that the full input also picks, and the share of the largest possible
+    summed input change that they cover."""
+    from dit_accel.techniques.dydit import tokens
+
+    inputs, decisions, chosen = {}, [], []
+    gather, run_mlp = tokens.gather_tokens, MLPTokens.run
+
+    def recording(tensor, index, *args):
+        chosen.append(index)
+        return gather(tensor, index, *args)
+
+    def run_beside(self, call_state, block, unit, forward, hidden):
+        chosen.clear()
+        output = run_mlp(self, call_state, block, unit, forward, hidden)
+        key = (call_state.ctx.slot, block)
+        if not chosen:  # every token ran
+            inputs[key] = hidden.clone()
+            return output
+        index = chosen[0]
+        change = (hidden - inputs[key]).float().pow(2).sum(-1)
+        best = change.topk(index.shape[-1], dim=1).indices
+        picked = torch.zeros_like(change, dtype=torch.bool).scatter_(1, best, True)
+        decisions.append((picked.gather(1, index).float().mean(1),
+                          change.gather(1, index).sum(1) / change.gather(1, best).sum(1)))
+        inputs[key] = scatter_tokens(inputs[key], index, gather(hidden, index))
+        return output
+
+    monkeypatch.setattr(tokens, "gather_tokens", recording)
+    monkeypatch.setattr(MLPTokens, "run", run_beside)
+    return decisions
+
+
+def test_sketch_decision_stays_close_to_the_full_input_decision(monkeypatch):
+    """A 256-wide MLP input sketched to 64 columns: on the same state, the tokens run mostly are those
+    the full input's change picks and cover nearly all of the change those would; the output stays
+    close to the full-input decision's run and no further from dense."""
+    pipe = tiny_pipeline("sd3", attention_head_dim=64)
+    steps = {"num_inference_steps": 8}
+    config = dit_accel.DyDiTConfig(width_ratio=1.0, token_ratio=0.5)
+    dense = run(pipe, "sd3", **steps)
+    with monkeypatch.context() as patch:
+        decisions = _full_input_decisions_beside(patch)
+        with dit_accel.apply(pipe, config):
+            sketched = run(pipe, "sd3", **steps)
+    with monkeypatch.context() as patch:
+        patch.setattr(MLPTokens, "_sketch", _sketch_as_input)
+        with dit_accel.apply(pipe, config):
+            full_input = run(pipe, "sd3", **steps)
+    agreement, covered = (torch.cat(values) for values in zip(*decisions))
+    assert len(decisions) == 2 * 7  # 2 blocks, 7 skipping steps
+    assert agreement.mean() > 0.85 and covered.mean() > 0.97 and covered.min() > 0.9
+    assert psnr(sketched, full_input) > 50.0
+    assert psnr(sketched, dense) > psnr(full_input, dense) - 1.0
+
+
+def test_fp8_and_host_token_caches_match_the_device_cache():
+    """"host" holds the same values elsewhere (exact); "fp8" rounds the cached outputs, a byte a value and
+    a 4-byte scale per token instead of fp32's 4 bytes a value (the fp32 sketches stay as they are)."""
+    pipe = tiny_pipeline("sd3")
+    outputs, held = {}, {}
+    for form in ("device", "fp8", "host"):
+        with dit_accel.apply(pipe, dit_accel.DyDiTConfig(width_ratio=1.0, token_ratio=0.5, token_cache=form)) as handle:
+            outputs[form] = run(pipe, "sd3")
+            held[form] = handle.report()["state_bytes"]["DyDiTConfig"]
+    assert torch.equal(outputs["host"], outputs["device"])
+    assert held["host"] == held["device"]
+    assert psnr(outputs["fp8"], outputs["device"]) > 50.0
+    cached_tokens, width = 2 * 2 * 256, 64  # (2 blocks) x (2 CFG samples) x 256 tokens, 64 wide
+    assert held["fp8"] == held["device"] - cached_tokens * (3 * width - 4)
+    with pytest.raises(dit_accel.ConfigError, match=r"DyDiTConfig\.token_cache must be one of 'device', 'fp8', 'host'"):
+        dit_accel.DyDiTConfig(token_cache="disk")
 
 
 def test_batch_two_with_cfg_equals_each_prompt_alone():

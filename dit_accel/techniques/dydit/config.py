@@ -10,6 +10,7 @@ from pathlib import Path
 from ...config import AccelerationConfig, ConfigError, Stage, param
 from ...runtime.call_state import CallState
 from ...runtime.search_space import SearchContext, Setting, every_preset
+from ...runtime.storage import StateStorage
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class DyDiTConfig(AccelerationConfig):
                                     "output from when they were last computed", low=0.0, high=1.0, low_open=True)
     calibration: str | None = param(None, "safetensors file of head and group scores from dit_accel.calibrate "
                                           "(`dit-accel calibrate`); None ranks them by weight norms")
+    token_cache: StateStorage = param("device", "form of the MLP outputs token skipping keeps: 'device' (the model's "
+                                                "dtype on its device), 'fp8' (e4m3, a scale per token; half of "
+                                                "bf16's bytes) or 'host' (host memory, fetched back ahead of use)")
 
     name = "dydit"
     #: measured on the reference image model (8 captions, CFG 4, 20 steps, calibrated): MLP token
@@ -55,7 +59,8 @@ class DyDiTConfig(AccelerationConfig):
 
     @classmethod
     def keep_all(cls) -> "DyDiTConfig":
-        """Every head, group and token: the slicing, the head count and the token gather/scatter all run."""
+        """Every head, group and token: the slicing hooks and the head count run and find nothing to cut,
+        so every linear keeps its own weights; at token_ratio 1 no token hook is attached at all."""
         return cls(width_ratio=1.0, max_width_ratio=1.0, token_ratio=1.0)
 
 

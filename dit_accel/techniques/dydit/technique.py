@@ -11,13 +11,15 @@ from torch import nn
 from ...config import ConfigError
 from ...metrics.flops import UnitWidth
 from ...runtime.call_state import CallState
+from ...runtime.estimate import CallShapes
 from ...runtime.registry import register_technique
 from ...runtime.stats import Stat, StatKind
+from ...runtime.storage import stored_bytes
 from ...runtime.technique import Technique
 from .calibration import DyDiTScores, add_contributions, calibrate, load_calibration, select_units
 from .config import DyDiTConfig, bucket_of, kept_count, search_space
-from .tokens import MLPTokens, SkipTokens
-from .width import HeadCount, Part, SlicedLinear, SlicedNorm, parts_of, unit_name
+from .tokens import SKETCH_DIM, MLPTokens, SkipTokens, TokenMLP
+from .width import HeadCount, Part, SlicedLinear, SlicedNorm, parts_of
 
 
 @register_technique(DyDiTConfig, "DyDiT: attention heads and MLP channel groups per step bucket, MLP tokens",
@@ -32,19 +34,22 @@ class DyDiT(Technique):
     def __init__(self, config: DyDiTConfig, session):
         super().__init__(config, session)
         self._parts: list[Part] = []
-        #: block -> (its token-wise MLP, the block's unit holding it)
-        self._mlps: dict[int, tuple[nn.Module, str]] = {}
+        #: block -> its token-wise MLP
+        self._mlps: dict[int, TokenMLP] = {}
         for index, block in enumerate(self.adapter.blocks()):
             layout = self.adapter.width_layout(block)
             self._parts.extend(parts_of(index, layout.attentions, layout.mlp))
             if layout.mlp is not None and layout.mlp.module is not None:
-                self._mlps[index] = (layout.mlp.module, unit_name(block, layout.mlp.module))
+                self._mlps[index] = TokenMLP.of(self.adapter, block, layout.mlp)
         self._check_linears()
         grams = self._grams()
         #: per bucket, per part key: the kept units, sorted
         self._kept = [{part.key: select_units(grams[part.key][bucket], kept_count(config.width_at(bucket),
                                                                                  len(part.units)))
                        for part in self._parts} for bucket in range(config.buckets)]
+        #: per bucket, the parts that keep every unit: their linears run on the model's own weights
+        self._whole = [{part.key for part in self._parts if len(kept[part.key]) == len(part.units)}
+                       for kept in self._kept]
         self._linear_parts = self._index_linears()
         blocks = self.adapter.blocks()
         names = {module: (index, name) for index, block in enumerate(blocks) for name, module in block.named_modules()}
@@ -59,8 +64,8 @@ class DyDiT(Technique):
         #: the running bucket's sliced (weight, bias) per linear, and feature indices per (part, device)
         self._sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
-        #: MLP token skipping: the cached MLP inputs and outputs, and this call's fractions
-        self.mlp_tokens = MLPTokens(config.token_ratio)
+        #: MLP token skipping: the cached input sketches and MLP outputs, and this call's fractions
+        self.mlp_tokens = MLPTokens(config.token_ratio, config.token_cache, sorted(self._mlps))
         #: while a calibration run scores heads and groups (`start_scoring`)
         self.scores: DyDiTScores | None = None
 
@@ -104,23 +109,23 @@ class DyDiT(Technique):
                                   f"inputs of {parts[0][0].key}'s output projection")
         return linears
 
+    def _kept_features(self, bucket: int, part: Part) -> int:
+        return sum(len(part.units[int(u)]) for u in self._kept[bucket][part.key])
+
     def _ledger_widths(self, bucket: int, names: dict[nn.Module, tuple[int, str]]
                        ) -> dict[tuple[int, str], UnitWidth]:
         """What the ledger records for each narrowed unit in `bucket`: sliced features and kept heads
         (`names`: every module of the blocks -> (block index, qualified name in its block))."""
         kept = self._kept[bucket]
-
-        def width(part: Part) -> int:
-            return sum(len(part.units[int(u)]) for u in kept[part.key])
-
         features: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
         for linear, (kind, parts) in self._linear_parts.items():
             index, name = names[linear]
             if kind == "rows":
                 part = parts[0][0]
-                feature = (name, linear.in_features, width(part) * (2 if part.gated_hidden else 1))
+                rows = self._kept_features(bucket, part) * (2 if part.gated_hidden else 1)
+                feature = (name, linear.in_features, rows)
             else:
-                feature = (name, sum(width(part) for part, _ in parts), linear.out_features)
+                feature = (name, sum(self._kept_features(bucket, part) for part, _ in parts), linear.out_features)
             features.setdefault((index, name.split(".")[0]), []).append(feature)
         heads = {}
         for part in self._parts:
@@ -138,9 +143,9 @@ class DyDiT(Technique):
                 hooks.add(norm, SlicedNorm(self, part), "dydit.norm")
             if part.attention is not None:
                 hooks.add(part.attention, HeadCount(self, part), "dydit.heads")
-        # at token_ratio 1 too: every token is gathered, run and scattered, the path SDT takes
-        for index, (module, unit) in self._mlps.items():
-            hooks.add(module, SkipTokens(self, index, unit), "dydit.tokens")
+        if self.config.token_ratio < 1.0:  # at 1 every token runs: no gather, scatter or cache
+            for index, mlp in self._mlps.items():
+                hooks.add(mlp.module, SkipTokens(self, index, mlp.unit), "dydit.tokens")
 
     # -- per call ----------------------------------------------------------------------------------
     def begin_call(self, call_state: CallState) -> None:
@@ -156,7 +161,7 @@ class DyDiT(Technique):
             self._features.clear()
         self._check_processors()
         call_state.widths.update(self._widths[bucket])
-        self.mlp_tokens.begin_call()
+        self.mlp_tokens.begin_call(call_state)
 
     def _check_processors(self) -> None:
         """A processor with weights of its own over every head (IP-Adapter's `to_k_ip`, whose output it adds
@@ -182,6 +187,14 @@ class DyDiT(Technique):
     def kept(self, part: Part) -> torch.Tensor:
         return self._kept[self._bucket][part.key]
 
+    def whole(self, part: Part) -> bool:
+        """Whether the running bucket keeps every unit of `part` (nothing to slice)."""
+        return part.key in self._whole[self._bucket]
+
+    def _uncut(self, bucket: int, linear: nn.Linear) -> bool:
+        """Whether `bucket` keeps every unit of every part `linear` is sliced by: it runs on its own weight."""
+        return all(part.key in self._whole[bucket] for part, _ in self._linear_parts[linear][1])
+
     def features(self, part: Part, device: torch.device) -> torch.Tensor:
         """The running bucket's features of `part`."""
         key = (part.key, device)
@@ -190,7 +203,10 @@ class DyDiT(Technique):
         return self._features[key]
 
     def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The running bucket's (weight, bias) of `linear`, index-selected once per bucket."""
+        """The running bucket's (weight, bias) of `linear`, index-selected once per bucket; the linear's
+        own where the bucket cuts none of its units (no copy, no index work)."""
+        if self._uncut(self._bucket, linear):
+            return linear.weight, linear.bias
         held = self._sliced.get(linear)
         weight = linear.weight
         if held is None or held[0].device != weight.device or held[0].dtype != weight.dtype:
@@ -224,9 +240,38 @@ class DyDiT(Technique):
 
     # -- report ------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
-        tensors = self.mlp_tokens.tensors()
-        tensors += [t for weight, bias in self._sliced.values() for t in (weight, bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        copies = [t for linear, held in self._sliced.items() for t in held if t is not None and t is not linear.bias]
+        return self.mlp_tokens.nbytes() + sum(t.numel() * t.element_size() for t in copies)
+
+    def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
+        """The slice copies of the bucket that copies most, and the token cache (every branch and block
+        with a token-wise MLP, where token_ratio < 1): input sketches in fp32 and MLP outputs in
+        `token_cache`'s form."""
+        estimate = {"slice_copies": max(self._slice_bytes(bucket, shapes.itemsize)
+                                        for bucket in range(self.config.buckets))}
+        if self.config.token_ratio < 1.0:
+            for mlp in self._mlps.values():
+                tokens = shapes.samples * (shapes.tokens + (shapes.text_tokens if mlp.joint else 0))
+                estimate["token_cache"] = estimate.get("token_cache", 0) + tokens * SKETCH_DIM * 4
+                stored = stored_bytes(tokens * mlp.out_features, shapes.itemsize, self.config.token_cache, tokens)
+                for where, held in stored.items():
+                    kind = "token_cache" if where == "device" else f"token_cache@{where}"
+                    estimate[kind] = estimate.get(kind, 0) + held
+        return {kind: held for kind, held in estimate.items() if held}
+
+    def _slice_bytes(self, bucket: int, itemsize: int) -> int:
+        """Bytes of the weight and bias copies `sliced` makes in `bucket`."""
+        elements = 0
+        for linear, (kind, parts) in self._linear_parts.items():
+            if self._uncut(bucket, linear):
+                continue
+            features = sum(self._kept_features(bucket, part) for part, _ in parts)
+            if kind == "columns":
+                elements += linear.out_features * features
+            else:
+                rows = features * (2 if parts[0][0].gated_hidden else 1)
+                elements += rows * (linear.in_features + (linear.bias is not None))
+        return elements * itemsize
 
     def call_stats(self, call_state: CallState) -> dict:
         """The bucket, the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:

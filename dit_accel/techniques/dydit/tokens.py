@@ -1,25 +1,61 @@
 """DyDiT's spatial dynamic tokens (SDT): each token-wise MLP runs on the tokens per sample whose input
 changed most since they were last computed; the others keep their cached output.
 
-`MLPTokens` holds, per (CFG branch, block), the MLP's full-length input and output as of each
-token's last computation; `SkipTokens` is the hook on the MLP module that runs it through them. A
-call whose MLP sees another token count (RAS's subsets, a FlexDiT density change) computes every
-token and restarts the cache.
+How far a token's input moved is read off a sketch, not the input itself: a fixed random projection
+of the MLP input to `SKETCH_DIM` dimensions, scaled 1/sqrt(SKETCH_DIM), keeps squared distances on
+average (Johnson-Lindenstrauss) at a sliver of the input's bytes. `MLPTokens` holds, per (CFG branch,
+block), the sketch (fp32) and the MLP output (in `DyDiTConfig.token_cache`'s form, `StoredTensor`) as
+of each token's last computation; `SkipTokens` is the hook on the MLP module that runs it through
+them. A call whose MLP sees another token count (RAS's subsets, a FlexDiT density change) computes
+every token and restarts the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Callable, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
+from torch import nn
 
 from ...metrics.flops import UnitWidth
+from ...models.base import ModelAdapter
+from ...models.width import ChannelSlices
 from ...runtime.call_state import CallState
 from ...runtime.session_view import SessionView
+from ...runtime.storage import StateStorage, StoredTensor
 from ...tokens import gather_tokens, scatter_tokens
+
+#: columns of the random projection a token's MLP input is sketched by
+SKETCH_DIM = 64
+_SKETCH_SEED = 0
+
+
+def sketch_projection(hidden: int, device: torch.device) -> torch.Tensor:
+    """The (hidden, SKETCH_DIM) fp32 projection: the same seeded draw on every device and run."""
+    generator = torch.Generator().manual_seed(_SKETCH_SEED)
+    return (torch.randn(hidden, SKETCH_DIM, generator=generator) / math.sqrt(SKETCH_DIM)).to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMLP:
+    """A block's token-wise MLP: the module hooked, the block's child holding it (the ledger's unit),
+    its output width, and whether it runs on the text and image tokens together (CogVideoX)."""
+
+    module: nn.Module
+    unit: str
+    out_features: int
+    joint: bool
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, block: nn.Module, mlp: ChannelSlices) -> TokenMLP:
+        names = {module: name for name, module in block.named_modules()}
+        read, _ = mlp.columns[0]
+        joint = adapter.linear_streams(block).get(names[read]) == "joint"
+        return cls(mlp.module, names[mlp.module].split(".")[0], read.out_features, joint)
 
 
 class TokenSkipping(Protocol):
@@ -29,54 +65,82 @@ class TokenSkipping(Protocol):
     mlp_tokens: "MLPTokens"
 
 
+@dataclasses.dataclass
+class CachedTokens:
+    """One (CFG branch, block): the sketch of each token's MLP input and its MLP output, as of when
+    the token was last computed."""
+
+    sketch: torch.Tensor
+    output: StoredTensor
+
+
 class MLPTokens:
     """The MLP token cache of one technique, and what each block computed this call."""
 
-    def __init__(self, token_ratio: float):
-        self.token_ratio = token_ratio
-        #: per (branch, block): (MLP input, MLP output) when each token was last computed
-        self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, token_ratio: float, storage: StateStorage, blocks: list[int]):
+        self.token_ratio, self.storage = token_ratio, storage
+        #: the MLP block run after each one, whose cached output a "host" cache fetches meanwhile
+        self._following = dict(itertools.pairwise(blocks))
+        self._first = blocks[0] if blocks else None
+        self.cache: dict[tuple[str, int], CachedTokens] = {}
+        #: per (hidden size, device): the sketch projection
+        self._projections: dict[tuple[int, torch.device], torch.Tensor] = {}
         #: block -> fraction of its MLP tokens computed this call
         self.fractions: dict[int, float] = {}
 
-    def begin_call(self) -> None:
+    def begin_call(self, call_state: CallState) -> None:
         self.fractions = {}
+        self._prefetch(call_state.ctx.slot, self._first)
 
     def end_run(self) -> None:
         self.cache.clear()
+        self._projections.clear()
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for pair in self.cache.values() for t in pair]
+    def nbytes(self) -> int:
+        return sum(c.sketch.numel() * c.sketch.element_size() + c.output.nbytes() for c in self.cache.values())
+
+    def _prefetch(self, slot: str, block: int | None) -> None:
+        cached = self.cache.get((slot, block))
+        if cached is not None:
+            cached.output.prefetch()
+
+    def _sketch(self, hidden: torch.Tensor) -> torch.Tensor:
+        key = (hidden.shape[-1], hidden.device)
+        if key not in self._projections:
+            self._projections[key] = sketch_projection(*key)
+        return hidden.float() @ self._projections[key]
 
     def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
             hidden: torch.Tensor) -> torch.Tensor:
-        """The MLP (`forward`) on the tokens per sample whose input changed most since last computed; the
-        ledger records the block's `unit` at the fraction of tokens that ran."""
-        batch, tokens = hidden.shape[:2]
-        key = (call_state.ctx.slot, block)
-        cached = self.cache.get(key)
-        if cached is not None and cached[0].shape != hidden.shape:  # another token count: start again
+        """The MLP (`forward`) on the tokens per sample whose input sketch moved most since last computed;
+        the ledger records the block's `unit` at the fraction of tokens that ran."""
+        batch, tokens, channels = hidden.shape
+        slot = call_state.ctx.slot
+        self._prefetch(slot, self._following.get(block))
+        sketch = self._sketch(hidden)
+        call_state.record_overhead("dydit token sketch", 2.0 * batch * tokens * channels * SKETCH_DIM, tokens)
+        cached = self.cache.get((slot, block))
+        if cached is not None and cached.sketch.shape != sketch.shape:  # another token count: start again
             cached = None
         if cached is None:
-            index = torch.arange(tokens, device=hidden.device)
-        else:
-            change = (hidden - cached[0]).float().pow(2).sum(-1)
-            index = change.topk(math.ceil(self.token_ratio * tokens), dim=1).indices.sort(dim=1).values
-            call_state.record_overhead("dydit token change", 3.0 * batch * tokens * hidden.shape[-1], tokens)
-        fraction = index.shape[-1] / tokens
+            output = forward(hidden)
+            self.cache[(slot, block)] = CachedTokens(sketch, StoredTensor(output, self.storage))
+            self._record(call_state, block, unit, 1.0)
+            return output
+        change = (sketch - cached.sketch).pow(2).sum(-1)
+        call_state.record_overhead("dydit token change", 3.0 * batch * tokens * SKETCH_DIM, tokens)
+        index = change.topk(math.ceil(self.token_ratio * tokens), dim=1).indices.sort(dim=1).values
+        self._record(call_state, block, unit, index.shape[-1] / tokens)
+        computed = forward(gather_tokens(hidden, index))
+        output = scatter_tokens(cached.output.load(), index, computed)
+        cached.output.save(output)
+        cached.sketch = scatter_tokens(cached.sketch, index, gather_tokens(sketch, index))
+        return output
+
+    def _record(self, call_state: CallState, block: int, unit: str, fraction: float) -> None:
         width = call_state.widths.get((block, unit), UnitWidth())
         call_state.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
         self.fractions[block] = fraction
-        inputs = gather_tokens(hidden, index)
-        computed = forward(inputs)
-        if cached is None:
-            output = scatter_tokens(computed.new_empty(*hidden.shape[:2], computed.shape[-1]), index, computed)
-        else:
-            hidden = scatter_tokens(cached[0], index, inputs)
-            output = scatter_tokens(cached[1], index, computed)
-        if self.token_ratio < 1.0:
-            self.cache[key] = (hidden, output)
-        return output
 
 
 class SkipTokens(ModelHook):
@@ -91,4 +155,4 @@ class SkipTokens(ModelHook):
         if call_state is None:
             return self.fn_ref.original_forward(hidden, *args, **kwargs)
         return self.technique.mlp_tokens.run(call_state, self.block, self.unit,
-                                         lambda x: self.fn_ref.original_forward(x, *args, **kwargs), hidden)
+                                             lambda x: self.fn_ref.original_forward(x, *args, **kwargs), hidden)

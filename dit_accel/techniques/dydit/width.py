@@ -29,6 +29,8 @@ class Narrowing(Protocol):
 
     def kept(self, part: "Part") -> torch.Tensor: ...
 
+    def whole(self, part: "Part") -> bool: ...
+
     def features(self, part: "Part", device: torch.device) -> torch.Tensor: ...
 
     def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]: ...
@@ -85,11 +87,6 @@ def parts_of(block: int, attentions: tuple[HeadSlices, ...], mlp: ChannelSlices 
     return parts
 
 
-def unit_name(block: nn.Module, module: nn.Module) -> str:
-    """The block's direct child that holds `module` (the ledger's unit)."""
-    return next(name for name, child in block.named_modules() if child is module).split(".")[0]
-
-
 class SlicedLinear(ModelHook):
     """A linear that runs on the running bucket's rows or columns of its weight."""
 
@@ -107,14 +104,15 @@ class SlicedLinear(ModelHook):
 
 
 class SlicedNorm(ModelHook):
-    """A normalisation over all heads: normalise at full width, keep the running heads' features."""
+    """A normalisation over all heads: normalise at full width, keep the running heads' features (all
+    of them: nothing to select)."""
 
     def __init__(self, technique: Narrowing, part: Part):
         super().__init__()
         self.technique, self.part = technique, part
 
     def post_forward(self, module, output):
-        if self.technique.session.call_state is None:
+        if self.technique.session.call_state is None or self.technique.whole(self.part):
             return output
         return output.index_select(-1, self.technique.features(self.part, output.device))
 
