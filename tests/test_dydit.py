@@ -191,6 +191,18 @@ def test_estimate_is_within_ten_percent_of_the_state_held(family, token_cache):
     assert sum(estimate.values()) == pytest.approx(held, rel=0.1)
 
 
+def test_estimate_on_the_meta_device_equals_the_estimate_with_weights():
+    """Without weights (a model on the meta device) every unit ranks alike: the same counts, the same bytes."""
+    pipe = tiny_pipeline("wan")
+    with torch.device("meta"):
+        meta = type(pipe.transformer).from_config(pipe.transformer.config)
+    sizes = {"height": 128, "width": 128, "num_frames": 9}
+    for config in (dit_accel.DyDiTConfig.preset("fast"), NARROW):
+        estimate = dit_accel.estimate(pipe.transformer, config, **sizes)["by_technique"]
+        assert estimate["DyDiTConfig"]["slice_copies"] > 0
+        assert dit_accel.estimate(meta, config, **sizes)["by_technique"] == estimate
+
+
 def _sketch_as_input(self, hidden):
     """The old full-input decision: the "sketch" is the MLP input itself."""
     return hidden.float()

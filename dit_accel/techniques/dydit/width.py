@@ -65,13 +65,17 @@ class Part:
 
     def weight_gram(self) -> torch.Tensor:
         """The data-free stand-in for a calibration: a diagonal Gram matrix of each unit's mean row
-        norm times its mean column norm, squared (units assumed uncorrelated)."""
+        norm times its mean column norm, squared (units assumed uncorrelated), on the CPU where
+        `select_units` works. Weights without data (the meta device, for an estimate) rank every unit
+        alike: which units are kept does not change how many, nor the bytes."""
+        if any(linear.weight.is_meta for linear in self.rows + [linear for linear, _ in self.columns]):
+            return torch.eye(len(self.units))
         scores = []
         for features in self.units:
             rows = [linear.weight.detach()[features].float().norm() for linear in self.rows]
             columns = [linear.weight.detach()[:, offset + features].float().norm() for linear, offset in self.columns]
             scores.append((torch.stack(rows).mean() if rows else torch.tensor(1.0)) * torch.stack(columns).mean())
-        return torch.diag(torch.stack(scores) ** 2)
+        return torch.diag(torch.stack(scores).cpu() ** 2)
 
 
 def parts_of(block: int, attentions: tuple[HeadSlices, ...], mlp: ChannelSlices | None) -> list[Part]:
