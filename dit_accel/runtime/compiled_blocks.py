@@ -10,7 +10,8 @@ chose (the same `torch.compile` context). A routed attention call is one custom 
 (`attention/intercept.py`). `restore` puts every compiled call back as it was.
 
 Where a hook of the plan sits inside the body and breaks its graph (the exact ledger's per-unit hooks,
-a step cache on attention modules), the body runs eagerly instead, and the session says so.
+a step cache on attention modules, DyDiT's MLP token skipping), the body compiles in pieces with
+torch.compile's defaults instead, and the session says so.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from torch import nn
 from .hooks import body_of, set_body
 
 
-def _recompile(compiled_call: Callable, body: Callable) -> Callable:
-    """`body` through the same compiler settings as `compiled_call` (a `torch.compile` result)."""
+def _recompile(compiled_call: Callable, body: Callable, breaks: bool) -> Callable:
+    """`body` through the same compiler settings as `compiled_call` (a `torch.compile` result); where the body
+    `breaks` its graph, torch.compile's defaults, which compile it in pieces."""
+    if breaks:
+        return torch.compile(body)
     for cell in getattr(compiled_call, "__closure__", None) or ():
         context = cell.cell_contents
         if type(context).__name__ == "OptimizeContext" and callable(context):
@@ -39,12 +43,12 @@ class CompiledBlocks:
         #: block -> (its compiled call, the body its innermost hook called before)
         self._moved: dict[nn.Module, tuple[Callable, Callable]] = {}
 
-    def follow(self, transformer: nn.Module, blocks: list[nn.Module], eager: bool) -> bool:
+    def follow(self, transformer: nn.Module, blocks: list[nn.Module], breaks: bool) -> bool:
         """Move the compiled call of each block compiled since (`compile_repeated_blocks` after `apply`) below
         its hooks; where the whole transformer was compiled in place (`transformer.compile()`), its blocks'
         bodies get its settings (its graph breaks at the plan's block hooks, which would otherwise run the
-        bodies eagerly). `eager`: run those bodies eagerly (something in them breaks a graph). Returns
-        whether any block is compiled."""
+        bodies eagerly). `breaks`: something in the bodies breaks a graph, so they compile in pieces.
+        Returns whether any block is compiled."""
         whole = transformer.__dict__.get("_compiled_call_impl")
         for block in blocks:
             own = block.__dict__.get("_compiled_call_impl")
@@ -53,8 +57,7 @@ class CompiledBlocks:
             body = body_of(block)
             self._moved[block] = (own, body)
             block._compiled_call_impl = None
-            if not eager:
-                set_body(block, _recompile(own or whole, body))
+            set_body(block, _recompile(own or whole, body, breaks))
         return bool(self._moved)
 
     def restore(self) -> None:

@@ -144,7 +144,7 @@ class Session:
         self._cached: tuple[set[int], dict[nn.Module, str]] = (set(), {})
         #: blocks the user compiled, their compiled call moved below the plan's hooks
         self._compiled = CompiledBlocks()
-        #: whether a hook of the plan sits inside a block's body and breaks a compiled graph there
+        #: whether a per-unit hook of the session sits inside a block's body and breaks a compiled graph there
         self._hooks_in_bodies = False
         self._call_hooks: list = []
         #: times the calls without waiting for the device; `_started` is the running call's start
@@ -223,9 +223,11 @@ class Session:
 
     def _follow_compiled_blocks(self) -> None:
         """Blocks the user compiled run the plan's hooks eagerly around their compiled body (`compiled_blocks.py`)."""
-        if self._compiled.follow(self.transformer, self.adapter.blocks(), eager=self._hooks_in_bodies) and self._hooks_in_bodies:
-            self.notes.add("compiled blocks ran their bodies eagerly: a hook of the plan inside them (the exact "
-                           "ledger's, or a step cache on attention modules) would break their graph")
+        breaks = self._hooks_in_bodies or any(t.breaks_block_graph() for t in self.techniques)
+        if self._compiled.follow(self.transformer, self.adapter.blocks(), breaks) and breaks:
+            self.notes.add("compiled blocks compiled their bodies in pieces: a hook of the plan inside them (the "
+                           "exact ledger's, a step cache on attention modules, DyDiT's MLP token skipping) breaks "
+                           "their graph")
 
     def detach(self) -> None:
         self.end_run()

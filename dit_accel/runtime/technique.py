@@ -103,6 +103,11 @@ class Technique:
         from the adapter and the shapes alone."""
         return {}
 
+    def breaks_block_graph(self) -> bool:
+        """Whether a hook of the technique inside a block's body breaks a compiled block's graph (its bodies
+        then compile in pieces, and `report()` says so)."""
+        return False
+
     def smaller_forms(self) -> list[str]:
         """Config changes that shrink what `estimate_bytes` counts (for the message when a plan will not fit)."""
         return []

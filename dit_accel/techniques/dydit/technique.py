@@ -159,6 +159,7 @@ class DyDiT(Technique):
             self._bucket = bucket
             self._sliced.clear()
             self._features.clear()
+        self._prepare()
         self._check_processors()
         call_state.widths.update(self._widths[bucket])
         self.mlp_tokens.begin_call(call_state)
@@ -194,6 +195,19 @@ class DyDiT(Technique):
     def _uncut(self, bucket: int, linear: nn.Linear) -> bool:
         """Whether `bucket` keeps every unit of every part `linear` is sliced by: it runs on its own weight."""
         return all(part.key in self._whole[bucket] for part, _ in self._linear_parts[linear][1])
+
+    def breaks_block_graph(self) -> bool:
+        """MLP token skipping runs eagerly inside the block (the width hooks trace)."""
+        return self.config.token_ratio < 1.0
+
+    def _prepare(self) -> None:
+        """The running bucket's slices and feature indices, made before the blocks run: the width hooks then
+        only look them up, so a compiled block body traces them as inputs rather than building them."""
+        for linear in self._linear_parts:
+            self.sliced(linear)
+        for part in self._parts:
+            if part.norms:
+                self.features(part, (part.rows or [linear for linear, _ in part.columns])[0].weight.device)
 
     def features(self, part: Part, device: torch.device) -> torch.Tensor:
         """The running bucket's features of `part`."""

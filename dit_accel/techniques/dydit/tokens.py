@@ -150,6 +150,7 @@ class SkipTokens(ModelHook):
         super().__init__()
         self.technique, self.block, self.unit = technique, block, unit
 
+    @torch.compiler.disable  # its cache bookkeeping is Python; a compiled block breaks its graph here
     def new_forward(self, module, hidden, *args, **kwargs):
         call_state = self.technique.session.call_state
         if call_state is None:
