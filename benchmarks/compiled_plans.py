@@ -72,10 +72,10 @@ def main() -> None:
     args = parser.parse_args()
     print(start(args.threads))
     rows = run(args.steps, args.rounds)
-    print(markdown_table(rows, [("plan", "plan", "{}"), ("flops_ratio", "FLOPs ratio", "{:.3f}"),
-                                ("eager_s", "eager (s)", "{:.2f}"), ("compiled_s", "compiled (s)", "{:.2f}"),
-                                ("compile_gain", "eager / compiled", "{:.2f}x"),
-                                ("of_ideal", "compiled dense x FLOPs / compiled", "{:.2f}")]))
+    print(markdown_table(rows, [("plan", "plan", ""), ("flops_ratio", "FLOPs ratio", ".3f"),
+                                ("eager_s", "eager (s)", ".2f"), ("compiled_s", "compiled (s)", ".2f"),
+                                ("compile_gain", "eager / compiled", ".2f"),
+                                ("of_ideal", "compiled dense x FLOPs / compiled", ".2f")]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -134,7 +134,7 @@ def test_every_stat_a_technique_reports_is_declared_on_its_class():
     for name, plan in PLANS.items():
         declared = {stat.key for config in plan for stat in registration(config).technique.stats}
         every |= declared
-        with dit_accel.apply(pipe, *plan) as handle:
+        with dit_accel.apply(pipe, *plan, details=True) as handle:  # the pictures too
             pipe(**tiny_call_kwargs("sd3"))
             report = handle.report()
         calls = [call for step in report["steps"] for call in step["calls"]]
