@@ -12,9 +12,14 @@ Hooks a session adds, outermost first on each module:
   that receives the pipeline's `cache_context`;
 - each block: the step caches' hooks (stage 1), then the token set's gather/scatter (stage 2), then
   stage 3's pool/unpool, so stage 3 pools what stage 2 gathered;
-- each attention unit of a block, and each block: the ledger hooks, innermost, so they record only
-  what really ran (a unit a step cache may skip on its own gets a hook of its own); the attention
-  hooks also route SDPA through stages 5 and 6.
+- each block, innermost: the ledger hook, which records what really ran, and where stages 5-6 act, the
+  attention route (light ledger: both outside the block's body, so a compiled body stays one graph;
+  `compiled_blocks.py` moves a block's compiled call below them); each unit a step cache may skip on
+  its own, and under the exact ledger every attention unit, gets a ledger hook of its own, which then
+  routes that attention.
+
+It also checks, at a run's first CUDA call, that what the plan will hold fits the free memory
+(`estimate_bytes`).
 """
 
 from __future__ import annotations
