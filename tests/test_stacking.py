@@ -200,6 +200,16 @@ def test_fastercache_skips_the_unconditional_half_of_pooled_text_embeddings():
     assert torch.isfinite(out).all() and report["flops_ratio"] < 0.95
 
 
+@pytest.mark.parametrize("family,guidance", [("wan", 5.0), ("sd3", 1.0)])
+def test_fastercache_without_batched_cfg_is_refused_by_name(family, guidance):
+    """Wan runs CFG in two calls, and without guidance there is no unconditional half: diffusers' FasterCache
+    would fail deep in its hook with an IndexError; the first call names the problem instead."""
+    pipe = tiny_pipeline(family)
+    with dit_accel.apply(pipe, FasterCacheConfig(tensor_format="BFCHW" if family == "wan" else "BCHW")):
+        with pytest.raises(dit_accel.ConfigError, match="FasterCacheConfig drops the unconditional half"):
+            pipe(**tiny_call_kwargs(family, num_inference_steps=2, guidance_scale=guidance, output_type="latent"))
+
+
 def test_taylorseer_defaults_that_miss_attn1_are_completed():
     """diffusers' default TaylorSeer patterns hook no module of Wan or CogVideoX (their attentions are
     attn1/attn2): the runtime names the self-attentions instead, so TaylorSeer acts."""

@@ -223,6 +223,10 @@ class DiffusersCache(Technique):
         return {"cache_identifiers": [re.escape(name) for name in attentions]}
 
     def begin_call(self, call_state: CallState) -> None:
+        if self.spec.splits_batch and not call_state.ctx.cfg_batched:
+            raise ConfigError(f"{self.label} drops the unconditional half of a call that batches CFG, and this call "
+                              f"has none (branch {call_state.ctx.branch!r}: guidance off, or CFG in separate calls as "
+                              "Wan's pipelines run it); use it with batched CFG or leave it out of the plan")
         steps = call_state.ctx.num_steps
         if isinstance(self.applied, MagCacheConfig) and steps is not None and call_state.ctx.step_index == 0 \
                 and steps != self.applied.num_inference_steps:
