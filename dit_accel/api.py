@@ -21,6 +21,7 @@ from .models import adapter_for, pipeline_transformers
 from .runtime import ledger
 from .runtime.context import SchedulerClock, StepTracker, asked_steps
 from .runtime.estimate import call_shapes
+from .runtime.storage import in_host_memory
 from .runtime.hooks import HOOK_PREFIX
 from .runtime.registry import check_composable, registration
 from .runtime.session import Session
@@ -294,7 +295,8 @@ def estimate(pipe_or_transformer: Any, *configs: Any, height: int, width: int, n
 
     Returns `total_bytes`, `device_bytes` and `host_bytes` (what forms like `kv_cache="host"` keep in
     host memory), `by_technique` ({label: {kind: bytes}}, as `report()["state_bytes"]` measures them),
-    `by_kind`, `weights_bytes` (the transformers' parameters and buffers) and the `shapes` assumed."""
+    `by_kind`, `weights_bytes` (the transformers' parameters and buffers), `smaller_forms` (the config
+    changes its techniques offer to hold less) and the `shapes` assumed."""
     with apply(pipe_or_transformer, *configs) as handle:
         return handle.estimate(height=height, width=width, num_frames=num_frames, batch=batch, guidance=guidance,
                                text_tokens=text_tokens, dtype=dtype)
@@ -303,11 +305,11 @@ def estimate(pipe_or_transformer: Any, *configs: Any, height: int, width: int, n
 def _estimate(sessions: list[Session], pipeline: Any, *, dtype: torch.dtype | None, **sizes: Any) -> dict[str, Any]:
     spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None) or 8
     temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 4
+    itemsize = None if dtype is None else torch.empty((), dtype=dtype).element_size()
     by_technique: dict[str, dict[str, int]] = {}
     weights = 0
     shapes = None
     for session in sessions:
-        itemsize = None if dtype is None else torch.empty((), dtype=dtype).element_size()
         shapes = call_shapes(session.adapter, **sizes, itemsize=itemsize, spatial=spatial, temporal=temporal)
         for label, kinds in session.estimate_bytes(shapes).items():
             for kind, held in kinds.items():
@@ -319,10 +321,11 @@ def _estimate(sessions: list[Session], pipeline: Any, *, dtype: torch.dtype | No
     for kinds in by_technique.values():
         for kind, held in kinds.items():
             by_kind[kind] = by_kind.get(kind, 0) + held
-    host = sum(held for kind, held in by_kind.items() if kind.endswith("@host"))
+    host = sum(held for kind, held in by_kind.items() if in_host_memory(kind))
     total = sum(by_kind.values())
     return {"total_bytes": total, "device_bytes": total - host, "host_bytes": host, "by_technique": by_technique,
             "by_kind": by_kind, "weights_bytes": weights,
+            "smaller_forms": list(dict.fromkeys(option for session in sessions for option in session.smaller_forms())),
             "shapes": None if shapes is None else {
                 "samples": shapes.samples, "grid": [shapes.grid.frames, shapes.grid.rows, shapes.grid.cols],
                 "tokens": shapes.tokens, "text_tokens": shapes.text_tokens, "itemsize": shapes.itemsize}}

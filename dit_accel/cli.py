@@ -26,7 +26,7 @@ from .cli_options import (DEFAULT_PLANS, TUNING_SEED, add_call_options, add_mode
                           load_pipeline, plan_spec_arg, status_printer)
 from .config import ConfigError
 from .gpu_check import PARTS, run_check, write
-from .api import apply, estimate
+from .api import estimate
 from .loading import UsageError, call_arguments, default_model, meta_transformer, read_prompts
 from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
@@ -217,17 +217,11 @@ def estimate_command(args: argparse.Namespace) -> str:
                      f"weights {total / 2**30:.1f} GiB: {'fits' if total <= FITS_80GB else 'does NOT fit'} an 80 GB "
                      f"GPU (at most {FITS_80GB / 2**30:.0f} GiB, the rest for activations)")
         if total > FITS_80GB:
-            options = [option for session in _techniques_of(transformer, configs) for option in session]
-            lines += [f"  smaller: {option}" for option in options]
+            lines += [f"  smaller: {option}" for option in held["smaller_forms"]]
     lines.append(f"(tokens {held['shapes']['tokens']}, samples a step {held['shapes']['samples']}, "
                  f"weights {held['weights_bytes'] / 2**30:.1f} GiB)")
     return "\n".join(lines) + "\n"
 
-
-def _techniques_of(transformer, configs: list) -> list[list[str]]:
-    """Each technique's smaller forms, from a plan applied to `transformer` for a moment (nothing runs)."""
-    with apply(transformer, *configs) as handle:
-        return [technique.smaller_forms() for technique in handle.techniques]
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
     prompts = list(args.prompts or [])

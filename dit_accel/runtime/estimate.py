@@ -76,8 +76,13 @@ def call_shapes(adapter: ModelAdapter, *, height: int, width: int, num_frames: i
         raise ValueError(f"estimate: {height} x {width} pixels give no tokens ({spatial * adapter.latent_packing} "
                          f"pixels a latent, patches of {adapter.patch_size()[1:]})")
     guided = adapter.guidance_by_default if guidance is None else guidance
-    if itemsize is None:
-        itemsize = adapter.activation_itemsize()
-    return CallShapes(batch * (2 if guided else 1), grid,
-                      adapter.default_text_tokens if text_tokens is None else text_tokens, itemsize,
-                      adapter.hidden_size(), adapter.output_channels())
+    return shapes_of(adapter, batch * (2 if guided else 1), grid,
+                     adapter.default_text_tokens if text_tokens is None else text_tokens, itemsize)
+
+
+def shapes_of(adapter: ModelAdapter, samples: int, grid: TokenGrid, text_tokens: int,
+              itemsize: int | None = None) -> CallShapes:
+    """`CallShapes` of `adapter`'s model for these samples, grid and text (`itemsize` None: the blocks'
+    weights')."""
+    return CallShapes(samples, grid, text_tokens, itemsize or adapter.activation_itemsize(), adapter.hidden_size(),
+                      adapter.output_channels())

@@ -40,10 +40,11 @@ from .attention_route import AttentionRouter, BlockRouteHook
 from .call_state import CallState
 from .compiled_blocks import CompiledBlocks
 from .context import StepTracker
-from .estimate import CallShapes
+from .estimate import CallShapes, shapes_of
 from .hooks import HOOK_PREFIX, HookSet, Leftovers, drop_leftovers, invalidate_registry_caches
 from .ledger import AttentionHook, CallClock, CallRecord, LedgerHook
 from .registry import check_composable, registration
+from .storage import in_host_memory
 from .technique import Technique
 from .token_set import TokenSetStage
 from .token_transform import TokenTransformStage
@@ -324,21 +325,24 @@ class Session:
         """A run's first call on CUDA: refuse a plan whose state cannot fit in the free device memory, and
         warn where it takes most of it, with the numbers and the smaller forms its techniques offer."""
         guided = not cfg_batched and bool(self.tracker.guided())
-        shapes = CallShapes(call.batch_size * (2 if guided else 1), call.grid, call.text_tokens,
-                            self.adapter.activation_itemsize(), self.adapter.hidden_size(), self.adapter.output_channels())
-        held = self.estimate_bytes(shapes)
-        device = sum(b for kinds in held.values() for kind, b in kinds.items() if not kind.endswith("@host"))
+        held = self.estimate_bytes(shapes_of(self.adapter, call.batch_size * (2 if guided else 1), call.grid,
+                                             call.text_tokens))
+        device = sum(b for kinds in held.values() for kind, b in kinds.items() if not in_host_memory(kind))
         free = torch.cuda.mem_get_info(call.latents.device)[0]
         if device <= 0.8 * free:
             return
         parts = ", ".join(f"{label} {kind} {b / 2**30:.1f} GiB" for label, kinds in held.items()
                           for kind, b in kinds.items() if b)
-        options = [option for technique in self.techniques for option in technique.smaller_forms()]
+        options = self.smaller_forms()
         message = (f"the plan will hold {device / 2**30:.1f} GiB on the device ({parts}) with "
                    f"{free / 2**30:.1f} GiB free" + (f"; smaller forms: {'; '.join(options)}" if options else ""))
         if device > free:
             raise ConfigError(message)
         warnings.warn(message, ResourceWarning, stacklevel=2)
+
+    def smaller_forms(self) -> list[str]:
+        """The config changes its techniques offer to hold less (`Technique.smaller_forms`)."""
+        return [option for technique in self.techniques for option in technique.smaller_forms()]
 
     def estimate_bytes(self, shapes: CallShapes) -> dict[str, dict[str, int]]:
         """Per technique, the bytes by kind it will hold at most in a run at `shapes` (the token set's

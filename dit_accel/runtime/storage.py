@@ -24,12 +24,22 @@ _FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(_FP8).max
 
 
-def stored_bytes(numel: int, itemsize: int, storage: StateStorage, scales: int = 0) -> dict[str, int]:
-    """Bytes a tensor of `numel` elements (`itemsize` bytes each in the model's dtype) holds in `storage`,
-    by where they sit ("device" or "host"); `scales`: how many fp32 scales its fp8 form keeps."""
+#: the end of an estimate's kind whose bytes sit in host memory ("kv_cache@host")
+_IN_HOST_MEMORY = "@host"
+
+
+def in_host_memory(kind: str) -> bool:
+    """Whether an estimate's `kind` (`Technique.estimate_bytes`) names bytes held in host memory."""
+    return kind.endswith(_IN_HOST_MEMORY)
+
+
+def stored_bytes(kind: str, numel: int, itemsize: int, storage: StateStorage, scales: int = 0) -> tuple[str, int]:
+    """(the estimate's kind, bytes) of a tensor of `numel` elements (`itemsize` bytes each in the model's
+    dtype) held as `kind` in `storage`: the kind marked as in host memory in "host" form; `scales`: how
+    many fp32 scales its fp8 form keeps."""
     if storage == "fp8":
-        return {"device": numel + 4 * scales}
-    return {"host" if storage == "host" else "device": numel * itemsize}
+        return kind, numel + 4 * scales
+    return (kind + _IN_HOST_MEMORY if storage == "host" else kind), numel * itemsize
 
 
 class StoredTensor:

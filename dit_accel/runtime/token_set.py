@@ -75,9 +75,8 @@ class TokenSetStage:
         #: the latest full-length image hidden state of this call, and whether the blocks now hold a subset
         self._full: torch.Tensor | None = None
         self._gathered = False
-        #: the image hidden state entering the first block since the tokens were last at full length
-        #: (gathered when a subset is computed): a boundary's residual spans the blocks from there
-        self._span_input: torch.Tensor | None = None
+        #: the image hidden state entering the running block (gathered when a subset is computed)
+        self._block_input: torch.Tensor | None = None
 
     def attach(self) -> None:
         for i, block in enumerate(self.adapter.blocks()):
@@ -87,7 +86,7 @@ class TokenSetStage:
 
     def reset_call(self) -> None:
         """Before and after every call: no hidden state of a call survives it."""
-        self._full, self._gathered, self._span_input = None, False, None
+        self._full, self._gathered, self._block_input = None, False, None
 
     def end_run(self) -> None:
         self._stale.clear()
@@ -122,8 +121,8 @@ class TokenSetStage:
         hidden_arg = adapter.block_signature(block).hidden_arg
         if tokens is None:
             call_state.image_tokens = call_state.grid.num_tokens
-            if self._span_input is None and self.cached_blocks:
-                self._span_input = adapter.bind(block, args, kwargs)[hidden_arg]
+            if index in self.cached_blocks:
+                self._block_input = adapter.bind(block, args, kwargs)[hidden_arg]
             return args, kwargs
         bound = adapter.bind(block, args, kwargs)
         rows = tokens.index.shape[0] if tokens.index.ndim == 2 else None
@@ -134,29 +133,26 @@ class TokenSetStage:
             self._full = bound[hidden_arg]
         bound = adapter.gather_block_inputs(block, bound, tokens.index, call_state.text_tokens,
                                             gather_hidden=not self._gathered)
-        if not self._gathered:
-            self._span_input = bound[hidden_arg]
+        self._block_input = bound[hidden_arg]
         self._gathered = True
         call_state.image_tokens = tokens.count
         return adapter.unbind(block, bound)
 
     def leave_block(self, index: int, block, output):
-        """Full length where a step cache looks: at a cached block the tokens not computed keep the residual
-        they had over the blocks since the last full-length point the last time they were computed;
-        before another cached block (or after the last that runs) they pass unchanged."""
+        """Full length where a step cache looks: a cached block's tokens not computed keep the residual
+        they had there last time; before another cached block (or after the last that runs) they pass unchanged."""
         call_state = self.session.call_state
         if call_state is None or index not in self._scatters_after(call_state.ctx.call.skipped_blocks):
             return output
         hidden = self.adapter.block_hidden_output(block, output)
         key = (call_state.ctx.slot, "block", index)
         cached = index in self.cached_blocks
-        span_input, self._span_input = self._span_input, None
         if call_state.tokens is None:
             if cached:
-                self._stale[key] = hidden - span_input
+                self._stale[key] = hidden - self._block_input
             return output
         if cached:
-            residual = hidden - span_input
+            residual = hidden - self._block_input
             stale = self._stale.get(key)
             if stale is None:
                 stale = residual.new_zeros(self._full.shape)
@@ -164,7 +160,7 @@ class TokenSetStage:
             full = self._full + stale
         else:
             full = scatter_tokens(self._full, call_state.tokens.index, hidden)
-        self._full, self._gathered = full, False
+        self._full, self._gathered, self._block_input = full, False, None
         return self.adapter.replace_block_hidden_output(block, output, full)
 
     # -- attention modules a step cache wraps ----------------------------------------------------------

@@ -299,9 +299,8 @@ class RAS(Technique):
         for attention in attention_shapes(self.adapter):
             numel = shapes.samples * attention.heads * attention.keys(shapes) * attention.head_dim
             scales = shapes.samples * attention.heads
-            for where, held in stored_bytes(numel, shapes.itemsize, self.config.kv_cache, scales).items():
-                kind = "kv_cache" if where == "device" else f"kv_cache@{where}"
-                estimate[kind] = estimate.get(kind, 0) + 2 * held  # keys and values
+            kind, held = stored_bytes("kv_cache", numel, shapes.itemsize, self.config.kv_cache, scales)
+            estimate[kind] = estimate.get(kind, 0) + 2 * held  # keys and values
         return estimate
 
     def smaller_forms(self) -> list[str]:

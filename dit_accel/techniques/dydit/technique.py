@@ -267,10 +267,9 @@ class DyDiT(Technique):
             for mlp in self._mlps.values():
                 tokens = shapes.samples * (shapes.tokens + (shapes.text_tokens if mlp.joint else 0))
                 estimate["token_cache"] = estimate.get("token_cache", 0) + tokens * SKETCH_DIM * 4
-                stored = stored_bytes(tokens * mlp.out_features, shapes.itemsize, self.config.token_cache, tokens)
-                for where, held in stored.items():
-                    kind = "token_cache" if where == "device" else f"token_cache@{where}"
-                    estimate[kind] = estimate.get(kind, 0) + held
+                kind, held = stored_bytes("token_cache", tokens * mlp.out_features, shapes.itemsize,
+                                          self.config.token_cache, tokens)
+                estimate[kind] = estimate.get(kind, 0) + held
         return {kind: held for kind, held in estimate.items() if held}
 
     def _slice_bytes(self, bucket: int, itemsize: int) -> int:
