@@ -28,6 +28,7 @@ from .config import ConfigError
 from .gpu_check import PARTS, run_check, write
 from .api import estimate
 from .loading import UsageError, call_arguments, default_model, meta_transformer, read_prompts
+from .metrics.suites import SUITES
 from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
 from .plan_spec import describe, parse_plan
@@ -254,11 +255,8 @@ def _tuning_prompts(args: argparse.Namespace) -> tuple[list[str] | None, list[st
     prompts = read_prompts(args.prompt_file) if args.prompt_file is not None else None
     held_out = read_prompts(args.held_out_file, "--held-out") if args.held_out_file is not None else None
     kind, _, name = (args.model or default_model()).partition(":")
-    if kind == "reference" and name in ("image", "video"):
-        from .metrics import procedural
-
-        batch = procedural.image_batch if name == "image" else procedural.video_batch
-        captions = [scene.caption for scene in batch(2 * args.count, TUNING_SEED)[1]]
+    if kind == "reference" and name in SUITES:
+        captions = SUITES[name].captions(2 * args.count, TUNING_SEED)
         prompts = prompts or captions[:args.count]
         held_out = held_out or captions[args.count:]
     if prompts is None:

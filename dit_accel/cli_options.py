@@ -63,7 +63,7 @@ def at_least(low: float, kind: type) -> Callable[[str], Any]:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --quiet."""
     parser.add_argument("--model", help="hub id or local folder (DiffusionPipeline.from_pretrained), tiny:<family>, "
-                        "medium:sd3|wan|pixart or reference:image|video (default: reference:image if its weights are "
+                        "medium:sd3|wan|pixart or reference:image|detail|video (default: reference:image if its weights are "
                         "installed, else tiny:sd3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Which model a spec names and how to load it: `tiny:<family>`, `medium:<family>`, `reference:image|video`,
+"""Which model a spec names and how to load it: `tiny:<family>`, `medium:<family>`, `reference:image|detail|video`,
 a hub id or a local folder. Shared by the command line and the UI; a bad spec is refused before anything
 loads."""
 
@@ -40,11 +40,10 @@ def load_model(spec: str, device: str, dtype: torch.dtype, safetensors_only: boo
         pipe = build(name).to(device)
         return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), call(name)
     if kind == "reference":
+        from .metrics.suites import SUITES
         from .testing.reference import reference_call_kwargs, reference_pipeline
-        from .metrics import procedural
 
-        batch = procedural.image_batch if name == "image" else procedural.video_batch
-        captions = [scene.caption for scene in batch(REFERENCE_BATCH, 0)[1]]
+        captions = SUITES[name].captions(REFERENCE_BATCH, 0)
         return reference_pipeline(name, device, dtype), reference_call_kwargs(name, prompt=captions)
     from diffusers import DiffusionPipeline
 
@@ -67,8 +66,10 @@ def check_model_spec(spec: str) -> None:
             raise UsageError(f"unknown {kind} family {name!r}; valid: {', '.join(families)}")
         return
     if kind == "reference":
-        if name not in ("image", "video"):
-            raise UsageError(f"unknown reference model {name!r}; valid: image, video")
+        from .metrics.suites import SUITES
+
+        if name not in SUITES:
+            raise UsageError(f"unknown reference model {name!r}; valid: {', '.join(SUITES)}")
         return
     if Path(spec).is_dir():
         return

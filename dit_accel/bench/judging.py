@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..metrics import judge as judges
-from ..metrics import procedural
+from ..metrics.suites import SUITES
 from ..metrics.quality import channels_first, frames
 from .prompts import SUITE_SEED, Prompts
 
@@ -27,12 +27,12 @@ class Judging:
 def judging(prompts: Prompts, video: bool) -> Judging | None:
     """The judge when the prompts are a suite of this model's kind (image captions for images, video
     captions for videos); also the real images' own scores, for scale."""
-    if prompts.suite is None or (prompts.suite == "video") != video:
+    if prompts.suite is None or SUITES[prompts.suite].video != video:
         return None
-    judge = judges.load_judge()
-    batch = procedural.video_batch if video else procedural.image_batch
-    real, _ = batch(len(prompts.texts), SUITE_SEED)
-    others, _ = batch(len(prompts.texts), SUITE_SEED + 1)
+    suite = SUITES[prompts.suite]
+    judge = suite.load_judge()
+    real, _ = suite.draw(len(prompts.texts), SUITE_SEED)
+    others, _ = suite.draw(len(prompts.texts), SUITE_SEED + 1)
     real, others = (real.transpose(1, 2), others.transpose(1, 2)) if video else (real, others)  # pipeline layout
     real_features = judge_features(judge, others)
     score = {"caption_accuracy": caption_accuracy(judge, real, prompts.scenes, video),

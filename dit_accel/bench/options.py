@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts, one a line (blank and #-lines skipped), or a JSON list of strings")
     source.add_argument("--suite", choices=sorted(SUITE_COUNT),
                         help="the reference models' procedural captions, judged (agreement with dense, caption "
-                        "accuracy, reference FID) at the standard setting: 8 captions a call, CFG 4, 20 steps (options given override "
-                        "it); default for reference:* models, and its model is the default --model")
+                        "accuracy, reference FID) at the standard setting: 8 captions a call, CFG 4, 20 steps (detail: 28; options "
+                        "given override it); default for reference:* models, and its model is the default --model")
     parser.add_argument("--count", type=at_least(1, int), help="use this many prompts (suites: how many captions; "
-                        f"default {SUITE_COUNT['image']} image, {SUITE_COUNT['video']} video)")
+                        f"default {SUITE_COUNT['image']} image or detail, {SUITE_COUNT['video']} video)")
     parser.add_argument("--batch", type=at_least(1, int), help=f"prompts per call (default: {SUITE_SETTING['batch']} with "
                         f"a suite, else {DEFAULT_BATCH})")
     parser.add_argument("--repeats", type=at_least(1, int), default=1,

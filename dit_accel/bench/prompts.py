@@ -12,14 +12,15 @@ from typing import Any
 
 from ..cli_options import TUNING_SEED
 from ..loading import UsageError, default_model, read_prompts
-from ..metrics import procedural
+from ..metrics.suites import SUITES
 
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-#: the caption suites' standard setting: the reference models' own call, 8 captions a call
-SUITE_SETTING = {"batch": 8, "guidance": 4.0, "steps": 20}
-#: captions per suite (image: 2 batches; video: 1, a video sample costs ~3x an image one)
-SUITE_COUNT = {"image": 16, "video": 8}
+#: the caption suites' standard setting: the reference models' own call, 8 captions a call (the steps are
+#: each suite's `steps`)
+SUITE_SETTING = {"batch": 8, "guidance": 4.0}
+#: captions per suite
+SUITE_COUNT = {name: suite.count for name, suite in SUITES.items()}
 #: procedural scenes of the suites: the captions `dit-accel tune` tunes on; SUITE_SEED + 1 draws the real
 #: images the reference FID compares with
 SUITE_SEED = TUNING_SEED
@@ -54,8 +55,7 @@ def prompt_set(args: argparse.Namespace, suite: str | None, given: list[str] | N
     pipeline (DiT), or the built-in prompts for images or videos; the first `--count` (of the built-in
     sets, `BUILT_IN_COUNT` unless a count is given)."""
     if suite is not None:
-        batch = procedural.image_batch if suite == "image" else procedural.video_batch
-        _, scenes = batch(args.count or SUITE_COUNT[suite], SUITE_SEED)
+        _, scenes = SUITES[suite].draw(args.count or SUITE_COUNT[suite], SUITE_SEED)
         return Prompts([s.caption for s in scenes], f"suite {suite}", suite, scenes)
     if given is not None:
         texts, source = given, str(args.prompt_file)

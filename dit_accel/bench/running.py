@@ -26,6 +26,7 @@ from .common import timed
 from .content import ContentScoring, clip_texts, content_scoring
 from .judging import Judging, caption_accuracy, judge_features, judge_readings, judging
 from .processes import ONE_PROCESS, Processes, merge_rows, partials
+from ..metrics.suites import SUITES
 from .prompts import DEFAULT_BATCH, SUITE_SETTING, call_parameters, suite_of, batch_calls, prompt_set
 from .report import equal_quality, markdown, notes, summarize, write_results
 from .rows import Row, build_rows, fewer_steps
@@ -298,13 +299,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any] | None:
     suite = suite_of(args)
     if suite is not None:  # the suite's standard setting, under what the options say
         args.batch = args.batch or SUITE_SETTING["batch"]
-        args.steps = args.steps or SUITE_SETTING["steps"]
+        args.steps = args.steps or SUITES[suite].steps
         args.guidance = SUITE_SETTING["guidance"] if args.guidance is None else args.guidance
         args.model = args.model or f"reference:{suite}"
     given = read_prompts(args.prompt_file) if args.prompt_file is not None else None  # said before loading
     if args.equal is not None and "judge" in args.equal.metrics and suite is None:
         raise UsageError(f"--equal {args.equal}: the judge's agreement is measured on the reference models' caption "
-                         "suites only (--suite image|video, or a reference:* model without --prompts)")
+                         "suites only (--suite image|detail|video, or a reference:* model without --prompts)")
     content = content_scoring(args.fid)  # refused here, before any model loads, where its weights cannot
     pipe, defaults, model, dtype = load_pipeline(args, say)
     pipe.set_progress_bar_config(disable=True)  # one line a run instead

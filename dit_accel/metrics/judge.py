@@ -1,7 +1,9 @@
-"""Offline quality judge for the procedural reference models.
+"""Offline quality judges for the procedural reference models.
 
-A small CNN trained on ``dit_accel.metrics.procedural`` scenes reads back every caption
-attribute (shape, color, size, position, background color and style) from a 64x64 image.
+A small CNN trained on one family of scenes reads back every caption attribute from an image:
+``dit_accel.metrics.procedural`` (shape, color, size, position, background color and style, at
+64x64; the image and video models) or ``dit_accel.metrics.detail_scenes`` (two objects' shape,
+color and texture, their relation, the background's color and pattern, at 128x128; the detail model).
 It gives two numbers without any downloaded weights:
 
 * caption accuracy: how often a generated sample shows what its prompt asked for
@@ -9,7 +11,8 @@ It gives two numbers without any downloaded weights:
 * reference FID: the Frechet distance between sets of samples in the judge's penultimate
   feature space, the offline stand-in for Inception FID.
 
-Train (about 10 minutes on one CPU thread) with ``python -m dit_accel.metrics.judge --out DIR``.
+Train (about 10 minutes on one CPU thread) with ``python -m dit_accel.metrics.judge --out DIR``
+(``--scenes detail --out dit_accel/assets/judge_detail`` for the detail judge).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dit_accel.metrics import procedural
+from dit_accel.metrics import detail_scenes, procedural
 
-JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge"
-INPUT_SIZE = 64
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+JUDGE_DIR = ASSETS_DIR / "judge"
+JUDGE_DIRS = {"shapes": JUDGE_DIR, "detail": ASSETS_DIR / "judge_detail"}
+SCENES = {"shapes": procedural, "detail": detail_scenes}  # each: ATTRIBUTES, image_batch, scene_labels
+INPUT_SIZE = {"shapes": 64, "detail": detail_scenes.IMAGE_SIZE}
 
 
 class Judge(nn.Module):
@@ -37,31 +43,36 @@ class Judge(nn.Module):
 
     ``forward`` takes images (B, 3, H, W) either as uint8 in [0, 255] or floats in [0, 1] and returns
     the penultimate features, so the module can be handed to torchmetrics' FID as ``feature=``.
+    ``scenes`` names the scene family whose attributes the heads read (``"shapes"`` or ``"detail"``).
     """
 
-    def __init__(self, width: int = 32, num_features: int = 128):
+    def __init__(self, width: int = 32, num_features: int = 128, scenes: str = "shapes"):
         super().__init__()
-        self.width, self.num_features = width, num_features
+        self.width, self.num_features, self.scenes = width, num_features, scenes
+        self.attributes = SCENES[scenes].ATTRIBUTES
+        self.input_size = INPUT_SIZE[scenes]
+        first_stride = self.input_size // 64  # every judge reaches a 4x4 map in five layers
         chans = [3, width, width, 2 * width, 4 * width, 4 * width]
         layers = []
         for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+            layers += [nn.Conv2d(cin, cout, 3, stride=first_stride if i == 0 else 2, padding=1),
+                       nn.GroupNorm(8, cout), nn.SiLU()]
         self.convs = nn.Sequential(*layers)
         self.fc = nn.Linear(4 * width * 16, num_features)
-        self.heads = nn.ModuleDict({k: nn.Linear(num_features, len(v)) for k, v in procedural.ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(num_features, len(v)) for k, v in self.attributes.items()})
 
-    @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        size = (self.input_size, self.input_size)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         return x * 2 - 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.silu(self.fc(self.convs(self.prepare(images)).flatten(1)))
 
     def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute of :data:`procedural.ATTRIBUTES`."""
+        """Logits per attribute of the scene family's ``ATTRIBUTES``."""
         feats = self(images)
         return {k: head(feats) for k, head in self.heads.items()}
 
@@ -76,24 +87,24 @@ def load_judge(path: str | os.PathLike = JUDGE_DIR) -> Judge:
 @torch.no_grad()
 def predict(judge: Judge, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
     """Predicted class index per attribute for images (B, 3, H, W) in [0, 1] or uint8."""
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in procedural.ATTRIBUTES}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in judge.attributes}
     for i in range(0, len(images), batch):
         for k, logits in judge.classify(images[i:i + batch]).items():
             out[k].append(logits.argmax(-1))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def chance_levels() -> dict[str, float]:
+def chance_levels(scenes: str = "shapes") -> dict[str, float]:
     """Accuracy of uniform guessing per attribute and for a whole caption (their product)."""
-    chance = {k: 1.0 / len(v) for k, v in procedural.ATTRIBUTES.items()}
+    chance = {k: 1.0 / len(v) for k, v in SCENES[scenes].ATTRIBUTES.items()}
     chance["all"] = float(np.prod(list(chance.values())))
     return chance
 
 
-def caption_accuracy(judge: Judge, images: torch.Tensor, scenes: list[procedural.Scene]) -> dict[str, float]:
+def caption_accuracy(judge: Judge, images: torch.Tensor, scenes: list) -> dict[str, float]:
     """Fraction of images whose judged attributes match their scene, per attribute and all at once."""
     pred = predict(judge, images)
-    hits = {k: pred[k] == torch.tensor([s.labels()[k] for s in scenes]) for k in procedural.ATTRIBUTES}
+    hits = {k: pred[k] == torch.tensor([s.labels()[k] for s in scenes]) for k in judge.attributes}
     acc = {k: v.float().mean().item() for k, v in hits.items()}
     acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
     return acc
@@ -118,7 +129,7 @@ def judge_motion(first: str, quarter: str, last: str, color_first: str, color_la
 def image_readings(judge: Judge, images: torch.Tensor) -> list[dict[str, str]]:
     """What the judge reads in each image (B, 3, H, W): every caption attribute, by name."""
     pred = predict(judge, images)
-    names = procedural.ATTRIBUTES
+    names = judge.attributes
     return [{k: names[k][int(pred[k][b])] for k in names} for b in range(len(images))]
 
 
@@ -204,18 +215,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_judge(minutes: float, seed: int, max_steps: int | None = None, batch: int = 64) -> tuple[Judge, dict]:
+def train_judge(minutes: float, seed: int, max_steps: int | None = None, batch: int = 64,
+                scenes: str = "shapes") -> tuple[Judge, dict]:
     """Cosine LR over a wall-clock budget, or over ``max_steps`` when given (bit-exact reruns)."""
     torch.manual_seed(seed)
-    judge = Judge()
+    judge = Judge(scenes=scenes)
+    family = SCENES[scenes]
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     start, step, budget = time.time(), 0, minutes * 60
     while (progress := (time.time() - start) / budget if max_steps is None else step / max_steps) < 1:
         for g in opt.param_groups:
             g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * progress))
-        x, scenes = procedural.image_batch(batch, seed * 1_000_003 + step)
-        labels = procedural.scene_labels(scenes)
+        x, drawn = family.image_batch(batch, seed * 1_000_003 + step)
+        labels = family.scene_labels(drawn)
         logits = judge.classify(_augment(x, gen))
         loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)
         opt.zero_grad(set_to_none=True)
@@ -225,25 +238,28 @@ def train_judge(minutes: float, seed: int, max_steps: int | None = None, batch: 
         if step % 100 == 0:
             print(f"[judge] step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
     judge.eval().requires_grad_(False)
-    x, scenes = procedural.image_batch(1000, seed + 10_000_000)
-    return judge, {"steps": step, "seconds": time.time() - start, "batch": batch,
-                   "heldout_accuracy": caption_accuracy(judge, x, scenes)}
+    x, drawn = family.image_batch(1000, seed + 10_000_000)
+    return judge, {"scenes": scenes, "steps": step, "seconds": time.time() - start, "batch": batch,
+                   "heldout_accuracy": caption_accuracy(judge, x, drawn)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the procedural-scene judge.")
-    parser.add_argument("--out", type=Path, default=JUDGE_DIR)
+    parser = argparse.ArgumentParser(description="Train a procedural-scene judge.")
+    parser.add_argument("--scenes", choices=sorted(SCENES), default="shapes")
+    parser.add_argument("--out", type=Path, help="default: the shipped judge's folder for --scenes")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--steps", type=int, help="fixed step count instead of the wall-clock budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    judge, log = train_judge(args.minutes, args.seed, args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file(judge.state_dict(), args.out / "model.safetensors")
-    (args.out / "config.json").write_text(json.dumps({"width": judge.width, "num_features": judge.num_features}) + "\n")
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    judge, log = train_judge(args.minutes, args.seed, args.steps, scenes=args.scenes)
+    out = args.out or JUDGE_DIRS[args.scenes]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(judge.state_dict(), out / "model.safetensors")
+    config = {"width": judge.width, "num_features": judge.num_features, "scenes": judge.scenes}
+    (out / "config.json").write_text(json.dumps(config) + "\n")
+    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))
 
 

@@ -50,20 +50,23 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from dit_accel.metrics import procedural
+from dit_accel.metrics import detail_scenes, procedural
 
-TEXT_LEN = 16  # tokens per text encoder; every caption fits (at most 12 words + </s>)
+TEXT_LEN = 16  # tokens per text encoder; every caption fits (at most 15 words + </s>)
 IMAGE_SIZE = 64
 NUM_FRAMES = 13  # 7 latent frames with the 2x temporal VAE
 FLOW_SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
-DIT_BATCH = {"image": 32, "clips": 4, "first_frames": 16}  # transformer samples per step
+DIT_BATCH = {"image": 32, "clips": 4, "first_frames": 16, "detail": 16, "detail_low_res": 32}  # samples per step
+DETAIL_SIZE = detail_scenes.IMAGE_SIZE
+DETAIL_VAE_CROP = 64  # the detail VAE is fully convolutional up to its mid-block: it trains on crops
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the procedural caption vocabulary, ending every prompt with </s>."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + procedural.vocabulary())}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a caption vocabulary (the procedural one by default), ending every prompt
+    with </s>."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + (words or procedural.vocabulary()))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
@@ -124,6 +127,28 @@ def build_image_pipeline(seed: int) -> StableDiffusion3Pipeline:
         tokenizer_2=build_tokenizer(), text_encoder_3=_t5(seed + 3, n, umt5=False), tokenizer_3=build_tokenizer())
 
 
+def build_detail_pipeline(seed: int) -> StableDiffusion3Pipeline:
+    """Untrained SD3 pipeline for the detail scenes: 128x128 images, 8x64x64 latents, 1,024 image tokens + 32
+    text tokens; a transformer of 6 joint blocks, 6 heads x 32 (hidden 192)."""
+    words = detail_scenes.vocabulary()
+    tok = build_tokenizer(words)
+    n = len(tok)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=8, norm_num_groups=8, sample_size=DETAIL_SIZE,
+                        scaling_factor=1.0, shift_factor=0.0)
+    transformer = SD3Transformer2DModel(sample_size=DETAIL_SIZE // 2, patch_size=2, in_channels=8, out_channels=8,
+                                        num_layers=6, attention_head_dim=32, num_attention_heads=6,
+                                        joint_attention_dim=128, caption_projection_dim=192,
+                                        pooled_projection_dim=128, pos_embed_max_size=32, qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), vae=vae,
+        text_encoder=_clip(seed + 1, n), tokenizer=tok, text_encoder_2=_clip(seed + 2, n),
+        tokenizer_2=build_tokenizer(words), text_encoder_3=_t5(seed + 3, n, umt5=False),
+        tokenizer_3=build_tokenizer(words))
+
+
 def build_video_pipeline(seed: int) -> WanPipeline:
     """Untrained Wan 2.1 pipeline: 13x64x64 videos, 16x7x16x16 latents, 1792 video tokens + 16 text tokens.
 
@@ -147,10 +172,13 @@ def build_video_pipeline(seed: int) -> WanPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), transformer=transformer)
 
 
-def _pixels(kind: str, batch: int, seed: int, num_frames: int = NUM_FRAMES) -> tuple[torch.Tensor, list[str]]:
+def _pixels(kind: str, batch: int, seed: int, num_frames: int = NUM_FRAMES,
+            size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """A procedural batch in [-1, 1]: images (B, 3, H, W) or videos (B, 3, T, H, W)."""
     if kind == "image":
         x, scenes = procedural.image_batch(batch, seed, IMAGE_SIZE)
+    elif kind == "detail":
+        x, scenes = detail_scenes.image_batch(batch, seed, size or DETAIL_SIZE)
     else:
         x, scenes = procedural.video_batch(batch, seed, num_frames, IMAGE_SIZE)
     return x * 2 - 1, [s.caption for s in scenes]
@@ -159,12 +187,15 @@ def _pixels(kind: str, batch: int, seed: int, num_frames: int = NUM_FRAMES) -> t
 def train_vae(vae, kind: str, budget_s: float, max_steps: int | None, seed: int, log: dict) -> None:
     """Reconstruction (L1 + MSE) plus a tiny KL term, on whole images or whole 13-frame videos."""
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    batch = 16 if kind == "image" else 4
+    batch = 4 if kind == "video" else 16
     gen = torch.Generator().manual_seed(seed)
     vae.train()
     start, step, losses = time.time(), 0, []
     while (time.time() - start < budget_s) if max_steps is None else step < max_steps:
         x, _ = _pixels(kind, batch, seed * 1_000_003 + step)
+        if kind == "detail":  # random crops: the same local detail at a quarter of the cost
+            top, left = (int(i) for i in torch.randint(0, DETAIL_SIZE - DETAIL_VAE_CROP + 1, (2,), generator=gen))
+            x = x[..., top:top + DETAIL_VAE_CROP, left:left + DETAIL_VAE_CROP]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * posterior.kl().mean() / posterior.mean[0].numel()
@@ -182,9 +213,9 @@ def train_vae(vae, kind: str, budget_s: float, max_steps: int | None, seed: int,
 @torch.no_grad()
 def calibrate_latents(pipe, kind: str, seed: int) -> None:
     """Set the VAE's latent normalisation from data, as SD3/Wan do: unit variance for the transformer."""
-    x, _ = _pixels(kind, 64 if kind == "image" else 16, seed + 777)
+    x, _ = _pixels(kind, 16 if kind == "video" else 64, seed + 777)
     mu = pipe.vae.encode(x).latent_dist.mean
-    if kind == "image":
+    if kind != "video":
         pipe.vae.register_to_config(shift_factor=float(mu.mean()), scaling_factor=float(1.0 / mu.std()))
     else:
         dims = (0, 2, 3, 4)
@@ -197,8 +228,8 @@ def encode_batch(pipe, kind: str, x: torch.Tensor, captions: list[str], gen: tor
     posterior = pipe.vae.encode(x).latent_dist
     # Video latents are posterior means: the Wan VAE's fixed small KL weight leaves a posterior noise
     # that the video DiT would otherwise spend its short budget modelling.
-    z = posterior.sample(generator=gen) if kind == "image" else posterior.mode()
-    if kind == "image":
+    z = posterior.sample(generator=gen) if kind != "video" else posterior.mode()
+    if kind != "video":
         cfg = pipe.vae.config
         z = (z - cfg.shift_factor) * cfg.scaling_factor
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
@@ -227,14 +258,20 @@ def first_frame_share(progress: float) -> float:
     return 0.75 - 0.5 * progress
 
 
-def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, seed: int, log: dict) -> None:
-    """Rectified flow with cosine LR over the budget and an EMA copy that becomes the shipped weights."""
+def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, seed: int, log: dict,
+                      low_res: float | int = 0.0) -> None:
+    """Rectified flow with cosine LR over the budget and an EMA copy that becomes the shipped weights.
+
+    Detail images train progressively: first at half size (64x64, 256 tokens, about 6x cheaper per sample:
+    layout, colors and shapes), then at full size (128x128, 1,024 tokens: the textures). ``low_res`` is
+    the share of the wall-clock budget at half size, or, with ``max_steps``, the number of half-size steps.
+    """
     model = pipe.transformer
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    start, step, losses, first_frame_steps = time.time(), 0, [], 0
+    start, step, losses, first_frame_steps, low_res_steps = time.time(), 0, [], 0, 0
     while True:
         progress = (time.time() - start) / budget_s if max_steps is None else step / max_steps
         if progress >= 1:
@@ -243,9 +280,14 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
         for g in opt.param_groups:
             g["lr"] = lr
         first_frame = kind == "video" and float(torch.rand(1, generator=gen)) < first_frame_share(progress)
-        batch = DIT_BATCH["image" if kind == "image" else "first_frames" if first_frame else "clips"]
+        half_size = kind == "detail" and (step < low_res if max_steps is not None
+                                          else time.time() - start < low_res * budget_s)
+        batch = DIT_BATCH[("detail_low_res" if half_size else "detail") if kind == "detail" else
+                          "image" if kind == "image" else "first_frames" if first_frame else "clips"]
         first_frame_steps += first_frame
-        x, captions = _pixels(kind, batch, seed * 1_000_003 + 500_000 + step, 1 if first_frame else NUM_FRAMES)
+        low_res_steps += half_size
+        x, captions = _pixels(kind, batch, seed * 1_000_003 + 500_000 + step, 1 if first_frame else NUM_FRAMES,
+                              DETAIL_SIZE // 2 if half_size else None)
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x0, cond = encode_batch(pipe, kind, x, captions, gen)
@@ -272,6 +314,9 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
     log["dit_final_loss"] = float(np.mean(losses[-100:]))
     if kind == "image":
         log["dit_batch"] = DIT_BATCH["image"]
+    elif kind == "detail":
+        log["dit_batch"] = {k: DIT_BATCH[k] for k in ("detail", "detail_low_res")}
+        log["dit_low_res_steps"] = low_res_steps
     else:
         log["dit_batch"] = {k: DIT_BATCH[k] for k in ("clips", "first_frames")}
         log["dit_first_frame_steps"] = first_frame_steps
@@ -279,12 +324,15 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["image", "video"], required=True)
+    parser.add_argument("--model", choices=["image", "detail", "video"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=30.0, help="total wall-clock budget (VAE + transformer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-share", type=float, help="fraction of the budget for the VAE (0.15 image, 0.2 video)")
     parser.add_argument("--steps", type=int, nargs=2, metavar=("VAE", "DIT"), help="fixed step counts instead")
+    parser.add_argument("--low-res", type=float, default=0.3,
+                        help="detail: share of the transformer's budget at half size (with --steps: a step count, "
+                             "the run's dit_low_res_steps)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vae-from", type=Path, help="reuse the trained VAE of an earlier run's output folder; "
                                                       "--minutes is then the transformer's budget")
@@ -293,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kind, budget = args.model, args.minutes * 60
-    pipe = (build_image_pipeline if kind == "image" else build_video_pipeline)(args.seed)
+    pipe = {"image": build_image_pipeline, "detail": build_detail_pipeline, "video": build_video_pipeline}[kind](args.seed)
     pipe.set_progress_bar_config(disable=True)
     log = {"model": kind, "seed": args.seed, "minutes": args.minutes, "threads": args.threads}
     t0 = time.time()
@@ -301,16 +349,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.vae_from:  # the VAE does not depend on the transformer: reuse one this script trained
         trained = type(pipe.vae).from_pretrained(args.vae_from / "vae")
         pipe.vae.load_state_dict(trained.state_dict())  # strict: the architecture this script builds
-        normalisation = ("shift_factor", "scaling_factor") if kind == "image" else ("latents_mean", "latents_std")
+        normalisation = ("latents_mean", "latents_std") if kind == "video" else ("shift_factor", "scaling_factor")
         pipe.vae.register_to_config(**{key: trained.config[key] for key in normalisation})
         vae_log = json.loads((args.vae_from / "train_log.json").read_text())
         log.update({k: v for k, v in vae_log.items() if k.startswith("vae_")}, vae_from=str(args.vae_from))
     else:
-        vae_share = args.vae_share or (0.15 if kind == "image" else 0.2)
+        vae_share = args.vae_share or {"image": 0.15, "detail": 0.1, "video": 0.2}[kind]
         train_vae(pipe.vae, kind, budget * vae_share, vae_steps, args.seed, log)
         calibrate_latents(pipe, kind, args.seed)
     pipe.vae.requires_grad_(False)
-    train_transformer(pipe, kind, budget - (time.time() - t0), dit_steps, args.seed, log)
+    train_transformer(pipe, kind, budget - (time.time() - t0), dit_steps, args.seed, log, args.low_res)
     log["total_seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)

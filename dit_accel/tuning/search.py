@@ -52,14 +52,14 @@ from ..comparison import PlanRun, timed_run
 from ..config import ConfigError
 from ..loading import call_arguments
 from ..machine import machine
-from ..metrics.judge import agreement, load_judge, readings
+from ..metrics.judge import agreement, readings
 from ..metrics.quality import PerceptualDistance, channels_first, frames, psnr_frames, ssim_frames
 from ..plan_files import save_plan
 from ..runtime.registry import registration
 from ..runtime.search_space import SearchContext
 from .candidates import Candidate, CandidateStatus, singles
 from .predict import Predictor, stack_options
-from .target import Budget, Target, model_source
+from .target import Budget, Target, judge_suite, model_source
 
 #: prompts a call (the reference models' standard setting)
 DEFAULT_BATCH = 8
@@ -128,9 +128,10 @@ class _Scorers:
     """What measures a run against dense beyond PSNR and SSIM, loaded once and only for the metrics the
     target names: the perceptual distance and the judge."""
 
-    def __init__(self, target: Target):
+    def __init__(self, target: Target, model: str | None):
         self.perceptual = PerceptualDistance() if "perceptual" in target.metrics else None
-        self.judge = load_judge() if "judge" in target.metrics else None
+        suite = judge_suite(model) if "judge" in target.metrics else None  # check_judge refused any other
+        self.judge = suite.load_judge() if suite is not None else None
 
     def readings(self, output: torch.Tensor) -> list | None:
         """The judge's readings of a pipeline's output, where the target names the judge."""
@@ -154,7 +155,7 @@ class _Search:
                  say: Callable[[str], None], wanted_speedup: float | None = None, scorers: _Scorers | None = None):
         self.pipe, self.batches, self.seed, self.target, self.budget, self.say = pipe, batches, seed, target, budget, say
         self.wanted_speedup = wanted_speedup
-        self.scorers = scorers or _Scorers(target)
+        self.scorers = scorers or _Scorers(target, model_source(pipe)[0])
         self.started = time.perf_counter()
         self.generations = 0
         self.dense: list[PlanRun] = []

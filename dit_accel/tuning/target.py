@@ -7,11 +7,10 @@ import dataclasses
 import inspect
 import math
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError
-from ..metrics import procedural
+from ..metrics.suites import SUITES, CaptionSuite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,22 +185,28 @@ class Target:
         return ",".join(str(b) for b in self.bounds)
 
 
-def judge_refusal(model: str | None, prompts: list[str], video: bool) -> str | None:
-    """Why the judge cannot read the outputs of `model` (a `reference:` spec, or the folder a pipeline was
-    loaded from) for `prompts`, or None. It was trained on the procedural scenes only, which only the
-    reference models draw, and only for their captions: its readings of anything else mean nothing."""
-    from ..testing.reference import REFERENCE_DIRS  # lazily: importing it sets HF_HUB_OFFLINE
+def judge_suite(model: str | None) -> CaptionSuite | None:
+    """The caption suite of the reference model `model` names (a `reference:` spec, or the folder a
+    pipeline was loaded from), whose judge reads its outputs; None for any other model."""
+    from ..testing.reference import reference_suite  # lazily: importing it sets HF_HUB_OFFLINE
 
-    kind = "video" if video else "image"
-    spec, _, name = str(model or "").partition(":")
-    reference = (spec == "reference" and name == kind) or (
-        model is not None and ":" not in str(model) and Path(model).resolve() == REFERENCE_DIRS[kind].resolve())
-    if not reference:
-        return (f"the judge reads only the procedural scenes the reference model reference:{kind} draws, and "
-                + (f"{model!r} is not it" if model else "a pipeline built in memory is not it"))
-    stray = next((p for p in prompts if not procedural.is_caption(p, video)), None)
+    name = reference_suite(model)
+    return None if name is None else SUITES[name]
+
+
+def judge_refusal(model: str | None, prompts: list[str], video: bool) -> str | None:
+    """Why the judge cannot read the outputs of `model` for `prompts`, or None. Each judge was trained on
+    the procedural scenes of one reference model, and only for its captions: its readings of anything
+    else mean nothing."""
+    suite = judge_suite(model)
+    if suite is None or suite.video != video:
+        models = ", ".join(f"reference:{name}" for name, s in SUITES.items() if s.video == video)
+        return (f"the judges read only the procedural scenes the reference models ({models}) draw, and "
+                + (f"{model!r} is not one" if model else "a pipeline built in memory is not one"))
+    stray = next((p for p in prompts if not suite.is_caption(p)), None)
     if stray is not None:
-        return f"the judge reads only the procedural scenes of reference:{kind}'s captions, and {stray!r} is not one"
+        return (f"the judge reads only the procedural scenes of reference:{suite.name}'s captions, and {stray!r} "
+                "is not one")
     return None
 
 

@@ -14,7 +14,7 @@ from .app import DEFAULT_MODELS, Limits, build_app
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-accel ui", description="Serve the side-by-side comparison page.")
     parser.add_argument("--model", help="model shown first: hub id, local folder, tiny:<family>, "
-                        "medium:sd3|wan|pixart or reference:image|video (default: the embedded reference image model)")
+                        "medium:sd3|wan|pixart or reference:image|detail|video (default: the embedded reference image model)")
     parser.add_argument("--models", nargs="+", help="the only models served (required with a --host beyond "
                         "localhost; weights from safetensors only)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

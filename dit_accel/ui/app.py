@@ -40,7 +40,7 @@ from .report_view import pictures, skipped
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: the embedded reference models, then a tiny model of every family
-DEFAULT_MODELS = ("reference:image", "reference:video", *(f"tiny:{family}" for family in FAMILIES))
+DEFAULT_MODELS = ("reference:image", "reference:detail", "reference:video", *(f"tiny:{family}" for family in FAMILIES))
 BASELINES_KEPT = 8
 
 
