@@ -1,10 +1,12 @@
-"""What a plan skipped, as the page shows it: a per-step table and pictures, drawn from `report()`.
+"""What a plan skipped, as the page shows it: a per-step table and maps with legends, from `report()`.
 
 Techniques declare the keys of their per-call stats and how each is shown (`Technique.stats`,
 `runtime/stats.py`); this module iterates the registered techniques' declarations
 (`registry.declared_stats`) and draws by kind, so it names no technique: numbers and per-block
-numbers are listed per step, per-block fractions drawn as a call x block grid, token sets as how
-often each region was in them, token labels as a map over the first frame.
+numbers are listed per step; token sets (RAS) as in how many of the steps each region was computed,
+over the output; token labels (SVG2) as the last step's map of one head's query clusters, with the
+block's kept attention density; per-block fractions (DyDiT's width, FlexDiT's token density, attention
+density) as a step x block grid. Each map has its colour scale and units.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from PIL import Image
 
 from ..runtime.registry import declared_stats
 from ..runtime.stats import Stat, StatKind
+from .charts import MAP_SIZE, figure, image_of
+
+#: how strongly a map covers the output under it
+OVERLAY_ALPHA = 0.6
 
 
 def skipped(report: dict | None) -> list[dict[str, Any]]:
@@ -40,52 +47,87 @@ def skipped(report: dict | None) -> list[dict[str, Any]]:
 
 def _first_frame(output: torch.Tensor) -> np.ndarray:
     sample = output[0] if output[0].ndim == 3 else output[0][0]
-    return (sample.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return sample.permute(1, 2, 0).numpy().clip(0, 1)
 
 
-def _over(image: np.ndarray, colours: np.ndarray) -> Image.Image:
-    """A (rows, cols, 3) map enlarged onto the image and blended half and half."""
-    size = (image.shape[1], image.shape[0])
-    layer = Image.fromarray(colours.astype(np.uint8)).resize(size, Image.NEAREST)
-    blended = Image.blend(Image.fromarray(image), layer, 0.5)
-    return blended.resize((max(256, size[0]), max(256, size[0]) * size[1] // size[0]), Image.NEAREST)
+def _first_calls(report: dict, key: str) -> list[dict]:
+    """Per step, its first call that carries `key` (two-call CFG runs a step twice)."""
+    firsts = []
+    for step in report["steps"]:
+        call = next((c for c in step["calls"] if key in c), None)
+        if call is not None:
+            firsts.append({**call, "step": step["step"]})
+    return firsts
 
 
-def _token_frequency(stat: Stat, calls: list[dict], image: np.ndarray) -> tuple[Image.Image, str] | None:
-    """How often each token of the first frame was in the set, over every call (red: every call, blue:
-    rarely); None when every call held every token."""
-    having = [call for call in calls if stat.key in call]
-    if not having or all(call[stat.key] is None for call in having):
+def _overlay(image: np.ndarray, layer: np.ndarray, title: str, colour_label: str, **show: Any):
+    """`layer` (rows, cols) stretched over the output, with a colour bar labelled with its units."""
+    fig = figure(MAP_SIZE)
+    axes = fig.add_subplot()
+    height, width = image.shape[:2]
+    axes.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
+    shown = axes.imshow(layer, extent=(0, width, height, 0), interpolation="nearest", alpha=OVERLAY_ALPHA, **show)
+    axes.set(title=title, xticks=[], yticks=[])
+    fig.colorbar(shown, ax=axes, label=colour_label)
+    return fig, shown
+
+
+def _token_frequency(stat: Stat, report: dict, image: np.ndarray) -> tuple[Image.Image, str] | None:
+    """In how many of the steps each token of the first frame was computed; None when every step
+    computed every token."""
+    calls = _first_calls(report, stat.key)
+    if not calls or all(call[stat.key] is None for call in calls):
         return None
-    frames, rows, cols = having[0][stat.grid]
+    frames, rows, cols = calls[0][stat.grid]
     counts = np.zeros(frames * rows * cols)
-    for call in having:
+    for call in calls:
         counts[call[stat.key] if call[stat.key] is not None else slice(None)] += 1
-    share = (counts / len(having)).reshape(frames, rows, cols)[0]
-    colours = np.stack([255 * share, 64 * np.ones_like(share), 255 * (1 - share)], -1)
-    return _over(image, colours), f"{stat.label} (red: every call, blue: rarely)"
+    steps = len(calls)
+    fig, _ = _overlay(image, counts.reshape(frames, rows, cols)[0], stat.label, f"steps computed (of {steps})",
+                      cmap="viridis", vmin=0, vmax=steps)
+    return image_of(fig), f"{stat.label}, in how many of the {steps} steps ({rows}x{cols} tokens)"
 
 
-def _label_map(stat: Stat, calls: list[dict], image: np.ndarray) -> tuple[Image.Image, str] | None:
-    """The last call's labels over the first frame, one colour each."""
-    values = [call[stat.key] for call in calls if stat.key in call]
-    if not values:
+def _label_map(stat: Stat, report: dict, image: np.ndarray) -> tuple[Image.Image, str] | None:
+    """The last step's labels over the first frame, one colour each, with the kept density of that block
+    where a per-block fraction of the same call says it."""
+    calls = _first_calls(report, stat.key)
+    if not calls:
         return None
-    labels = np.array(values[-1]["labels"])[0]
-    palette = np.random.default_rng(0).integers(0, 256, (int(labels.max()) + 2, 3))
-    return _over(image, palette[labels + 1]), f"{stat.label} in block {values[-1]['block']}, last step"
+    call = calls[-1]
+    value = call[stat.key]
+    labels = np.array(value["labels"])[0]
+    count = int(labels.max()) + 1
+    palette = ListedColormap(np.random.default_rng(0).uniform(0.15, 1.0, (max(count, 1), 3)))
+    block = value["block"]
+    kept = [(s.label, c) for s in declared_stats() if s.kind is StatKind.BLOCK_FRACTION
+            for c in [call.get(s.key, {})] if isinstance(c, dict) and (block in c or str(block) in c)]
+    density = "".join(f"; {label}: {by_block.get(block, by_block.get(str(block))):.2f} kept"
+                      for label, by_block in kept)
+    masked = np.ma.masked_less(labels, 0)
+    fig, shown = _overlay(image, masked, f"{stat.label}, block {block}", f"label (of {count})", cmap=palette,
+                          vmin=-0.5, vmax=count - 0.5)
+    shown.colorbar.set_ticks(range(0, count, max(1, count // 8)))
+    return image_of(fig), f"{stat.label}: {count} of them in block {block}, step {call['step']}{density}"
 
 
-def _block_grid(stat: Stat, calls: list[dict], image: np.ndarray) -> tuple[Image.Image, str] | None:
-    """Per call (rows, in order) and block (columns), the fraction computed: white = dense."""
-    values = [call[stat.key] for call in calls if stat.key in call]
-    if not values:
+def _block_grid(stat: Stat, report: dict, image: np.ndarray) -> tuple[Image.Image, str] | None:
+    """Per step (rows) and block (columns) the fraction computed (a block left out counts as dense)."""
+    calls = _first_calls(report, stat.key)
+    if not calls:
         return None
-    blocks = max(len(by_block) for by_block in values)
+    values = [call[stat.key] for call in calls]
+    blocks = max(int(b) for by_block in values for b in by_block) + 1 if any(values) else 1
     cells = np.array([[by_block.get(str(b), by_block.get(b, 1.0)) for b in range(blocks)] for by_block in values])
-    cells = (cells * 255).astype(np.uint8)
-    grid = Image.fromarray(cells).resize((cells.shape[1] * 24, cells.shape[0] * 8), Image.NEAREST)
-    return grid, f"{stat.label} per call (rows, in order) and block (columns): white = dense"
+    fig = figure(MAP_SIZE)
+    axes = fig.add_subplot()
+    shown = axes.imshow(cells, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    steps = [call["step"] for call in calls]
+    axes.set(xlabel="block", ylabel="step", title=stat.label)
+    axes.set_yticks(range(len(steps))[:: max(1, len(steps) // 10)], steps[:: max(1, len(steps) // 10)])
+    axes.set_xticks(range(blocks)[:: max(1, blocks // 12)])
+    fig.colorbar(shown, ax=axes, label="share computed (1 = dense)")
+    return image_of(fig), f"{stat.label} per step (rows) and block (columns); 1 = dense"
 
 
 #: how each drawn kind is drawn, in the order the pictures come
@@ -96,16 +138,15 @@ _DRAW = {StatKind.TOKEN_SET: _token_frequency, StatKind.TOKEN_LABELS: _label_map
 def pictures(report: dict | None, baseline: torch.Tensor) -> list[tuple[Image.Image, str]]:
     """What the plan skipped, drawn over the baseline's first sample and frame or as grids: token sets
     (RAS's recomputed regions), token labels (SVG2's query clusters), then per-block fractions
-    (attention density, token density, the width and MLP tokens kept) per call and block."""
+    (attention density, token density, the width and MLP tokens kept) per step and block."""
     if report is None:
         return []
-    calls = [call for step in report["steps"] for call in step["calls"]]
     image, drawn = _first_frame(baseline), []
     stats = declared_stats()
     for kind, draw in _DRAW.items():
         for stat in stats:
             if stat.kind is kind:
-                picture = draw(stat, calls, image)
+                picture = draw(stat, report, image)
                 if picture is not None:
                     drawn.append(picture)
     return drawn
