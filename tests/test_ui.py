@@ -1,9 +1,12 @@
-"""The Gradio UI as a real server, driven through gradio_client: a run, concurrent clients, bad input,
-and what a server bound beyond localhost refuses."""
+"""The Gradio UI as a real server, driven through gradio_client: runs of one and several plans, a video,
+concurrent clients, cancel, bad input, what a server bound beyond localhost refuses, and the charts'
+pieces that a picture cannot show."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -11,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 import pytest
 from gradio_client import Client
+from gradio_client.utils import Status
 from helpers import served
 from PIL import Image
 
@@ -21,14 +25,20 @@ import dit_accel
 import dit_accel.loading
 import dit_accel.testing
 from dit_accel.ui import Limits, build_app
+from dit_accel.ui.charts import best_tradeoffs, shares_per_step
 from dit_accel.ui.forms import config_from, technique_forms
 
 MODEL = "tiny:sd3"
+#: what /run returns, in order (the page's State is not part of the API)
+RUN_OUTPUTS = ("status", "baseline", "plan1", "plan2", "plan3", "plan4", "table", "pareto", "picked", "slider",
+               "difference", "numbers", "maps", "flops", "shares", "frames", "per_step", "file")
+RAS = "ras:warmup_steps=1,error_reset_steps=()"
 
 
 @pytest.fixture(scope="module")
 def server():
-    with served(build_app([MODEL, "tiny:dit"], limits=Limits(max_steps=8, max_side=256, max_frames=9))) as app:
+    with served(build_app([MODEL, "tiny:dit", "tiny:wan"], limits=Limits(max_steps=50, max_side=256, max_frames=9,
+                                                                         max_tune_generations=40))) as app:
         yield Client(app.local_url, verbose=False)
 
 
@@ -47,9 +57,18 @@ def _inputs(seed: int = 0, steps: int = 3, ras: bool = True, **overrides):
     return [*values.values(), *techniques]
 
 
+def _run(client: Client, *inputs) -> dict:
+    return dict(zip(RUN_OUTPUTS, client.predict(*inputs, api_name="/run")))
+
+
 def _pixels(path: str) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def _shown(update: dict) -> np.ndarray:
+    assert update["visible"], update
+    return _pixels(update["value"])
 
 
 def test_forms_come_from_every_built_config_and_round_trip():
@@ -65,15 +84,65 @@ def test_forms_come_from_every_built_config_and_round_trip():
                             for f, v in zip(proxy.fields, proxy.values_of(None))])
 
 
-def test_a_run_shows_both_sides_their_numbers_and_what_was_skipped(server):
-    baseline, accelerated, table, gallery, skipped = server.predict(*_inputs(), api_name="/run")
-    assert _pixels(baseline).shape == _pixels(accelerated).shape == (64, 64, 3)
-    assert "| dense |" in table and "| ras |" in table and "x |" in table
-    assert len(skipped) == 3 and skipped[-1]["image_tokens"] < skipped[-1]["total_image_tokens"]
-    [ras_map] = gallery
-    assert "recomputed" in ras_map["caption"] and _pixels(ras_map["image"]).shape[0] >= 256
-    again = server.predict(*_inputs(), api_name="/run")  # the cached baseline: the same picture
-    assert np.array_equal(_pixels(again[0]), _pixels(baseline))
+def test_a_run_shows_enlarged_outputs_their_difference_numbers_and_what_was_skipped(server):
+    page = _run(server, *_inputs())
+    baseline, accelerated = _shown(page["baseline"]), _shown(page["plan1"])
+    assert baseline.shape == accelerated.shape == (384, 384, 3)  # 64 px, 6x
+    assert np.array_equal(baseline[::6, ::6].repeat(6, 0).repeat(6, 1), baseline), "nearest, not smoothed"
+    assert page["baseline"]["label"] == "baseline (dense): 64x64 px, shown 6x (nearest)"
+    assert not page["plan2"]["visible"]
+    assert "| dense |" in page["table"] and "| ras |" in page["table"] and "judge feature distance" in page["table"]
+    slider = [_pixels(side) for side in page["slider"]]
+    assert np.array_equal(slider[0], baseline) and np.array_equal(slider[1], accelerated)
+    assert "PSNR" in page["numbers"] and "SSIM" in page["numbers"] and "perceptual" in page["numbers"]
+    charts = {name: page[name] for name in ("difference", "flops", "shares")} | {"pareto": page["pareto"]["value"]}
+    for name, path in charts.items():
+        picture = _pixels(path)
+        assert picture.shape[1] >= 384 and picture.std() > 10, name
+    assert page["frames"]["visible"] is False  # an image has no frames to chart
+    per_step = page["per_step"]
+    assert len(per_step) == 3 and per_step[-1]["image_tokens"] < per_step[-1]["total_image_tokens"]
+    with open(page["file"]) as file:
+        saved = json.load(file)
+    assert saved["plan"] == "ras" and saved["per_step"] == per_step and saved["report"]["num_steps"] == 3
+    [ras_map] = page["maps"]
+    assert ras_map["caption"] == "RAS: how often each region was recomputed, in how many of the 3 steps (8x8 tokens)"
+    again = _run(server, *_inputs())  # the cached baseline: the same picture
+    assert np.array_equal(_shown(again["baseline"]), baseline)
+
+
+def test_two_plans_come_out_as_two_columns_in_one_table(server):
+    page = _run(server, *_inputs(seed=3, plan=f"{RAS}\nfbcache:threshold=0.2"))
+    assert page["plan1"]["label"].startswith(RAS) and page["plan2"]["label"].startswith("fbcache:threshold=0.2")
+    assert not np.array_equal(_shown(page["plan1"]), _shown(page["plan2"])) and not page["plan3"]["visible"]
+    assert f"| {RAS} |" in page["table"] and "| fbcache:threshold=0.2 |" in page["table"]
+    assert [label for label, _ in page["picked"]["choices"]] == [RAS, "fbcache:threshold=0.2"]
+    inspected = server.predict("fbcache:threshold=0.2", api_name="/inspect")
+    assert "fbcache:threshold=0.2" in inspected[2] and inspected[3] == []  # a step cache draws no map
+    with pytest.raises(Exception, match="at most 4 plans at once"):
+        server.predict(*_inputs(plan="\n".join(["fbcache"] * 5)), api_name="/run")
+
+
+def test_the_pareto_chart_keeps_the_best_tradeoffs_and_the_share_chart_reads_declared_stats():
+    assert best_tradeoffs([(1.0, 40.0), (2.0, 30.0), (1.5, 25.0), (0.9, 50.0)]) == [(2.0, 30.0), (1.0, 40.0),
+                                                                                  (0.9, 50.0)]
+    report = {"steps": [{"flops_ratio": 1.0, "calls": [{"image_tokens": 64, "total_image_tokens": 64,
+                                                        "pooled_kv_blocks": 0, "flexdit_density": 0.5}]},
+                        {"flops_ratio": 0.5, "calls": [{"image_tokens": 16, "total_image_tokens": 64,
+                                                        "pooled_kv_blocks": 0, "flexdit_density": 1.0}]}]}
+    # tokens as a share of the image's; a density; a count (pooled blocks) is not a share
+    assert shares_per_step(report) == {"FLOPs": [1.0, 0.5], "image tokens": [1.0, 0.25],
+                                       "flexdit density": [0.5, 1.0]}
+
+
+def test_a_video_plays_side_by_side_with_its_framewise_psnr(server):
+    page = _run(server, *_inputs(model="tiny:wan", ras=False, cache="fbcache", cache_fields="threshold=0.3",
+                                 frames=5, height=32, width=32))
+    for side in ("baseline", "plan1"):
+        assert page[side]["value"].endswith(".gif") and "32x32 px, 5 frames, shown 12x" in page[side]["label"]
+        with Image.open(page[side]["value"]) as gif:
+            assert gif.size == (384, 384) and gif.n_frames == 5
+    assert page["frames"]["visible"] and _pixels(page["frames"]["value"]).std() > 10
 
 
 def test_sparse_attention_runs_draw_clusters_and_density(server):
@@ -87,23 +156,38 @@ def test_sparse_attention_runs_draw_clusters_and_density(server):
                 values[at + 1 + i] = {"query_clusters": "4", "key_clusters": "8", "dense_warmup": 0.0,
                                       "plan_every_layer": True}.get(field.name, values[at + 1 + i])
         at += 1 + len(form.fields)
-    gallery = server.predict(*values, api_name="/run")[3]
-    assert [item["caption"].split(":")[0] for item in gallery] == [
-        "SVG2", "attention density per call (rows, in order) and block (columns)"]
+    clusters, density = (item["caption"] for item in _run(server, *values)["maps"])
+    assert clusters.startswith("SVG2: query clusters of one head: 4 of them in block ")
+    assert "step 2; attention density: 0." in clusters and clusters.endswith(" kept")
+    assert density == "attention density per step (rows) and block (columns); 1 = dense"
 
 
 def test_concurrent_clients_each_get_their_solo_result(server):
-    solo = {seed: _pixels(server.predict(*_inputs(seed=seed, ras=False, cache="fbcache",
-                                                  cache_fields="threshold=0.2"), api_name="/run")[1])
-            for seed in (1, 2)}
+    def plan1(seed: int, client: Client = server) -> np.ndarray:
+        return _shown(_run(client, *_inputs(seed=seed, ras=False, cache="fbcache", cache_fields="threshold=0.2"))["plan1"])
+
+    solo = {seed: plan1(seed) for seed in (1, 2)}
     with ThreadPoolExecutor(2) as pool:
-        jobs = {seed: pool.submit(server.predict, *_inputs(seed=seed, ras=False, cache="fbcache",
-                                                           cache_fields="threshold=0.2"), api_name="/run")
-                for seed in (1, 2)}
-        together = {seed: _pixels(job.result()[1]) for seed, job in jobs.items()}
+        jobs = {seed: pool.submit(plan1, seed) for seed in (1, 2)}
+        together = {seed: job.result() for seed, job in jobs.items()}
     assert not np.array_equal(solo[1], solo[2])
     for seed in (1, 2):
         assert np.array_equal(together[seed], solo[seed])
+
+
+def test_cancel_stops_a_run_and_leaves_the_model_as_it_was(server):
+    quick = _inputs(seed=5, plan=RAS)
+    before = _shown(_run(server, *quick)["plan1"])
+    job = server.submit(*_inputs(seed=6, steps=50, height=256, width=256, plan=RAS), api_name="/run")
+    deadline = time.monotonic() + 120
+    while not (job.status().code == Status.PROGRESS and "step" in str(job.status().progress_data)):
+        assert time.monotonic() < deadline and not job.done(), "the long run never reported a step"
+        time.sleep(0.1)
+    assert server.predict(api_name="/cancel") == "cancelling at the next step ..."
+    status = job.result(timeout=120)[0]
+    assert status.startswith("cancelled after") and "the model is as it was" in status
+    # the plan was removed (applying it again would be refused otherwise) and nothing of it stayed behind
+    assert np.array_equal(_shown(_run(server, *quick)["plan1"]), before)
 
 
 def test_a_plan_spec_or_plan_file_replaces_the_forms(server, tmp_path):
@@ -111,8 +195,7 @@ def test_a_plan_spec_or_plan_file_replaces_the_forms(server, tmp_path):
     path = tmp_path / "tuned.json"
     dit_accel.save_plan(path, [FirstBlockCacheConfig(threshold=0.5)], pipe, num_inference_steps=3)
     for plan in (str(path), "fbcache:threshold=0.5"):
-        table = server.predict(*_inputs(ras=False, plan=plan), api_name="/run")[2]
-        assert "FLOPs" in table
+        assert "FLOPs" in _run(server, *_inputs(ras=False, plan=plan))["table"]
     other = tmp_path / "other.json"
     dit_accel.save_plan(other, [FirstBlockCacheConfig(threshold=0.5)], dit_accel.testing.tiny_pipeline("sd3", seed=1),
                         num_inference_steps=3)
@@ -123,7 +206,7 @@ def test_a_plan_spec_or_plan_file_replaces_the_forms(server, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(steps=20), "steps must be in [1, 8] on this server, got 20"),
+    (dict(steps=60), "steps must be in [1, 50] on this server, got 60"),
     (dict(ras=False), "pick at least one technique or step cache"),
     (dict(cache="fbcache", cache_fields="threshold='high'"), "threshold must be a number"),
     (dict(model="/nonexistent"), "no such local folder, and not a valid hub id"),
@@ -134,6 +217,22 @@ def test_bad_input_gets_a_message_not_a_stack_trace(server, overrides, message):
     assert message in str(error.value) and "Traceback" not in str(error.value)
 
 
+@pytest.mark.parametrize("tune, message", [
+    (dict(budget="100gen"), "budget must be at most 40gen on this server, got 100gen"),
+    (dict(target="psnr"), "psnr needs a value"),
+    (dict(prompts=""), "write the tuning prompts in the box"),
+    (dict(source="image", count=0), "captions from a suite must be in [1, 64], got 0"),
+    (dict(target="judge=0.9"), "judge cannot be evaluated here"),
+])
+def test_bad_tuning_input_is_refused_before_anything_runs(server, tune, message):
+    values = dict(target="psnr=30", budget="20gen", batch=2, source="the prompt box below", count=8,
+                  prompts="a red circle")
+    values.update(tune)
+    with pytest.raises(Exception) as error:
+        server.predict(*_inputs()[:9], *values.values(), api_name="/tune")
+    assert message in str(error.value) and "Traceback" not in str(error.value)
+
+
 def test_a_server_beyond_localhost_serves_only_its_named_models():
     with pytest.raises(dit_accel.loading.UsageError, match="--models"):
         build_app(host="0.0.0.0")
@@ -141,3 +240,6 @@ def test_a_server_beyond_localhost_serves_only_its_named_models():
         client = Client(app.local_url, verbose=False)
         with pytest.raises(Exception, match="tiny:dit is not in the list of choices"):  # Gradio's own check
             client.predict(*_inputs(model="tiny:dit"), api_name="/run")
+        with pytest.raises(Exception, match="tiny:dit is not in the list of choices"):
+            client.predict(*_inputs(model="tiny:dit")[:9], "psnr=30", "20gen", 2, "the prompt box below", 8, "a red",
+                           api_name="/tune")

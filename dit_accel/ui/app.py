@@ -103,7 +103,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             plan_text = gr.Textbox("", label="plans (replace the choices above)", lines=2,
                                    info=f"one plan a line, up to {MAX_PLANS}: a plan spec, e.g. "
                                    "ras:sample_ratio=0.5+fbcache:threshold=0.1"
-                                   + (", or a plan file from dit-accel tune (its path on this machine)" if local else ""))
+                                   + (", or a plan file from dit-accel tune (its path here)" if local else ""))
             with gr.Row():
                 button = gr.Button("run", variant="primary")
                 cancel = gr.Button("cancel", variant="stop")
@@ -124,7 +124,8 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                                         max_height=OUTPUT_BOX, min_width=OUTPUT_BOX)
                 difference = gr.Image(label="difference", type="pil", elem_id="difference", min_width=OUTPUT_BOX)
             numbers = gr.Markdown(elem_id="numbers")
-            maps = gr.Gallery(label="what was skipped", columns=3, elem_id="maps")
+            maps = gr.Gallery(label="what was skipped", columns=3, height=OUTPUT_BOX + 60, object_fit="contain",
+                              fit_columns=False, elem_id="maps")
             with gr.Row():
                 flops = gr.Image(label="FLOPs per step", type="pil", elem_id="flops")
                 shares = gr.Image(label="share computed per step", type="pil", elem_id="shares")
@@ -176,8 +177,9 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                                  generated_pixels(call), WARMUP_STEPS)
 
         def run(request: gr.Request, progress=gr.Progress(), *values):
-            (model_spec, prompt_text, negative_text, seed_value, steps_value, guidance_value, height_value, width_value,
-             frames_value, cache_name, cache_text, plan_spec, result, runs_so_far), technique_values = values[:14], values[14:]
+            (model_spec, prompt_text, negative_text, seed_value, steps_value, guidance_value, height_value,
+             width_value, frames_value, cache_name, cache_text, plan_spec, result, runs_so_far) = values[:14]
+            technique_values = values[14:]
             session = request.session_hash
             store.start(session)
             started = time.perf_counter()
@@ -197,7 +199,8 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                     runs = compare(pipe, plans, seed=numbers[4], baseline=cached, progress=say,
                                    warmup_steps=WARMUP_STEPS, **call, **step_callback)
                     done = generation_steps(numbers[0], len(plans) + (cached is None), WARMUP_STEPS)
-                    store.speed[model_spec] = (time.perf_counter() - generating) / done / max(generated_pixels(call), 1e-6)
+                    pixels = max(generated_pixels(call), 1e-6)
+                    store.speed[model_spec] = (time.perf_counter() - generating) / done / pixels
                     store.keep_baseline(key, runs[0])
                     folder = Path(tempfile.mkdtemp(dir=outputs_dir))
                     shown = shown_runs(runs, folder, store.perceptual())

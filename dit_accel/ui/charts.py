@@ -108,6 +108,16 @@ def difference(output: torch.Tensor, baseline: torch.Tensor) -> tuple[Image.Imag
     return image_of(fig), float(diff.max())
 
 
+def best_tradeoffs(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speedup, quality) points no other point beats on both, fastest first."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
 def pareto(history: list[dict[str, Any]]) -> Image.Image:
     """Speedup against PSNR of every plan run since the page opened, the best trade-offs joined."""
     fig = figure()
@@ -119,13 +129,10 @@ def pareto(history: list[dict[str, Any]]) -> Image.Image:
     for x, y, label in points:
         axes.annotate(label if len(label) <= 28 else label[:27] + "...", (x, y), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")
-    front, best = [], -math.inf
-    for x, y, _ in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
+    front = best_tradeoffs([(x, y) for x, y, _ in points])
     if len(front) > 1:
-        axes.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", zorder=1, label="best trade-offs")
+        axes.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", zorder=1,
+                  label="best trade-offs")
         axes.legend(fontsize="small")
     axes.axvline(1.0, color="0.7", lw=1)
     axes.set(xlabel="speedup vs baseline (x)", ylabel="PSNR vs baseline (dB)",
