@@ -183,7 +183,7 @@ def test_cancel_stops_a_run_and_leaves_the_model_as_it_was(server):
     while not (job.status().code == Status.PROGRESS and "step" in str(job.status().progress_data)):
         assert time.monotonic() < deadline and not job.done(), "the long run never reported a step"
         time.sleep(0.1)
-    assert server.predict(api_name="/cancel") == "cancelling at the next step ..."
+    server.predict(api_name="/cancel")
     status = job.result(timeout=120)[0]
     assert status.startswith("cancelled after") and "the model is as it was" in status
     # the plan was removed (applying it again would be refused otherwise) and nothing of it stayed behind

@@ -213,7 +213,8 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             runs_so_far = runs_so_far + [{"label": s.label, "model": model_spec, "speedup": s.speedup, "psnr": s.psnr}
                                          for s in shown[1:]]
             result = {"shown": shown, "folder": folder}
-            page = {status: f"done in {time.perf_counter() - started:.1f} s", results: result, history: runs_so_far,
+            page = {status: f"done in {time.perf_counter() - started:.1f} s ({len(runs_so_far)} plan runs on this page)",
+                    results: result, history: runs_so_far,
                     runs_table: table(shown, perceptual.name if perceptual else None),
                     pareto: gr.update(value=charts.pareto(runs_so_far), visible=True),
                     picked: gr.update(choices=[s.label for s in shown[1:]], value=shown[1].label)}
@@ -230,8 +231,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
         run_outputs = [status, *columns, runs_table, pareto, picked, results, history, *inspected]
         button.click(guess, [*settings, plan_text], estimate, api_name="estimate", concurrency_limit=None
                      ).then(run, run_inputs, run_outputs, api_name="run")
-        cancel.click(store.cancel, None, status, api_name="cancel",
-                     concurrency_limit=None)
+        cancel.click(store.cancel, api_name="cancel", concurrency_limit=None)
         picked.input(show, [results, picked], inspected, api_name="inspect")
     app.queue(default_concurrency_limit=1)
     return app

@@ -88,10 +88,10 @@ class Models:
                 self._perceptual = False
         return self._perceptual or None
 
-    def cancel(self, request: gr.Request) -> str:
-        """The cancel button: the session's run or tune stops at its next step."""
+    def cancel(self, request: gr.Request) -> None:
+        """The cancel button: the session's run or tune stops at its next step (and says so itself: an
+        answer from here could arrive after the run's and hide it)."""
         self._cancelled.add(request.session_hash)
-        return "cancelling at the next step ..."
 
     def start(self, session: str) -> None:
         """A new run of `session`: an earlier cancel no longer applies."""

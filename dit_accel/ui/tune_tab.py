@@ -65,7 +65,7 @@ def summary(result: TuneResult) -> str:
     metrics = result.target.metrics
     met = sorted((c for c in result.candidates if c.status is CandidateStatus.MEETS_TARGET),
                  key=lambda c: -(c.final_speedup or c.speedup))
-    lines = [f"**{result.label}**: {result.message}", "",
+    lines = [result.message, "",
              "| candidate | speedup | FLOPs ratio | " + " | ".join(metrics) + " |",
              "|---|---:|---:|" + "---:|" * len(metrics)]
     lines += [f"| {c.label} | {(c.final_speedup or c.speedup):.2f}x | {c.flops_ratio or 1:.3f} | "
@@ -156,5 +156,4 @@ def tune_tab(store: Models, limits: Limits, allowed: list[str], local: bool, set
 
     button.click(run_tune, [*settings, target, budget, batch, source, count, prompts], [outcome, plan_box],
                  api_name="tune")
-    cancel.click(store.cancel, None, outcome, api_name="cancel_tune",
-                 concurrency_limit=None)
+    cancel.click(store.cancel, api_name="cancel_tune", concurrency_limit=None)
