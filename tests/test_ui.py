@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,9 @@ import dit_accel.loading
 import dit_accel.testing
 from dit_accel.ui import Limits, build_app
 from dit_accel.ui.charts import best_tradeoffs, shares_per_step
+from dit_accel.tuning import Budget, CandidateStatus
 from dit_accel.ui.forms import config_from, technique_forms
+from dit_accel.ui.tune_tab import TuneProgress
 
 MODEL = "tiny:sd3"
 #: what /run returns, in order (the page's State is not part of the API)
@@ -107,8 +110,20 @@ def test_a_run_shows_enlarged_outputs_their_difference_numbers_and_what_was_skip
     assert saved["plan"] == "ras" and saved["per_step"] == per_step and saved["report"]["num_steps"] == 3
     [ras_map] = page["maps"]
     assert ras_map["caption"] == "RAS: how often each region was recomputed, in how many of the 3 steps (8x8 tokens)"
-    again = _run(server, *_inputs())  # the cached baseline: the same picture
+    again = _run(server, *_inputs())  # the cached baseline: the same run, not run again
     assert np.array_equal(_shown(again["baseline"]), baseline)
+    dense_row = next(line for line in page["table"].splitlines() if line.startswith("| dense |"))
+    assert dense_row in again["table"].splitlines()
+
+
+def test_the_estimate_comes_from_the_last_runs_speed(server):
+    assert server.predict("tiny:dit", "a red circle", "", 0, 3, 4.0, 64, 64, 1, "fbcache",
+                          api_name="/estimate").startswith("estimate: none yet; the first run on this model")
+    _run(server, *_inputs(seed=7, plan="fbcache"))
+    cached = server.predict(MODEL, "a red circle", "", 7, 3, 4.0, 64, 64, 1, "fbcache\nras", api_name="/estimate")
+    assert re.fullmatch(r"estimate: about \d+ s for 2 generation\(s\) of 3 steps, from the last run's speed", cached)
+    fresh = server.predict(MODEL, "a red circle", "", 8, 3, 4.0, 64, 64, 1, "fbcache", api_name="/estimate")
+    assert "for 2 generation(s)" in fresh  # a new seed: the baseline runs too
 
 
 def test_two_plans_come_out_as_two_columns_in_one_table(server):
@@ -121,6 +136,34 @@ def test_two_plans_come_out_as_two_columns_in_one_table(server):
     assert "fbcache:threshold=0.2" in inspected[2] and inspected[3] == []  # a step cache draws no map
     with pytest.raises(Exception, match="at most 4 plans at once"):
         server.predict(*_inputs(plan="\n".join(["fbcache"] * 5)), api_name="/run")
+
+
+def test_width_and_token_density_are_drawn_per_step_and_block(server):
+    page = _run(server, *_inputs(plan="flexdit:preset=fast\ndydit:preset=fast"))
+    assert [item["caption"] for item in page["maps"]] == [
+        "FlexDiT token density per step (rows) and block (columns); 1 = dense"]
+    dydit = server.predict("dydit:preset=fast", api_name="/inspect")
+    assert [item["caption"].split(" per step")[0] for item in dydit[3]] == [
+        "DyDiT width (heads and channel groups kept)", "DyDiT MLP tokens computed"]
+    assert all(_pixels(item["image"]).std() > 10 for item in dydit[3])
+
+
+def test_tune_progress_counts_what_tune_ran_and_keeps_the_fastest_that_met_the_target():
+    pipe, defaults = dit_accel.loading.load_model(MODEL, "cpu", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    shown = []
+    tracker = TuneProgress(lambda share, desc: shown.append((share, desc)), Budget(seconds=None, generations=30),
+                        lambda: None)
+    result = dit_accel.tune(pipe, ["a red circle", "a blue square"], target="psnr=5", steps=3, batch=2,
+                            budget="30gen", progress=tracker.say, height=64, width=64,
+                            callback_on_step_end=tracker.on_step)
+    assert tracker.generations == result.generations and shown[-1][0] == result.generations / 30
+    finished = [c for c in result.candidates if c.status in (CandidateStatus.MEETS_TARGET,
+                                                               CandidateStatus.MISSES_TARGET)]
+    met = [c for c in finished if c.status is CandidateStatus.MEETS_TARGET]
+    assert finished and tracker.measured == len(finished)
+    fastest = max(met, key=lambda c: c.speedup)
+    assert tracker.best[1].startswith(f"{fastest.label} ({fastest.speedup:.2f}x, psnr ")
 
 
 def test_the_pareto_chart_keeps_the_best_tradeoffs_and_the_share_chart_reads_declared_stats():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 import tempfile
+import time
 from typing import Any, Callable
 
 import gradio as gr
@@ -28,19 +29,23 @@ _CANDIDATE_LINE = re.compile(r"^\[\d+ s, \d+ runs\] (?P<label>.+?): (?P<quality>
                              r"measured.*: (?P<status>[^:]+)$")
 
 
-class _Progress:
-    """tune's messages and the step callback turned into the page's progress bar."""
+class TuneProgress:
+    """tune's messages and the step callback turned into the page's progress bar: the share of the budget
+    spent, generations run, candidates measured on every batch, and the fastest that met the target."""
 
     def __init__(self, progress: Callable, budget: Budget, check: Callable[[], None]):
         self.progress, self.budget, self.check = progress, budget, check
-        self.generations, self.measured, self.best, self.last = 0, 0, "none yet", ""
+        self.started = time.perf_counter()
+        self.generations, self.measured, self.last = 0, 0, ""
+        self.best: tuple[float, str] | None = None
 
     def show(self) -> None:
-        total = self.budget.generations
-        self.progress((min(self.generations / total, 1.0), None) if total else None,
-                      desc=f"{self.generations} generations{f' of {total}' if total else ''}; "
-                           f"{self.measured} candidates measured on every batch; best so far: {self.best}; "
-                           f"{self.last}")
+        spent = [self.generations / self.budget.generations] if self.budget.generations else []
+        if self.budget.seconds:
+            spent.append((time.perf_counter() - self.started) / self.budget.seconds)
+        best = "none yet" if self.best is None else self.best[1]
+        self.progress(min(max(spent), 1.0), desc=f"{self.generations} generations; {self.measured} candidates "
+                      f"measured on every batch; best so far: {best}; {self.last}")
 
     def say(self, message: str) -> None:
         self.check()
@@ -48,8 +53,9 @@ class _Progress:
         line = _CANDIDATE_LINE.match(message)
         if line:
             self.measured += 1
-            if line["status"] == CandidateStatus.MEETS_TARGET.value:
-                self.best = f"{line['label']} ({line['speed']}x, {line['quality']})"
+            speed = float(line["speed"])
+            if line["status"] == CandidateStatus.MEETS_TARGET.value and (self.best is None or speed > self.best[0]):
+                self.best = (speed, f"{line['label']} ({line['speed']}x, {line['quality']})")
         self.show()
 
     def on_step(self, pipeline, step: int, timestep, tensors: dict) -> dict:
@@ -133,7 +139,7 @@ def tune_tab(store: Models, limits: Limits, allowed: list[str], local: bool, set
             texts = tuning_prompts(source_value, count_value, prompts_text, seed_n)
             served(model_spec)
             with store.lock:
-                tracker = _Progress(progress, spending, lambda: store.check_cancel(session))
+                tracker = TuneProgress(progress, spending, lambda: store.check_cancel(session))
                 tracker.say(f"loading {model_spec}")
                 pipe, defaults = store.get(model_spec)
                 call = call_arguments(pipe, defaults, {
