@@ -31,7 +31,7 @@ from ..loading import UsageError, call_arguments
 from ..testing import FAMILIES
 from . import charts
 from .forms import step_caches, technique_forms
-from .results import MIN_SHOWN, inspect, shown_runs, table
+from .results import MIN_SHOWN, plan_views, shown_runs, table
 from .running import (
     MAX_PLANS,
     Cancelled,
@@ -146,7 +146,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                 return {}
             shown = result["shown"]
             index = next((i for i, s in enumerate(shown) if i and s.label == label), 1)
-            views = inspect(shown[0], shown[index], result["folder"], index)
+            views = plan_views(shown[0], shown[index], result["folder"], index)
             return {slider: views["slider"], difference: views["difference"], numbers: views["numbers"],
                     maps: views["maps"], flops: views["flops"], shares: views["shares"],
                     frame_chart: gr.update(value=views["frames"], visible=views["frames"] is not None),
@@ -178,8 +178,8 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
 
         def run(request: gr.Request, progress=gr.Progress(), *values):
             (model_spec, prompt_text, negative_text, seed_value, steps_value, guidance_value, height_value,
-             width_value, frames_value, cache_name, cache_text, plan_spec, result, runs_so_far) = values[:14]
-            technique_values = values[14:]
+             width_value, frames_value, cache_name, cache_text, plan_spec, runs_so_far) = values[:13]
+            technique_values = values[13:]
             session = request.session_hash
             store.start(session)
             started = time.perf_counter()
@@ -210,8 +210,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             except Exception as error:
                 raise model_error(error) from None
             perceptual = store.perceptual()
-            runs_so_far = runs_so_far + [{"label": s.label, "model": model_spec, "speedup": s.speedup, "psnr": s.psnr}
-                                         for s in shown[1:]]
+            runs_so_far = runs_so_far + [{"label": s.label, "speedup": s.speedup, "psnr": s.psnr} for s in shown[1:]]
             result = {"shown": shown, "folder": folder}
             page = {status: f"done in {time.perf_counter() - started:.1f} s ({len(runs_so_far)} plan runs on this page)",
                     results: result, history: runs_so_far,
@@ -227,7 +226,7 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
                     page[column] = gr.update(value=None, visible=False)
             return {**page, **show(result, shown[1].label)}
 
-        run_inputs = [*settings, cache, cache_fields, plan_text, results, history, *technique_inputs]
+        run_inputs = [*settings, cache, cache_fields, plan_text, history, *technique_inputs]
         run_outputs = [status, *columns, runs_table, pareto, picked, results, history, *inspected]
         button.click(guess, [*settings, plan_text], estimate, api_name="estimate", concurrency_limit=None
                      ).then(run, run_inputs, run_outputs, api_name="run")

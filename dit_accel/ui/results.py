@@ -1,7 +1,7 @@
 """A comparison's runs as the page shows them: outputs enlarged to at least `MIN_SHOWN` pixels (nearest
 neighbour, so a 64-pixel model stays its own pixels) and labelled with their real size, one table, and
 for one plan against the baseline the slider pair, the difference map, its numbers, what was skipped
-and the per-step charts (`inspect`)."""
+and the per-step charts (`plan_views`)."""
 
 from __future__ import annotations
 
@@ -102,12 +102,13 @@ def table(shown: list[Shown], perceptual_name: str | None) -> str:
     return "\n".join(lines)
 
 
-def inspect(baseline: Shown, plan: Shown, folder: Path, index: int) -> dict[str, Any]:
+def plan_views(baseline: Shown, plan: Shown, folder: Path, index: int) -> dict[str, Any]:
     """One plan against the baseline: the slider pair, the difference map and its numbers, the maps of
     what was skipped, FLOPs and shares per step, frame-wise PSNR (videos) and the per-step JSON, also
     as a file to download."""
     diff, largest = charts.difference(plan.output, baseline.output)
-    numbers = (f"**{plan.label}** vs baseline: PSNR {_db(plan.psnr)} dB, SSIM "
+    unit = " dB" if plan.psnr is not None and math.isfinite(plan.psnr) else ""
+    numbers = (f"**{plan.label}** vs baseline: PSNR {_db(plan.psnr)}{unit}, SSIM "
                f"{'-' if plan.ssim is None else f'{plan.ssim:.4f}'}, perceptual "
                f"{'-' if plan.perceptual is None else f'{plan.perceptual:.4f}'}; largest difference {largest:.3f} "
                f"(pixels in [0, 1]); {plan.speedup:.2f}x, FLOPs ratio {plan.flops_ratio:.3f}")
