@@ -40,7 +40,7 @@ RAS = "ras:warmup_steps=1,error_reset_steps=()"
 
 @pytest.fixture(scope="module")
 def server():
-    with served(build_app([MODEL, "tiny:dit", "tiny:wan"], limits=Limits(max_steps=50, max_side=256, max_frames=9,
+    with served(build_app([MODEL, "tiny:dit", "tiny:wan"], limits=Limits(max_steps=200, max_side=256, max_frames=9,
                                                                          max_tune_generations=40))) as app:
         yield Client(app.local_url, verbose=False)
 
@@ -221,7 +221,7 @@ def test_concurrent_clients_each_get_their_solo_result(server):
 def test_cancel_stops_a_run_and_leaves_the_model_as_it_was(server):
     quick = _inputs(seed=5, plan=RAS)
     before = _shown(_run(server, *quick)["plan1"])
-    job = server.submit(*_inputs(seed=6, steps=50, height=256, width=256, plan=RAS), api_name="/run")
+    job = server.submit(*_inputs(seed=6, steps=200, height=256, width=256, plan=RAS), api_name="/run")
     deadline = time.monotonic() + 120
     while not (job.status().code == Status.PROGRESS and "step" in str(job.status().progress_data)):
         assert time.monotonic() < deadline and not job.done(), "the long run never reported a step"
@@ -249,7 +249,7 @@ def test_a_plan_spec_or_plan_file_replaces_the_forms(server, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(steps=60), "steps must be in [1, 50] on this server, got 60"),
+    (dict(steps=300), "steps must be in [1, 200] on this server, got 300"),
     (dict(ras=False), "pick at least one technique or step cache"),
     (dict(cache="fbcache", cache_fields="threshold='high'"), "threshold must be a number"),
     (dict(model="/nonexistent"), "no such local folder, and not a valid hub id"),

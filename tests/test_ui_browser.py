@@ -57,7 +57,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def url():
-    limits = Limits(max_steps=50, max_side=256, max_tune_generations=60)
+    limits = Limits(max_steps=200, max_side=256, max_tune_generations=60)
     with served(build_app(["reference:image", "tiny:sd3"], limits=limits)) as app:
         yield app.local_url
 
@@ -204,12 +204,12 @@ def test_cancel_leaves_the_next_run_as_a_fresh_one(page):
     _run(page)
     fresh = _picture(page, "#output-1 img")
 
-    _set(page, "steps", "50")
+    _set(page, "steps", "200")  # long enough to be cancelled on any machine
     _set(page, "height", "256")
     _set(page, "width", "256")
     before = page.locator("#status").inner_text()
     page.get_by_role("button", name="run", exact=True).click()
-    page.get_by_text(re.compile(r"step \d+/50")).first.wait_for(timeout=RUN_MS)
+    page.get_by_text(re.compile(r"step \d+/200")).first.wait_for(timeout=RUN_MS)
     page.get_by_role("button", name="cancel", exact=True).click()
     _status(page, "cancelled", before)
     assert "the model is as it was" in page.locator("#status").inner_text()
