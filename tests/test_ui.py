@@ -108,7 +108,7 @@ def test_a_run_shows_enlarged_outputs_their_difference_numbers_and_what_was_skip
     with open(page["file"]) as file:
         saved = json.load(file)
     assert saved["plan"] == "ras" and saved["per_step"] == per_step and saved["report"]["num_steps"] == 3
-    [ras_map] = page["maps"]
+    [ras_map] = page["maps"]["value"]
     assert ras_map["caption"] == "RAS: how often each region was recomputed, in how many of the 3 steps (8x8 tokens)"
     again = _run(server, *_inputs())  # the cached baseline: the same run, not run again
     assert np.array_equal(_shown(again["baseline"]), baseline)
@@ -133,19 +133,19 @@ def test_two_plans_come_out_as_two_columns_in_one_table(server):
     assert f"| {RAS} |" in page["table"] and "| fbcache:threshold=0.2 |" in page["table"]
     assert [label for label, _ in page["picked"]["choices"]] == [RAS, "fbcache:threshold=0.2"]
     inspected = server.predict("fbcache:threshold=0.2", api_name="/inspect")
-    assert "fbcache:threshold=0.2" in inspected[2] and inspected[3] == []  # a step cache draws no map
+    assert "fbcache:threshold=0.2" in inspected[2] and not inspected[3]["visible"]  # a step cache draws no map
     with pytest.raises(Exception, match="at most 4 plans at once"):
         server.predict(*_inputs(plan="\n".join(["fbcache"] * 5)), api_name="/run")
 
 
 def test_width_and_token_density_are_drawn_per_step_and_block(server):
     page = _run(server, *_inputs(plan="flexdit:preset=fast\ndydit:preset=fast"))
-    assert [item["caption"] for item in page["maps"]] == [
+    assert [item["caption"] for item in page["maps"]["value"]] == [
         "FlexDiT token density per step (rows) and block (columns); 1 = dense"]
     dydit = server.predict("dydit:preset=fast", api_name="/inspect")
-    assert [item["caption"].split(" per step")[0] for item in dydit[3]] == [
+    assert [item["caption"].split(" per step")[0] for item in dydit[3]["value"]] == [
         "DyDiT width (heads and channel groups kept)", "DyDiT MLP tokens computed"]
-    assert all(_pixels(item["image"]).std() > 10 for item in dydit[3])
+    assert all(_pixels(item["image"]).std() > 10 for item in dydit[3]["value"])
 
 
 def test_tune_progress_counts_what_tune_ran_and_keeps_the_fastest_that_met_the_target():
@@ -199,7 +199,7 @@ def test_sparse_attention_runs_draw_clusters_and_density(server):
                 values[at + 1 + i] = {"query_clusters": "4", "key_clusters": "8", "dense_warmup": 0.0,
                                       "plan_every_layer": True}.get(field.name, values[at + 1 + i])
         at += 1 + len(form.fields)
-    clusters, density = (item["caption"] for item in _run(server, *values)["maps"])
+    clusters, density = (item["caption"] for item in _run(server, *values)["maps"]["value"])
     assert clusters.startswith("SVG2: query clusters of one head: 4 of them in block ")
     assert "step 2; attention density: 0." in clusters and clusters.endswith(" kept")
     assert density == "attention density per step (rows) and block (columns); 1 = dense"

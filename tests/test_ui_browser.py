@@ -189,7 +189,9 @@ def test_tune_puts_a_plan_into_the_plan_box(page):
     _set(page, "prompts a call", "2")
     _set(page, "tuning prompts, one a line", "a red circle\na blue square")
     page.get_by_role("button", name="tune", exact=True).click()
-    page.get_by_text(re.compile(r"\d+ candidates tried")).wait_for(timeout=RUN_MS)
+    result = page.locator("#tune-result")
+    result.get_by_text(re.compile(r"\d+ generations; \d+ candidates measured on every batch; best so far")).wait_for()
+    result.get_by_text(re.compile(r"\d+ candidates tried")).wait_for(timeout=RUN_MS)
     page.get_by_role("tab", name="compare").click()
     plan = page.get_by_role("textbox", name=re.compile(r"^\s*plans \(replace")).input_value()
     assert plan.endswith("tuned_plan.json"), plan

@@ -148,7 +148,8 @@ def build_app(models: list[str] | None = None, host: str = "127.0.0.1", device: 
             index = next((i for i, s in enumerate(shown) if i and s.label == label), 1)
             views = plan_views(shown[0], shown[index], result["folder"], index)
             return {slider: views["slider"], difference: views["difference"], numbers: views["numbers"],
-                    maps: views["maps"], flops: views["flops"], shares: views["shares"],
+                    maps: gr.update(value=views["maps"], visible=bool(views["maps"])),
+                    flops: views["flops"], shares: views["shares"],
                     frame_chart: gr.update(value=views["frames"], visible=views["frames"] is not None),
                     what: views["per_step"], report_file: views["file"]}
 

@@ -102,7 +102,7 @@ def difference(output: torch.Tensor, baseline: torch.Tensor) -> tuple[Image.Imag
     fig = figure(MAP_SIZE)
     axes = fig.add_subplot()
     shown = axes.imshow(diff, cmap="inferno", vmin=0.0, vmax=max(float(diff.max()), 1e-6), interpolation="nearest")
-    axes.set(title="|accelerated - baseline|" + (" (mean over frames)" if first.ndim == 4 else ""),
+    axes.set(title="|plan - baseline|" + (", mean over frames" if first.ndim == 4 else ""),
              xticks=[], yticks=[])
     fig.colorbar(shown, ax=axes, label="mean abs. difference over RGB (pixels in [0, 1])")
     return image_of(fig), float(diff.max())

@@ -122,7 +122,7 @@ def tune_tab(store: Models, limits: Limits, allowed: list[str], local: bool, set
     with gr.Row():
         button = gr.Button("tune", variant="primary")
         cancel = gr.Button("cancel", variant="stop")
-    outcome = gr.Markdown(elem_id="tune-result")
+    outcome = gr.Markdown(elem_id="tune-result", min_height=120, container=True)  # room for the progress bar
 
     def run_tune(request: gr.Request, progress=gr.Progress(), *values):
         (model_spec, _prompt, negative_text, seed_value, steps_value, guidance_value, height_value, width_value,
