@@ -29,6 +29,7 @@ from dit_accel.ui import Limits, build_app
 from dit_accel.ui.charts import best_tradeoffs, shares_per_step
 from dit_accel.tuning import Budget, CandidateStatus
 from dit_accel.ui.forms import config_from, technique_forms
+from dit_accel.ui.report_view import step_spans
 from dit_accel.ui.tune_tab import TuneProgress
 
 MODEL = "tiny:sd3"
@@ -141,7 +142,7 @@ def test_two_plans_come_out_as_two_columns_in_one_table(server):
 def test_width_and_token_density_are_drawn_per_step_and_block(server):
     page = _run(server, *_inputs(plan="flexdit:preset=fast\ndydit:preset=fast"))
     assert [item["caption"] for item in page["maps"]["value"]] == [
-        "FlexDiT token density per step (rows) and block (columns); 1 = dense"]
+        "FlexDiT token density per step (rows, alike steps merged) and block (columns); 1 = dense"]
     dydit = server.predict("dydit:preset=fast", api_name="/inspect")
     assert [item["caption"].split(" per step")[0] for item in dydit[3]["value"]] == [
         "DyDiT width (heads and channel groups kept)", "DyDiT MLP tokens computed"]
@@ -164,6 +165,11 @@ def test_tune_progress_counts_what_tune_ran_and_keeps_the_fastest_that_met_the_t
     assert finished and tracker.measured == len(finished)
     fastest = max(met, key=lambda c: c.speedup)
     assert tracker.best[1].startswith(f"{fastest.label} ({fastest.speedup:.2f}x, psnr ")
+
+
+def test_block_grids_merge_alike_consecutive_steps():
+    rows, spans = step_spans([[1.0, 0.5], [1.0, 0.5], [0.5, 0.5], [1.0, 0.5]], [0, 1, 2, 3])
+    assert rows == [[1.0, 0.5], [0.5, 0.5], [1.0, 0.5]] and spans == ["0-1", "2", "3"]
 
 
 def test_the_pareto_chart_keeps_the_best_tradeoffs_and_the_share_chart_reads_declared_stats():
@@ -202,7 +208,7 @@ def test_sparse_attention_runs_draw_clusters_and_density(server):
     clusters, density = (item["caption"] for item in _run(server, *values)["maps"]["value"])
     assert clusters.startswith("SVG2: query clusters of one head: 4 of them in block ")
     assert "step 2; attention density: 0." in clusters and clusters.endswith(" kept")
-    assert density == "attention density per step (rows) and block (columns); 1 = dense"
+    assert density == "attention density per step (rows, alike steps merged) and block (columns); 1 = dense"
 
 
 def test_concurrent_clients_each_get_their_solo_result(server):

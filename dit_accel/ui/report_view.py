@@ -6,7 +6,8 @@ Techniques declare the keys of their per-call stats and how each is shown (`Tech
 numbers are listed per step; token sets (RAS) as in how many of the steps each region was computed,
 over the output; token labels (SVG2) as the last step's map of one head's query clusters, with the
 block's kept attention density; per-block fractions (DyDiT's width, FlexDiT's token density, attention
-density) as a step x block grid. Each map has its colour scale and units.
+density) as a step x block grid, consecutive steps alike in one row (DyDiT's step buckets). Each map has
+its colour scale and units.
 """
 
 from __future__ import annotations
@@ -111,23 +112,39 @@ def _label_map(stat: Stat, report: dict, image: np.ndarray) -> tuple[Image.Image
     return image_of(fig), f"{stat.label}: {count} of them in block {block}, step {call['step']}{density}"
 
 
+def step_spans(rows: list[list[float]], steps: list[int]) -> tuple[list[list[float]], list[str]]:
+    """Consecutive steps with the same row merged into one, labelled with their span ("0-4"): a plan that
+    works in step buckets (DyDiT's widths) shows one row a bucket."""
+    merged: list[list[float]] = []
+    spans: list[list[int]] = []
+    for row, step in zip(rows, steps):
+        if merged and row == merged[-1]:
+            spans[-1][1] = step
+        else:
+            merged.append(row)
+            spans.append([step, step])
+    return merged, [f"{a}" if a == b else f"{a}-{b}" for a, b in spans]
+
+
 def _block_grid(stat: Stat, report: dict, image: np.ndarray) -> tuple[Image.Image, str] | None:
-    """Per step (rows) and block (columns) the fraction computed (a block left out counts as dense)."""
+    """Per step (rows; steps alike in a row of their own) and block (columns) the fraction computed (a
+    block left out counts as dense)."""
     calls = _first_calls(report, stat.key)
     if not calls:
         return None
     values = [call[stat.key] for call in calls]
     blocks = max(int(b) for by_block in values for b in by_block) + 1 if any(values) else 1
-    cells = np.array([[by_block.get(str(b), by_block.get(b, 1.0)) for b in range(blocks)] for by_block in values])
+    rows = [[by_block.get(str(b), by_block.get(b, 1.0)) for b in range(blocks)] for by_block in values]
+    rows, spans = step_spans(rows, [call["step"] for call in calls])
     fig = figure(MAP_SIZE)
     axes = fig.add_subplot()
-    shown = axes.imshow(cells, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    steps = [call["step"] for call in calls]
-    axes.set(xlabel="block", ylabel="step", title=stat.label)
-    axes.set_yticks(range(len(steps))[:: max(1, len(steps) // 10)], steps[:: max(1, len(steps) // 10)])
+    shown = axes.imshow(np.array(rows), cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    axes.set(xlabel="block", ylabel="steps", title=stat.label)
+    every = max(1, len(spans) // 10)
+    axes.set_yticks(range(len(spans))[::every], spans[::every])
     axes.set_xticks(range(blocks)[:: max(1, blocks // 12)])
     fig.colorbar(shown, ax=axes, label="share computed (1 = dense)")
-    return image_of(fig), f"{stat.label} per step (rows) and block (columns); 1 = dense"
+    return image_of(fig), f"{stat.label} per step (rows, alike steps merged) and block (columns); 1 = dense"
 
 
 #: how each drawn kind is drawn, in the order the pictures come
