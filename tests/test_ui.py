@@ -157,7 +157,8 @@ def test_tune_progress_counts_what_tune_ran_and_keeps_the_fastest_that_met_the_t
     tracker = TuneProgress(lambda share, desc: shown.append((share, desc)), Budget(seconds=None, generations=30),
                         lambda: None)
     result = dit_accel.tune(pipe, ["a red circle", "a blue square"], target="psnr=5", steps=3, batch=2,
-                            budget="30gen", progress=tracker.say, height=64, width=64,
+                            budget="30gen", progress=tracker.say, on_measured=tracker.measured_candidate,
+                            height=64, width=64,
                             callback_on_step_end=tracker.on_step)
     assert tracker.generations == result.generations and shown[-1][0] == result.generations / 30
     finished = [c for c in result.candidates if c.status in (CandidateStatus.MEETS_TARGET,

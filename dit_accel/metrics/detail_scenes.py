@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .procedural import COLOR_NAMES, COLORS, SHAPES, shape_sdf
+from .procedural import COLOR_NAMES, COLORS, SHAPES, pixel_grid, shape_sdf
 
 IMAGE_SIZE = 128
 TEXTURES = ("plain", "striped", "dotted", "checked", "outlined")
@@ -117,11 +117,6 @@ def random_scene(rng: np.random.Generator) -> DetailScene:
                        bg_seed=int(rng.integers(2**31)))
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    return np.meshgrid(c, c, indexing="xy")
-
-
 def _smooth_step(d: np.ndarray, size: int) -> np.ndarray:
     """Anti-aliased coverage of ``d < 0`` (d in image fractions) at ``size`` pixels."""
     return np.clip(0.5 - d * size, 0.0, 1.0)
@@ -186,7 +181,7 @@ def _paint(canvas: np.ndarray, thing: Thing, gx: np.ndarray, gy: np.ndarray, siz
 
 def render(scene: DetailScene, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw a scene as float32 (H, W, 3) in [0, 1]."""
-    gx, gy = _grid(size)
+    gx, gy = pixel_grid(size)
     canvas = _background(scene, gx, gy, size)
     for thing in (scene.first, scene.second):
         canvas = _paint(canvas, thing, gx, gy, size)

@@ -165,7 +165,8 @@ def random_video_scene(rng: np.random.Generator) -> VideoScene:
     return VideoScene(scene=scene, motion=motion, to_color=to_color)
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centers as (x, y) fractions of the side, each (size, size)."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size
     return np.meshgrid(c, c, indexing="xy")
 
@@ -225,7 +226,7 @@ def _background(scene: Scene, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
 
 def render(scene: Scene, size: int = 64, rgb: tuple[float, float, float] | None = None) -> np.ndarray:
     """Draw a scene as float32 (H, W, 3) in [0, 1]; ``rgb`` overrides the object color."""
-    gx, gy = _grid(size)
+    gx, gy = pixel_grid(size)
     bg = _background(scene, gx, gy)
     sdf = shape_sdf(scene.shape, gx - scene.x, gy - scene.y, SIZES[scene.size], scene.angle)
     alpha = np.clip(0.5 - sdf * size, 0.0, 1.0)[..., None]

@@ -196,6 +196,7 @@ def train_vae(vae, kind: str, budget_s: float, max_steps: int | None, seed: int,
         if kind == "detail":  # random crops: the same local detail at a quarter of the cost
             top, left = (int(i) for i in torch.randint(0, DETAIL_SIZE - DETAIL_VAE_CROP + 1, (2,), generator=gen))
             x = x[..., top:top + DETAIL_VAE_CROP, left:left + DETAIL_VAE_CROP]
+        x = x.to(vae.device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * posterior.kl().mean() / posterior.mean[0].numel()
@@ -214,7 +215,7 @@ def train_vae(vae, kind: str, budget_s: float, max_steps: int | None, seed: int,
 def calibrate_latents(pipe, kind: str, seed: int) -> None:
     """Set the VAE's latent normalisation from data, as SD3/Wan do: unit variance for the transformer."""
     x, _ = _pixels(kind, 16 if kind == "video" else 64, seed + 777)
-    mu = pipe.vae.encode(x).latent_dist.mean
+    mu = pipe.vae.encode(x.to(pipe.vae.device)).latent_dist.mean
     if kind != "video":
         pipe.vae.register_to_config(shift_factor=float(mu.mean()), scaling_factor=float(1.0 / mu.std()))
     else:
@@ -235,8 +236,8 @@ def encode_batch(pipe, kind: str, x: torch.Tensor, captions: list[str], gen: tor
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
                                                   do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
         return z, {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(pipe.vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
     embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
     return (z - mean) / std, {"encoder_hidden_states": embeds}
 
@@ -290,9 +291,9 @@ def train_transformer(pipe, kind: str, budget_s: float, max_steps: int | None, s
                               DETAIL_SIZE // 2 if half_size else None)
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        x0, cond = encode_batch(pipe, kind, x, captions, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(batch, gen).view(-1, *([1] * (x0.dim() - 1)))
+        x0, cond = encode_batch(pipe, kind, x.to(model.device), captions, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # drawn on the CPU: the same on every device
+        sigma = sample_sigmas(batch, gen).to(x0.device).view(-1, *([1] * (x0.dim() - 1)))
         xt = (1 - sigma) * x0 + sigma * noise
         pred = model(hidden_states=xt, timestep=sigma.flatten() * 1000, return_dict=False, **cond)[0]
         loss = F.mse_loss(pred, noise - x0)
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="detail: share of the transformer's budget at half size (with --steps: a step count, "
                              "the run's dit_low_res_steps)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where to train (e.g. cuda); data is drawn on the CPU")
     parser.add_argument("--vae-from", type=Path, help="reuse the trained VAE of an earlier run's output folder; "
                                                       "--minutes is then the transformer's budget")
     args = parser.parse_args(argv)
@@ -343,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     kind, budget = args.model, args.minutes * 60
     pipe = {"image": build_image_pipeline, "detail": build_detail_pipeline, "video": build_video_pipeline}[kind](args.seed)
     pipe.set_progress_bar_config(disable=True)
-    log = {"model": kind, "seed": args.seed, "minutes": args.minutes, "threads": args.threads}
+    pipe.to(args.device)
+    log = {"model": kind, "seed": args.seed, "minutes": args.minutes, "threads": args.threads, "device": args.device}
     t0 = time.time()
     vae_steps, dit_steps = args.steps or (None, None)
     if args.vae_from:  # the VAE does not depend on the transformer: reuse one this script trained
@@ -361,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     train_transformer(pipe, kind, budget - (time.time() - t0), dit_steps, args.seed, log, args.low_res)
     log["total_seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
+    pipe.to("cpu")
+    if kind == "detail":  # stored in float16 to keep the assets small; from_pretrained loads it as float32
+        pipe.transformer.to(torch.float16)
     pipe.save_pretrained(args.out, safe_serialization=True)
     (args.out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))

@@ -152,10 +152,12 @@ class _Search:
     maximises (the expected speed, or in the speed mode the primary quality at `wanted_speedup`)."""
 
     def __init__(self, pipe: Any, batches: list[dict], seed: int, target: Target, budget: Budget,
-                 say: Callable[[str], None], wanted_speedup: float | None = None, scorers: _Scorers | None = None):
+                 say: Callable[[str], None], wanted_speedup: float | None = None, scorers: _Scorers | None = None,
+                 on_measured: Callable[[Candidate], None] | None = None):
         self.pipe, self.batches, self.seed, self.target, self.budget, self.say = pipe, batches, seed, target, budget, say
         self.wanted_speedup = wanted_speedup
         self.scorers = scorers or _Scorers(target, model_source(pipe)[0])
+        self.on_measured = on_measured or (lambda candidate: None)
         self.started = time.perf_counter()
         self.generations = 0
         self.dense: list[PlanRun] = []
@@ -299,6 +301,7 @@ class _Search:
                  f"{_qualities(candidate, self.target.metrics)}, {candidate.speedup:.2f}x measured, "
                  f"{self.predictor.speed(candidate):.2f}x expected, FLOPs {candidate.flops_ratio or 1:.3f}: "
                  f"{candidate.status_text}")
+        self.on_measured(candidate)
         return met
 
     def time_side_by_side(self, finalists: list[Candidate]) -> None:
@@ -336,15 +339,17 @@ def _kept_calibration(config: Any, scratch: Path, plan: Path) -> Any:
 def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, speedup: float | None = None,
          steps: int | None = None, budget: str | Budget | float | None = None, batch: int = DEFAULT_BATCH,
          seed: int = 0, held_out: list[str] | None = None, path: str | os.PathLike | None = None,
-         progress: Callable[[str], None] | None = None, **call: Any) -> TuneResult:
+         progress: Callable[[str], None] | None = None, on_measured: Callable[[Candidate], None] | None = None,
+         **call: Any) -> TuneResult:
     """The fastest plan whose quality vs dense on `prompts` meets every bound of `target` (default
     psnr=30), within `budget`; with `speedup`, the plan with the best quality by the target's first metric
     (default psnr) among those measured at >= `speedup` x dense, its other bounds kept as floors.
 
     `call` is the rest of the pipeline call (size, guidance, ...). With `path` the plan is written there
     as a plan file (DyDiT calibrations beside it); `held_out` prompts re-measure the winner on prompts
-    it was not tuned on. Everything is checked before anything runs: a target the model cannot be
-    measured on (`judge` beyond the reference models and their captions) is refused by name. See the
+    it was not tuned on; `on_measured` is handed every candidate measured on every batch, with its
+    status (a progress display's structured feed; `progress` gets the text). Everything is checked
+    before anything runs: a target the model cannot be measured on (`judge` beyond the reference models and their captions) is refused by name. See the
     module's docstring for the search.
     """
     target, budget = Target.for_search(target, speedup), Budget.parse(budget)
@@ -367,7 +372,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
                 for i in range(0, len(texts), batch)]
 
     batches = calls(list(prompts))
-    search = _Search(pipe, batches, seed, target, budget, say, speedup)
+    search = _Search(pipe, batches, seed, target, budget, say, speedup, on_measured=on_measured)
     scratch = Path(tempfile.mkdtemp(prefix="dit-accel-tune-"))  # calibrations; the winner's moves beside the plan
 
     say(f"dense on {len(batches)} batch(es) of up to {batch}, {steps} steps")

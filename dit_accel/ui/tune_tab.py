@@ -8,7 +8,6 @@ within `Limits`' budget, like its runs.
 from __future__ import annotations
 
 import inspect
-import re
 import tempfile
 import time
 from typing import Any, Callable
@@ -17,24 +16,20 @@ import gradio as gr
 
 from ..loading import UsageError, call_arguments
 from ..metrics.suites import SUITES
-from ..tuning import Budget, CandidateStatus, Target, TuneResult, tune
+from ..tuning import Budget, Candidate, CandidateStatus, Target, TuneResult, tune
 from .running import Cancelled, Limits, Models, checked, model_error
 
 PROMPT_BOX = "the prompt box below"
 #: captions a suite may give at most
 MAX_CAPTIONS = 64
-#: tune's line for a candidate measured on every batch: "[12 s, 30 runs] ras:sample_ratio=0.5: psnr 31.2,
-#: 1.31x measured, ...: meets the target"
-_CANDIDATE_LINE = re.compile(r"^\[\d+ s, \d+ runs\] (?P<label>.+?): (?P<quality>[^,]+),.*?(?P<speed>[0-9.]+)x "
-                             r"measured.*: (?P<status>[^:]+)$")
 
 
 class TuneProgress:
     """tune's messages and the step callback turned into the page's progress bar: the share of the budget
     spent, generations run, candidates measured on every batch, and the fastest that met the target."""
 
-    def __init__(self, progress: Callable, budget: Budget, check: Callable[[], None]):
-        self.progress, self.budget, self.check = progress, budget, check
+    def __init__(self, progress: Callable, budget: Budget, check: Callable[[], None], metric: str = "psnr"):
+        self.progress, self.budget, self.check, self.metric = progress, budget, check, metric
         self.started = time.perf_counter()
         self.generations, self.measured, self.last = 0, 0, ""
         self.best: tuple[float, str] | None = None
@@ -50,12 +45,15 @@ class TuneProgress:
     def say(self, message: str) -> None:
         self.check()
         self.last = message
-        line = _CANDIDATE_LINE.match(message)
-        if line:
-            self.measured += 1
-            speed = float(line["speed"])
-            if line["status"] == CandidateStatus.MEETS_TARGET.value and (self.best is None or speed > self.best[0]):
-                self.best = (speed, f"{line['label']} ({line['speed']}x, {line['quality']})")
+        self.show()
+
+    def measured_candidate(self, candidate: Candidate) -> None:
+        """tune's `on_measured`: one more candidate measured on every batch; the fastest that met the target."""
+        self.measured += 1
+        if candidate.status is CandidateStatus.MEETS_TARGET and (self.best is None or
+                                                                   candidate.speedup > self.best[0]):
+            quality = candidate.quality(self.metric)
+            self.best = (candidate.speedup, f"{candidate.label} ({candidate.speedup:.2f}x, {self.metric} {quality:.2f})")
         self.show()
 
     def on_step(self, pipeline, step: int, timestep, tensors: dict) -> dict:
@@ -139,7 +137,8 @@ def tune_tab(store: Models, limits: Limits, allowed: list[str], local: bool, set
             texts = tuning_prompts(source_value, count_value, prompts_text, seed_n)
             served(model_spec)
             with store.lock:
-                tracker = TuneProgress(progress, spending, lambda: store.check_cancel(session))
+                tracker = TuneProgress(progress, spending, lambda: store.check_cancel(session),
+                                       wanted.metric)
                 tracker.say(f"loading {model_spec}")
                 pipe, defaults = store.get(model_spec)
                 call = call_arguments(pipe, defaults, {
@@ -151,7 +150,8 @@ def tune_tab(store: Models, limits: Limits, allowed: list[str], local: bool, set
                     call["callback_on_step_end"] = tracker.on_step
                 path = tempfile.mkdtemp(prefix="dit-accel-tune-") + "/tuned_plan.json"
                 result = tune(pipe, texts, target=wanted, steps=steps_n, budget=spending, batch=int(batch_value),
-                              seed=seed_n, path=path, progress=tracker.say, **call)
+                              seed=seed_n, path=path, progress=tracker.say, on_measured=tracker.measured_candidate,
+                              **call)
         except Cancelled:
             return "tune cancelled: the model is as it was", gr.skip()
         except Exception as error:
