@@ -21,12 +21,12 @@ from ..loading import UsageError, read_prompts
 from ..machine import machine
 from ..metrics.judge import agreement
 from ..metrics.quality import PerceptualDistance, frames, psnr_frames, ssim_frames
+from ..metrics.suites import SUITES
 from ..tuning.target import model_source
 from .common import timed
 from .content import ContentScoring, clip_texts, content_scoring
 from .judging import Judging, caption_accuracy, judge_features, judge_readings, judging
 from .processes import ONE_PROCESS, Processes, merge_rows, partials
-from ..metrics.suites import SUITES
 from .prompts import DEFAULT_BATCH, SUITE_SETTING, call_parameters, suite_of, batch_calls, prompt_set
 from .report import equal_quality, markdown, notes, summarize, write_results
 from .rows import Row, build_rows, fewer_steps

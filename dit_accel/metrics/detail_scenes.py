@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .procedural import COLOR_NAMES, COLORS, SHAPES, pixel_grid, shape_sdf
+from .procedural import COLOR_NAMES, COLORS, SHAPES, drawn_images, labels_of, pixel_grid, shape_sdf
 
 IMAGE_SIZE = 128
 TEXTURES = ("plain", "striped", "dotted", "checked", "outlined")
@@ -190,15 +190,12 @@ def render(scene: DetailScene, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def image_batch(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[DetailScene]]:
     """``n`` images as (n, 3, H, W) floats in [0, 1] and their scenes (captions, labels)."""
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
-    images = torch.from_numpy(np.stack([render(s, size) for s in scenes])).permute(0, 3, 1, 2).contiguous()
-    return images, scenes
+    return drawn_images(random_scene, render, n, seed, size)
 
 
 def scene_labels(scenes: list[DetailScene]) -> dict[str, torch.Tensor]:
     """Integer class labels per attribute of :data:`ATTRIBUTES`."""
-    return {k: torch.tensor([s.labels()[k] for s in scenes]) for k in ATTRIBUTES}
+    return labels_of(scenes, ATTRIBUTES)
 
 
 def vocabulary() -> list[str]:

@@ -11,6 +11,7 @@ deterministic under a seed: ``image_batch(n, seed)`` always returns the same sam
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -243,17 +244,28 @@ def render_video(video: VideoScene, num_frames: int = 13, size: int = 64) -> np.
     return np.stack(frames)
 
 
+def drawn_images(draw: Callable, paint: Callable, n: int, seed: int, size: int) -> tuple[torch.Tensor, list]:
+    """``n`` scenes drawn by ``draw(rng)`` and painted by ``paint(scene, size)``: (n, 3, H, W) floats in [0, 1]
+    and the scenes. Shared by every scene family."""
+    rng = np.random.default_rng(seed)
+    scenes = [draw(rng) for _ in range(n)]
+    images = torch.from_numpy(np.stack([paint(s, size) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return images, scenes
+
+
+def labels_of(scenes: list, attributes: dict) -> dict[str, torch.Tensor]:
+    """Integer class labels of scenes (their ``labels()``) per attribute."""
+    return {k: torch.tensor([s.labels()[k] for s in scenes]) for k in attributes}
+
+
 def image_batch(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, list[Scene]]:
     """``n`` images as (n, 3, H, W) floats in [0, 1] and their scenes (captions, labels)."""
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
-    images = torch.from_numpy(np.stack([render(s, size) for s in scenes])).permute(0, 3, 1, 2).contiguous()
-    return images, scenes
+    return drawn_images(random_scene, render, n, seed, size)
 
 
 def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     """Integer class labels per attribute of :data:`ATTRIBUTES`."""
-    return {k: torch.tensor([s.labels()[k] for s in scenes]) for k in ATTRIBUTES}
+    return labels_of(scenes, ATTRIBUTES)
 
 
 def video_batch(n: int, seed: int, num_frames: int = 13, size: int = 64) -> tuple[torch.Tensor, list[VideoScene]]:

@@ -108,45 +108,38 @@ def _t5(seed: int, vocab_size: int, umt5: bool) -> T5EncoderModel | UMT5EncoderM
     return model.eval()
 
 
-def build_image_pipeline(seed: int) -> StableDiffusion3Pipeline:
-    """Untrained SD3 pipeline: 64x64 images, 4x32x32 latents, 256 image tokens + 32 text tokens."""
-    tok = build_tokenizer()
-    n = len(tok)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE,
-                        scaling_factor=1.0, shift_factor=0.0)
-    transformer = SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4,
-                                        num_layers=6, attention_head_dim=32, num_attention_heads=4,
-                                        joint_attention_dim=128, caption_projection_dim=128,
-                                        pooled_projection_dim=128, pos_embed_max_size=32, qk_norm="rms_norm")
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), vae=vae,
-        text_encoder=_clip(seed + 1, n), tokenizer=tok, text_encoder_2=_clip(seed + 2, n),
-        tokenizer_2=build_tokenizer(), text_encoder_3=_t5(seed + 3, n, umt5=False), tokenizer_3=build_tokenizer())
-
-
-def build_detail_pipeline(seed: int) -> StableDiffusion3Pipeline:
-    """Untrained SD3 pipeline for the detail scenes: 128x128 images, 8x64x64 latents, 1,024 image tokens + 32
-    text tokens; a transformer of 6 joint blocks, 6 heads x 32 (hidden 192)."""
-    words = detail_scenes.vocabulary()
+def _sd3_pipeline(seed: int, words: list[str], image_size: int, latent_channels: int,
+                  heads: int) -> StableDiffusion3Pipeline:
+    """Untrained SD3 pipeline: a 2x VAE, a transformer of 6 joint blocks of ``heads`` x 32 with patch 2
+    (image_size / 4 squared image tokens), and three seeded text encoders over ``words``."""
     tok = build_tokenizer(words)
     n = len(tok)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=8, norm_num_groups=8, sample_size=DETAIL_SIZE,
+                        latent_channels=latent_channels, norm_num_groups=8, sample_size=image_size,
                         scaling_factor=1.0, shift_factor=0.0)
-    transformer = SD3Transformer2DModel(sample_size=DETAIL_SIZE // 2, patch_size=2, in_channels=8, out_channels=8,
-                                        num_layers=6, attention_head_dim=32, num_attention_heads=6,
-                                        joint_attention_dim=128, caption_projection_dim=192,
-                                        pooled_projection_dim=128, pos_embed_max_size=32, qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(sample_size=image_size // 2, patch_size=2, in_channels=latent_channels,
+                                        out_channels=latent_channels, num_layers=6, attention_head_dim=32,
+                                        num_attention_heads=heads, joint_attention_dim=128,
+                                        caption_projection_dim=32 * heads, pooled_projection_dim=128,
+                                        pos_embed_max_size=32, qk_norm="rms_norm")
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), vae=vae,
         text_encoder=_clip(seed + 1, n), tokenizer=tok, text_encoder_2=_clip(seed + 2, n),
         tokenizer_2=build_tokenizer(words), text_encoder_3=_t5(seed + 3, n, umt5=False),
         tokenizer_3=build_tokenizer(words))
+
+
+def build_image_pipeline(seed: int) -> StableDiffusion3Pipeline:
+    """Untrained SD3 pipeline: 64x64 images, 4x32x32 latents, 256 image tokens + 32 text tokens, hidden 128."""
+    return _sd3_pipeline(seed, procedural.vocabulary(), IMAGE_SIZE, latent_channels=4, heads=4)
+
+
+def build_detail_pipeline(seed: int) -> StableDiffusion3Pipeline:
+    """Untrained SD3 pipeline for the detail scenes: 128x128 images, 8x64x64 latents, 1,024 image tokens + 32
+    text tokens, hidden 192."""
+    return _sd3_pipeline(seed, detail_scenes.vocabulary(), DETAIL_SIZE, latent_channels=8, heads=6)
 
 
 def build_video_pipeline(seed: int) -> WanPipeline:
@@ -331,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-share", type=float, help="fraction of the budget for the VAE (0.15 image, 0.2 video)")
     parser.add_argument("--steps", type=int, nargs=2, metavar=("VAE", "DIT"), help="fixed step counts instead")
+    parser.add_argument("--transformer-from", type=Path,
+                        help="start the transformer from an earlier run's output folder (e.g. the shipped model) "
+                             "instead of random weights: a longer training in several sittings; use with --vae-from")
     parser.add_argument("--low-res", type=float, default=0.3,
                         help="detail: share of the transformer's budget at half size (with --steps: a step count, "
                              "the run's dit_low_res_steps)")
@@ -361,6 +357,10 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(pipe.vae, kind, budget * vae_share, vae_steps, args.seed, log)
         calibrate_latents(pipe, kind, args.seed)
     pipe.vae.requires_grad_(False)
+    if args.transformer_from:
+        trained = type(pipe.transformer).from_pretrained(args.transformer_from / "transformer")
+        pipe.transformer.load_state_dict(trained.state_dict())  # strict; float16 weights load as float32
+        log["transformer_from"] = str(args.transformer_from)
     train_transformer(pipe, kind, budget - (time.time() - t0), dit_steps, args.seed, log, args.low_res)
     log["total_seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
