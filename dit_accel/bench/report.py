@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..metrics.judge import frechet_distance
+from ..metrics.judge import VIDEO_ATTRIBUTES, frechet_distance
 from ..metrics.quality import PerceptualDistance, mean_db
 from ..outputs import json_fields
 from ..plan_spec import steps_run
@@ -271,9 +271,9 @@ def notes(rows: list[Row], memory_kind: str, judged: Judging | None, perceptual:
     said += peer_notes
     if judged is not None:
         kind = "frames" if judged.video else "images"
-        said.append("judge agreement: the share of the offline judge's attribute readings (shape, color, size, "
-                    + ("background, motion" if judged.video else "position, background") + ") of a row's samples "
-                    "that equal its readings of dense's samples of the same seeds")
+        read = ", ".join(VIDEO_ATTRIBUTES if judged.video else judged.judge.attributes).replace("_", " ")
+        said.append(f"judge agreement: the share of the offline judge's attribute readings ({read}) of a row's "
+                    "samples that equal its readings of dense's samples of the same seeds")
         said.append(f"caption accuracy: the offline judge's whole-caption accuracy; reference FID: judge features "
                     f"against {len(judged.real_features)} real procedural {kind}, the offline stand-in for Inception "
                     f"FID (few samples: compare rows, not absolute values); the real {kind} of the captions score "
