@@ -190,4 +190,4 @@ def test_a_new_technique_reaches_tuning_and_the_ui_through_its_registration_alon
     assert rows and all(row["toy_level"] == 0.25 and "toy_by_block" not in row for row in rows)
     drawn = pictures(report, torch.rand(1, 3, 32, 32))
     assert [caption for _, caption in drawn] == [
-        "toy fraction per call (rows, in order) and block (columns): white = dense"]
+        "toy fraction per step (rows, alike steps merged) and block (columns); 1 = dense"]

@@ -88,7 +88,7 @@ def test_the_detail_suite_is_benched_and_judged_by_its_own_judge(tmp_path):
 def test_tune_runs_on_the_detail_model_with_its_judge(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["tune", "--model", "reference:detail", "--count", "2", "--batch", "2", "--steps", "3",
-                 "--target", "psnr=10,judge=0.5", "--budget", "8gen", "--threads", "2", "--out", str(plan),
+                 "--target", "psnr=10,judge=0.5", "--budget", "20gen", "--threads", "2", "--out", str(plan),
                  "--quiet"]) == 0
     search = json.loads(plan.with_name("plan.search.json").read_text())
     tried = [c for c in search["candidates"] if c.get("judge") is not None]

@@ -260,15 +260,15 @@ def test_targets_are_refused_before_any_generation(pipe, monkeypatch, tmp_path, 
     monkeypatch.setattr("dit_accel.tuning.search.timed_run", no_generation)
     for kwargs, message in ((dict(target="ssim"), r"ssim needs a value \(ssim=...\)"),
                             (dict(speedup=1.0), "ask for more than 1"),
-                            (dict(target="psnr=30,judge=0.95"), "judge cannot be evaluated here: the judge reads only "
-                             "the procedural scenes the reference model reference:image draws")):
+                            (dict(target="psnr=30,judge=0.95"), r"judge cannot be evaluated here: the judges read only "
+                             r"the procedural scenes the reference models \(reference:image, reference:detail\) draw")):
         with pytest.raises(ConfigError, match=message):
             dit_accel.tune(pipe, PROMPTS, steps=STEPS, **kwargs, **_call())
     captions = ["a small red circle on the left, blue plain background"]
     assert judge_refusal("reference:image", captions, video=False) is None
     assert "'a cat' is not one" in judge_refusal("reference:image", ["a cat"], video=False)
     assert "reference:video" in judge_refusal("reference:image", captions, video=True)
-    assert "'stabilityai/stable-diffusion-3.5-medium' is not it" in judge_refusal(
+    assert "'stabilityai/stable-diffusion-3.5-medium' is not one" in judge_refusal(
         "stabilityai/stable-diffusion-3.5-medium", captions, video=False)
     # the command refuses it before the model loads
     monkeypatch.setattr("dit_accel.testing.tiny_pipeline", no_generation)
