@@ -103,8 +103,8 @@ def chance_levels(scenes: str = "shapes") -> dict[str, float]:
 
 def caption_accuracy(judge: Judge, images: torch.Tensor, scenes: list) -> dict[str, float]:
     """Fraction of images whose judged attributes match their scene, per attribute and all at once."""
-    pred = predict(judge, images)
-    hits = {k: pred[k] == torch.tensor([s.labels()[k] for s in scenes]) for k in judge.attributes}
+    pred, labels = predict(judge, images), procedural.labels_of(scenes, judge.attributes)
+    hits = {k: pred[k] == labels[k] for k in judge.attributes}
     acc = {k: v.float().mean().item() for k, v in hits.items()}
     acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
     return acc

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import detail_scenes, procedural
-from .judge import JUDGE_DIRS, Judge, load_judge
+from .judge import JUDGE_DIRS, SCENES, Judge, load_judge
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class CaptionSuite:
         their scenes (``.caption``, ``.labels()``), deterministic under ``seed``."""
         if self.video:
             return procedural.video_batch(n, seed)
-        return (detail_scenes if self.scenes == "detail" else procedural).image_batch(n, seed)
+        return SCENES[self.scenes].image_batch(n, seed)
 
     def captions(self, n: int, seed: int) -> list[str]:
         return [scene.caption for scene in self.draw(n, seed)[1]]

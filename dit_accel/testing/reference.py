@@ -34,12 +34,15 @@ REFERENCE_DETAIL_DIR = ASSETS_DIR / "reference_detail"
 REFERENCE_DIRS = {"image": REFERENCE_IMAGE_DIR, "detail": REFERENCE_DETAIL_DIR, "video": REFERENCE_VIDEO_DIR}
 
 _DEFAULTS = {
-    "image": dict(prompt="a large red circle on the left, blue plain background", num_inference_steps=20,
-                  guidance_scale=4.0, height=64, width=64, max_sequence_length=16),
+    "image": dict(prompt="a large red circle on the left, blue plain background",
+                  num_inference_steps=SUITES["image"].steps, guidance_scale=4.0, height=64, width=64,
+                  max_sequence_length=16),
     "detail": dict(prompt="a red striped circle left of a blue dotted square, green grid background",
-                   num_inference_steps=28, guidance_scale=4.0, height=128, width=128, max_sequence_length=16),
-    "video": dict(prompt="a large yellow square moving right, blue plain background", num_inference_steps=20,
-                  guidance_scale=4.0, height=64, width=64, num_frames=13, max_sequence_length=16),
+                   num_inference_steps=SUITES["detail"].steps, guidance_scale=4.0, height=128, width=128,
+                   max_sequence_length=16),
+    "video": dict(prompt="a large yellow square moving right, blue plain background",
+                  num_inference_steps=SUITES["video"].steps, guidance_scale=4.0, height=64, width=64, num_frames=13,
+                  max_sequence_length=16),
 }
 
 

@@ -349,7 +349,8 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
     as a plan file (DyDiT calibrations beside it); `held_out` prompts re-measure the winner on prompts
     it was not tuned on; `on_measured` is handed every candidate measured on every batch, with its
     status (a progress display's structured feed; `progress` gets the text). Everything is checked
-    before anything runs: a target the model cannot be measured on (`judge` beyond the reference models and their captions) is refused by name. See the
+    before anything runs: a target the model cannot be measured on (`judge` beyond the reference models
+    and their captions) is refused by name. See the
     module's docstring for the search.
     """
     target, budget = Target.for_search(target, speedup), Budget.parse(budget)
