@@ -17,6 +17,7 @@ from .call_state import CallState
 from .estimate import CallShapes
 from .session_view import SessionView
 from .stats import Stat, StatKind
+from .training import Trainable, TrainingSettings
 
 
 class Technique:
@@ -28,6 +29,8 @@ class Technique:
     kv_source_optional: bool = False
     #: the keys `call_stats` returns, and how the tools show each (`runtime/stats.py`)
     stats: tuple[Stat, ...] = ()
+    #: what `dit_accel.finetune` trains of it, in words (None: nothing; `start_training`)
+    trains: str | None = None
 
     @property
     def picture_stats(self) -> frozenset[str]:
@@ -111,6 +114,10 @@ class Technique:
     def smaller_forms(self) -> list[str]:
         """Config changes that shrink what `estimate_bytes` counts (for the message when a plan will not fit)."""
         return []
+
+    def start_training(self, settings: TrainingSettings) -> Trainable:
+        """Fine-tuning (`trains` is set): make the trainable part and run the calls through it from now on."""
+        raise NotImplementedError
 
     def call_stats(self, call_state: CallState) -> dict[str, Any]:
         """Per-call numbers for `report()` (e.g. tokens computed), under the keys `stats` declares."""

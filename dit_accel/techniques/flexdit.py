@@ -31,22 +31,29 @@ the tokens in their own order, which stages 5 and 6 can place.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from ..attention import pooling
 from ..attention.intercept import mask_bias, per_key, resize_key_mask
 from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import TokenGrid
+from ..models.identity import model_identity
 from ..runtime.call_state import CallState, TokenSelection
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
+from ..runtime.training import Trainable, TrainingSettings
+from .lora import LoraAdapters, adapter_targets, load_adapters, save_adapters
 
 
 #: a `sparse_blocks` range over every block of any model (the last is clamped to the model's last block)
@@ -85,6 +92,8 @@ class FlexDiTConfig(AccelerationConfig):
         low_open=True)
     dense_fraction: float = param(0.25, "last fraction of the steps that runs dense under a (start, end) schedule",
                                   low=0.0, high=1.0)
+    adapters: str | None = param(None, "safetensors file of LoRA adapters fine-tuned for this config on this model "
+                                       "(dit_accel.finetune / `dit-accel finetune`); None: training-free")
 
     name = "flexdit"
     #: measured on the reference image model (64 captions, CFG 4, 20 steps; see the class doc)
@@ -112,6 +121,13 @@ class FlexDiTConfig(AccelerationConfig):
                 raise ConfigError(f"FlexDiTConfig.schedule densities must lie in [1/{size}, 1] (one group per "
                                   f"{'x'.join(map(str, self.window))} pooling window at the least), got "
                                   f"{min(self.schedule)!r}")
+        if self.adapters is not None and not Path(self.adapters).is_file():
+            raise ConfigError(f"FlexDiTConfig.adapters: no such file {self.adapters!r}; make one with "
+                              "dit_accel.finetune(pipe, FlexDiTConfig(...), ...) or `dit-accel finetune`")
+
+    def pooling(self) -> dict:
+        """The fields adapters are trained for: every one but `adapters` (JSON's types)."""
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name != "adapters"}))
 
     def stages(self) -> frozenset[Stage]:
         stages = set()
@@ -202,6 +218,7 @@ class FlexDiT(Technique):
     stats = (Stat("pooled_kv_blocks", StatKind.VALUE), Stat("kv_pool_size", StatKind.DETAIL),
              Stat("flexdit_density", StatKind.VALUE), Stat("flexdit_tokens_by_block", StatKind.BY_BLOCK),
              Stat("flexdit_density_by_block", StatKind.BLOCK_FRACTION, "FlexDiT token density"))
+    trains = "LoRA adapters (peft) on its pooled blocks and the blocks next to them"
 
     def __init__(self, config: FlexDiTConfig, session):
         super().__init__(config, session)
@@ -212,6 +229,14 @@ class FlexDiT(Technique):
         #: block -> (groups, tokens present) of the blocks that ran pooled this call
         self._pooled: dict[int, tuple[int, int]] = {}
         self._warned = False
+        #: the LoRA adapters on the model while applied (from `config.adapters`, or being trained)
+        self._adapters: LoraAdapters | None = None
+
+    def check_plan(self) -> None:
+        width = self.session.by_stage.get(Stage.WIDTH)
+        if self.config.adapters is not None and width is not None:
+            raise ConfigError(f"FlexDiTConfig.adapters put LoRA layers on linears that {width.label} slices: apply "
+                              "them without it")
 
     def attach(self) -> None:
         blocks = len(self.adapter.blocks())
@@ -223,12 +248,53 @@ class FlexDiT(Technique):
         if Stage.TOKEN_TRANSFORM in self.stages and kv_source is not None and kv_source is not self:
             raise ConfigError(f"FlexDiTConfig.sparse_blocks cannot be combined with {kv_source.label}'s K/V source "
                               "(stage 5): the keys of a pooled block change length with the density")
+        if self.config.adapters is not None:
+            self._load_adapters(self.config.adapters)
+
+    def _load_adapters(self, path: str) -> None:
+        state, metadata = load_adapters(path, self.session.transformer, "FlexDiTConfig.adapters")
+        trained_for, now = metadata["trained_for"], self.config.pooling()
+        if trained_for != now:
+            changed = ", ".join(f"{k}={trained_for.get(k)!r} (now {now.get(k)!r})" for k in sorted(now)
+                                if trained_for.get(k) != now.get(k))
+            raise ConfigError(f"FlexDiTConfig.adapters {path!r} were trained for another pooling: {changed}")
+        self._adapters = LoraAdapters(self.session.transformer, adapter_targets(state), metadata["rank"])
+        self._adapters.inject()
+        self._adapters.load(state)
+        for parameter in self._adapters.parameters:
+            parameter.requires_grad_(False)
+
+    def detach(self) -> None:
+        if self._adapters is not None:
+            self._adapters.unload()
+            self._adapters = None
+
+    def start_training(self, settings: TrainingSettings) -> Trainable:
+        """LoRA adapters of `settings.lora_rank` on every linear of the pooled blocks (those with pooled
+        K/V too) and of the blocks next to them, trained from zero (B = 0: the plan as it was)."""
+        if self._adapters is not None:
+            raise ConfigError("FlexDiTConfig.adapters are loaded already: fine-tune a config without them")
+        blocks = self.adapter.blocks()
+        pooled = set(self.transformed_blocks()) if self.config.sparse_blocks is not None else set()
+        pooled |= set(range(min(self.config.pooled_kv_blocks, len(blocks))))
+        chosen = sorted({b + d for b in pooled for d in (-1, 0, 1)} & set(range(len(blocks))))
+        names = {module: name for name, module in self.session.transformer.named_modules()}
+        targets = [names[module] for b in chosen for module in blocks[b].modules() if type(module) is nn.Linear]
+        identity = model_identity(self.session.transformer)
+        self._adapters = LoraAdapters(self.session.transformer, targets, settings.lora_rank)
+        self._adapters.inject()
+        return _AdapterTraining(self, identity)
 
     def transformed_blocks(self) -> frozenset[int]:
         first, last = self.config.sparse_blocks
         return frozenset(range(first, min(last, len(self.adapter.blocks()) - 1) + 1))
 
     def begin_call(self, call_state: CallState) -> None:
+        if self._adapters is not None:  # every token through every adapted linear: an upper bound
+            call = call_state.ctx.call
+            tokens = call.grid.num_tokens + call.text_tokens
+            call_state.record_overhead("flexdit LoRA adapters", self._adapters.flops_per_token() * call.batch_size * tokens,
+                                       tokens)
         self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
         self._density = self.config.density_at(call_state.ctx.step_index, call_state.ctx.num_steps)
         self._pooled = {}
@@ -324,3 +390,20 @@ class FlexDiT(Technique):
             stats["flexdit_density_by_block"] = {b: m / n for b, (m, n) in
                                                  ((b, self._pooled.get(b, (1, 1))) for b in range(blocks))}
         return stats
+
+
+class _AdapterTraining(Trainable):
+    """FlexDiT's LoRA adapters while `dit_accel.finetune` trains them."""
+
+    def __init__(self, technique: FlexDiT, identity: dict[str, str]):
+        self.technique, self.identity = technique, identity
+        self.adapters = technique._adapters
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.adapters.parameters
+
+    def save(self, directory: Path, details: dict[str, Any]) -> FlexDiTConfig:
+        path = (directory / "flexdit_adapters.safetensors").resolve()
+        config = self.technique.config
+        save_adapters(path, self.adapters, self.identity, config.pooling(), details)
+        return dataclasses.replace(config, adapters=str(path))

@@ -1,0 +1,139 @@
+"""LoRA adapters (peft) on chosen linears of a transformer, as a technique fine-tunes and loads them.
+
+`LoraAdapters.inject` puts peft's LoRA layers on the named `nn.Linear`s (under one adapter name of
+dit-accel's own); `unload` puts every original linear back and restores the `requires_grad` flags and
+attributes peft changed, so the model is as it was, bit for bit. The file (`save_adapters` /
+`load_adapters`) is safetensors: the adapters' weights, with the transformer's identity
+(`models/identity.py`: refused for another checkpoint), the rank, and the config they were trained for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..models.identity import identity_mismatch
+
+#: safetensors metadata "format" of an adapters file
+ADAPTERS_FORMAT = "dit-accel lora adapters 1"
+#: peft's adapter name for dit-accel's adapters
+ADAPTER_NAME = "dit_accel"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as error:
+        raise ConfigError("LoRA adapters need peft: pip install 'dit-accel[finetune]'") from error
+    return peft
+
+
+class LoraAdapters:
+    """LoRA layers on `targets` (qualified names of `nn.Linear`s in `transformer`)."""
+
+    def __init__(self, transformer: nn.Module, targets: list[str], rank: int):
+        self.transformer, self.targets, self.rank = transformer, sorted(targets), rank
+        self._requires_grad: dict[str, bool] = {}
+        self._had_config = False
+        #: the adapters' parameters, once injected
+        self.parameters: list[nn.Parameter] = []
+
+    def inject(self) -> None:
+        """Wrap every target in a LoRA layer (B = 0: the model's output is unchanged)."""
+        peft = _peft()
+        for name in self.targets:
+            module = self.transformer.get_submodule(name)
+            if type(module) is not nn.Linear:
+                raise ConfigError(f"LoRA adapters go on nn.Linear layers; {name} is a {type(module).__name__} (a LoRA "
+                                  "loaded already? fuse it first: pipe.fuse_lora())")
+        self._requires_grad = {name: p.requires_grad for name, p in self.transformer.named_parameters()}
+        self._had_config = "peft_config" in vars(self.transformer)
+        config = peft.LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets)
+        peft.inject_adapter_in_model(config, self.transformer, adapter_name=ADAPTER_NAME)
+        self.parameters = [p for name, p in self.transformer.named_parameters() if f".{ADAPTER_NAME}." in name]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The adapters' weights: "<target>.lora_A" / "<target>.lora_B"."""
+        state = {}
+        for name in self.targets:
+            layer = self.transformer.get_submodule(name)
+            state[f"{name}.lora_A"] = layer.lora_A[ADAPTER_NAME].weight.detach()
+            state[f"{name}.lora_B"] = layer.lora_B[ADAPTER_NAME].weight.detach()
+        return state
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in self.targets:
+                layer = self.transformer.get_submodule(name)
+                for part in ("lora_A", "lora_B"):
+                    weight = getattr(layer, part)[ADAPTER_NAME].weight
+                    weight.copy_(state[f"{name}.{part}"].to(weight.device, weight.dtype))
+
+    def unload(self) -> None:
+        """Every target back to its own linear, flags and attributes as before `inject`."""
+        for name in self.targets:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
+            layer = getattr(parent, attribute)
+            base = getattr(layer, "base_layer", None)
+            if base is not None:
+                setattr(parent, attribute, base)
+        if not self._had_config:
+            vars(self.transformer).pop("peft_config", None)
+        else:
+            self.transformer.peft_config.pop(ADAPTER_NAME, None)
+        for name, parameter in self.transformer.named_parameters():
+            if name in self._requires_grad:
+                parameter.requires_grad_(self._requires_grad[name])
+        self.parameters = []
+
+    def flops_per_token(self) -> float:
+        """Multiply-adds the adapters add per token through every target (A: in -> r, B: r -> out) times 2."""
+        total = 0
+        for name in self.targets:
+            base = self.transformer.get_submodule(name)
+            base = getattr(base, "base_layer", base)
+            total += self.rank * (base.in_features + base.out_features)
+        return 2.0 * total
+
+
+def save_adapters(path: str | Path, adapters: LoraAdapters, identity: dict[str, str], trained_for: dict[str, Any],
+                  details: dict[str, Any]) -> None:
+    """Write `adapters` with the transformer's `identity` (taken before the LoRA layers went on) and the
+    config fields they were `trained_for`."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": ADAPTERS_FORMAT, **identity, "rank": str(adapters.rank),
+                "trained_for": json.dumps(trained_for, sort_keys=True), "details": json.dumps(details)}
+    save_file({k: v.float().contiguous().cpu() for k, v in adapters.state().items()}, str(path), metadata=metadata)
+
+
+def load_adapters(path: str | Path, transformer: nn.Module, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, metadata) of an adapters file, refused with a `ConfigError` for another model (`what`
+    names the config field, for the messages)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            state = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not one
+        raise ConfigError(f"{what} {str(path)!r} is not a safetensors file: {error}") from error
+    if metadata.get("format") != ADAPTERS_FORMAT:
+        raise ConfigError(f"{what} {str(path)!r} is not a dit-accel adapters file")
+    mismatch = identity_mismatch(metadata, transformer)
+    if mismatch is not None:
+        raise ConfigError(f"{what} {str(path)!r} does not fit this transformer: {mismatch}")
+    metadata["trained_for"] = json.loads(metadata["trained_for"])
+    metadata["rank"] = int(metadata["rank"])
+    return state, metadata
+
+
+def adapter_targets(state: dict[str, torch.Tensor]) -> list[str]:
+    """The linears a file's weights go on."""
+    return sorted({key.rsplit(".", 1)[0] for key in state})
