@@ -1,5 +1,6 @@
 """The `dit-accel` command: `generate` (the dense pipeline and each plan on one seed, side by side),
-`calibrate` (DyDiT's head scores), `tune` (the fastest plan for a quality target), `plans` (every plan
+`calibrate` (DyDiT's head scores), `tune` (the fastest plan for a quality target), `finetune` (a plan's
+LoRA adapters or routers by self-distillation, `finetune/command.py`), `plans` (every plan
 member and its fields), `gpu-check` (every technique on this device at real shapes, `gpu_check.py`);
 `bench` and `ui` parse their own options (`dit_accel.bench`, `dit_accel.ui`).
 
@@ -25,6 +26,7 @@ from .comparison import PlanRun, compare
 from .cli_options import (DEFAULT_PLANS, TUNING_SEED, add_call_options, add_model_options, at_least, call_kwargs,
                           load_pipeline, plan_spec_arg, status_printer)
 from .config import ConfigError
+from .finetune.command import add_finetune_options, finetune_command
 from .gpu_check import PARTS, run_check, write
 from .api import estimate
 from .loading import UsageError, call_arguments, default_model, meta_transformer, read_prompts
@@ -126,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, default=Path("outputs/tuned_plan.json"),
                       help="the plan file to write (.json or .yaml; the search's candidates beside it in "
                       "<name>.search.json) (default: %(default)s)")
+    tuned = commands.add_parser(
+        "finetune", help="fine-tune a plan by self-distillation from the dense model (FlexDiT's LoRA adapters, DyDiT's "
+        "routers); write the trained file and a plan file",
+        description="Run the dense pipeline on the prompts, then train what the plan can learn (FlexDiT: LoRA "
+                    "adapters on its pooled blocks; DyDiT: timestep-wise width routers and token routers) to give the "
+                    "dense outputs at the same inputs; --out gets the trained file with the model's identity, "
+                    "plan.json for --plan, and a checkpoint a run started again resumes from. Several processes: "
+                    "accelerate launch -m dit_accel.finetune (same options).")
+    add_finetune_options(tuned)
     commands.add_parser("bench", add_help=False,
                         help="benchmark plans and peers against dense over batches of prompts: time, FLOPs, memory, "
                         "quality; JSON, CSV, markdown and a speedup-PSNR plot (dit-accel bench --help)")
@@ -191,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "gpu-check":
             return gpu_check_command(args)
-        {"calibrate": calibrate_command, "tune": tune_command, "generate": generate_command}[args.command](args)
+        {"calibrate": calibrate_command, "tune": tune_command, "generate": generate_command,
+         "finetune": finetune_command}[args.command](args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
         parser.exit(2, f"dit-accel: error: {error}\n")
     return 0

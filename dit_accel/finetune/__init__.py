@@ -93,7 +93,7 @@ def _targets(pipe: Any, prompts: list[str], call_kwargs: dict, batch_size: int, 
 
 
 def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, minutes: float | None = None,
-             steps: int | None = None, batch_size: int = 8, learning_rate: float = 1e-3, lora_rank: int = 16,
+             steps: int | None = None, batch_size: int = 8, learning_rate: float = 1e-3, lora_rank: int = 8,
              flops_weight: float = 1.0, checkpoint_every: int = 50, seed: int = 0, progress: bool = True,
              accelerator: Any = None, **call_kwargs: Any) -> Any:
     """Fine-tune what `plan` (a config or a list of them) can learn on `pipe` by self-distillation on
@@ -124,6 +124,12 @@ def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, m
     trained: dict[int, Any] = {}
     flags = {}
     handle = apply(transformer, *configs)
+    # every process starts the trainables (LoRA's A, the routers) from the same draw, and each step
+    # seeds its own noise (`Distillation.train_step`); the caller's random state is left as it was
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=devices)
+    rng.__enter__()
+    torch.manual_seed(seed)
     try:
         techniques = [t for t in handle.techniques if any(t.config is m for m in members)]
         trainables = [t.start_training(settings) for t in techniques]
@@ -147,6 +153,7 @@ def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, m
         for trainable in trainables:
             trainable.stop()
     finally:
+        rng.__exit__(None, None, None)
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
         handle.remove()

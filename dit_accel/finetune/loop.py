@@ -104,6 +104,7 @@ class Distillation:
         """One optimiser step; the loss over every process's samples."""
         accelerator, settings = self.accelerator, self.settings
         target, rows = _draw(self.targets, self.step, settings.batch_size, settings.seed)
+        torch.manual_seed(settings.seed * 1_000_003 + self.step)  # the same noise in every process
         mine = rows[accelerator.process_index::accelerator.num_processes]
         loss = torch.zeros((), device=accelerator.device)
         if len(mine):

@@ -22,7 +22,7 @@ class TrainingSettings:
     """What a fine-tune asks of every technique it trains."""
 
     #: rank of LoRA adapters (FlexDiT)
-    lora_rank: int = 16
+    lora_rank: int = 8
     #: the FLOPs-ratio constraint's weight in the loss (DyDiT's routers)
     flops_weight: float = 1.0
 

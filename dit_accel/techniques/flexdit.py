@@ -231,6 +231,8 @@ class FlexDiT(Technique):
         self._warned = False
         #: the LoRA adapters on the model while applied (from `config.adapters`, or being trained)
         self._adapters: LoraAdapters | None = None
+        #: adapted block -> the adapters' FLOPs per token through it
+        self._adapter_flops: dict[int, float] = {}
 
     def check_plan(self) -> None:
         width = self.session.by_stage.get(Stage.WIDTH)
@@ -258,8 +260,7 @@ class FlexDiT(Technique):
             changed = ", ".join(f"{k}={trained_for.get(k)!r} (now {now.get(k)!r})" for k in sorted(now)
                                 if trained_for.get(k) != now.get(k))
             raise ConfigError(f"FlexDiTConfig.adapters {path!r} were trained for another pooling: {changed}")
-        self._adapters = LoraAdapters(self.session.transformer, adapter_targets(state), metadata["rank"])
-        self._adapters.inject()
+        self._put_adapters(LoraAdapters(self.session.transformer, adapter_targets(state), metadata["rank"]))
         self._adapters.load(state)
         for parameter in self._adapters.parameters:
             parameter.requires_grad_(False)
@@ -267,7 +268,7 @@ class FlexDiT(Technique):
     def detach(self) -> None:
         if self._adapters is not None:
             self._adapters.unload()
-            self._adapters = None
+            self._adapters, self._adapter_flops = None, {}
 
     def start_training(self, settings: TrainingSettings) -> Trainable:
         """LoRA adapters of `settings.lora_rank` on every linear of the pooled blocks (those with pooled
@@ -281,20 +282,24 @@ class FlexDiT(Technique):
         names = {module: name for name, module in self.session.transformer.named_modules()}
         targets = [names[module] for b in chosen for module in blocks[b].modules() if type(module) is nn.Linear]
         identity = model_identity(self.session.transformer)
-        self._adapters = LoraAdapters(self.session.transformer, targets, settings.lora_rank)
-        self._adapters.inject()
+        self._put_adapters(LoraAdapters(self.session.transformer, targets, settings.lora_rank))
         return _AdapterTraining(self, identity)
+
+    def _put_adapters(self, adapters: LoraAdapters) -> None:
+        adapters.inject()
+        self._adapters = adapters
+        names = {module: name for name, module in self.session.transformer.named_modules()}
+        self._adapter_flops = {}
+        for index, block in enumerate(self.adapter.blocks()):
+            flops = adapters.flops_per_token(names[block] + ".")
+            if flops:
+                self._adapter_flops[index] = flops
 
     def transformed_blocks(self) -> frozenset[int]:
         first, last = self.config.sparse_blocks
         return frozenset(range(first, min(last, len(self.adapter.blocks()) - 1) + 1))
 
     def begin_call(self, call_state: CallState) -> None:
-        if self._adapters is not None:  # every token through every adapted linear: an upper bound
-            call = call_state.ctx.call
-            tokens = call.grid.num_tokens + call.text_tokens
-            call_state.record_overhead("flexdit LoRA adapters", self._adapters.flops_per_token() * call.batch_size * tokens,
-                                       tokens)
         self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
         self._density = self.config.density_at(call_state.ctx.step_index, call_state.ctx.num_steps)
         self._pooled = {}
@@ -303,6 +308,15 @@ class FlexDiT(Technique):
             warnings.warn("FlexDiTConfig.schedule needs the run's step count, which a transformer called without "
                           "its pipeline's scheduler does not give: it runs dense. Pass schedule=None to pool at "
                           "every step.", stacklevel=2)
+
+    def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
+        """The adapters' work: each adapted block's tokens (the groups where it ran pooled) through its LoRA layers."""
+        if self._adapters is not None:
+            call = call_state.ctx.call
+            for block, flops_per_token in self._adapter_flops.items():
+                tokens = self._pooled.get(block, (call.grid.num_tokens, 0))[0] + call.text_tokens
+                call_state.record_overhead("flexdit LoRA adapters", flops_per_token * call.batch_size * tokens, tokens)
+        return output
 
     def end_run(self) -> None:
         self._groups = {}

@@ -92,10 +92,12 @@ class LoraAdapters:
                 parameter.requires_grad_(self._requires_grad[name])
         self.parameters = []
 
-    def flops_per_token(self) -> float:
-        """Multiply-adds the adapters add per token through every target (A: in -> r, B: r -> out) times 2."""
+    def flops_per_token(self, prefix: str = "") -> float:
+        """FLOPs the adapters under `prefix` add per token (A: in -> r, B: r -> out; 2 per multiply-add)."""
         total = 0
         for name in self.targets:
+            if not name.startswith(prefix):
+                continue
             base = self.transformer.get_submodule(name)
             base = getattr(base, "base_layer", base)
             total += self.rank * (base.in_features + base.out_features)
