@@ -7,12 +7,16 @@
 
     result = dit_accel.tune(pipe, prompts, target="psnr=30", budget="20m", path="plan.json")
     dit_accel.apply(pipe, *dit_accel.load_plan("plan.json"))
+
+    flexdit = dit_accel.finetune(pipe, dit_accel.FlexDiTConfig(sparse_blocks=(1, 4), schedule=None),
+                                 prompts=prompts, minutes=40, out="runs/flexdit")  # reads its LoRA adapters
 """
 
 from .api import AccelerationHandle, apply, estimate, measure
 from .calibration import calibrate
 from .comparison import PlanRun, compare
 from .config import AccelerationConfig, ConfigError, Stage
+from .finetune import finetune
 from .techniques import (DyDiTConfig, FlexDiTConfig, ProxyAttentionConfig, RASConfig, StepMaskConfig, StepsConfig,
                          SVG2Config)
 from .models import UnsupportedModelError, adapter_for, supported_families
@@ -44,6 +48,7 @@ __all__ = [
     "compare",
     "load_plan",
     "estimate",
+    "finetune",
     "measure",
     "save_plan",
     "supported_families",

@@ -35,6 +35,7 @@ from .models import UnsupportedModelError
 from .outputs import markdown, summarize, write_outputs
 from .plan_spec import describe, parse_plan
 from .techniques.dydit import DyDiTConfig
+from .techniques.model_check import ModelCheckConfig
 from .tuning import Budget, CandidateStatus, Target, TuneResult, tune
 
 # -- command line ----------------------------------------------------------------------------------
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--speedup", type=at_least(1.0, float), metavar="X",
                       help="best quality at a speed instead: the plan with the highest first --target metric among "
                       "those measured side by side at >= X times dense's speed; values in --target are floors then")
+    tune.add_argument("--member", dest="members", action="append", type=plan_spec_arg, metavar="SPEC|FILE",
+                      help="a config to try besides every technique's presets, alone and stacked, repeatable: a "
+                      "fine-tuned one (its plan.json from dit-accel finetune) or any plan member")
     tune.add_argument("--budget", type=_budget, default=Budget(), metavar="TIME|Ngen",
                       help="when the search stops, with the best plan so far: 45m, 90s, 1h, or 120gen "
                       "(pipeline calls) (default: 45m)")
@@ -281,6 +285,8 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
     if args.out.suffix.lower() not in (".json", ".yaml", ".yml"):
         raise UsageError(f"--out {args.out}: a plan file ends in .json, .yaml or .yml")
     prompts, held_out = _tuning_prompts(args)
+    members = [config for spec in args.members or [] for config in parse_plan(spec)
+               if not isinstance(config, ModelCheckConfig)]
     args.target = Target.for_search(args.target, args.speedup)  # refused before a hub model loads for nothing
     spec = args.model or default_model()
     args.target.check_judge(spec, prompts + (held_out or []), spec == "reference:video")
@@ -293,7 +299,7 @@ def tune_command(args: argparse.Namespace) -> TuneResult:
     for key in ("prompt", "class_labels", "output_type"):
         kwargs.pop(key, None)
     result = tune(pipe, prompts, target=args.target, speedup=args.speedup, budget=args.budget, batch=args.batch,
-                  seed=args.seed, held_out=held_out, path=args.out, progress=status, **kwargs)
+                  seed=args.seed, held_out=held_out, path=args.out, progress=status, members=members, **kwargs)
     search = args.out.with_name(args.out.stem + ".search.json")
     search.write_text(json.dumps({"model": model, **result.summary()}, indent=2) + "\n")
     print(tune_table(result))

@@ -174,3 +174,16 @@ def test_the_command_says_what_is_missing_before_loading_a_model(tmp_path):
     with pytest.raises(SystemExit):
         main(["finetune", "--model", "tiny:sd3", "--plan", "flexdit", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_tune_tries_a_fine_tuned_member_alone_and_stacked(trained):
+    import dit_accel
+
+    pipe, config, _ = trained
+    pipe.set_progress_bar_config(disable=True)
+    call = {k: v for k, v in CALL.items() if k != "num_inference_steps"}
+    result = dit_accel.tune(pipe, PROMPTS[:2], target="psnr=5", steps=4, batch=2, budget="60gen", members=[config],
+                            **call)
+    mine = [c for c in result.candidates if any(m is config for m in c.configs)]
+    assert mine and mine[0].batches, "the fine-tuned member is measured"
+    assert "adapters=" in mine[0].label

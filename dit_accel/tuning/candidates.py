@@ -131,12 +131,14 @@ def candidate_of(setting: Setting, context: SearchContext) -> Candidate:
     return Candidate(setting.label, list(setting.configs), prepare=prepare, knob=setting.knob, bolder=bolder)
 
 
-def singles(context: SearchContext) -> list[Candidate]:
+def singles(context: SearchContext, members: tuple[Setting, ...] = ()) -> list[Candidate]:
     """Every registered technique's settings (`Registration.search_space`: documented presets, a few
     settings of diffusers' caches, calibrated ones made on the first batch through `context`), in
-    registration order; of each knob only the last (boldest) setting may go bolder."""
-    found = [candidate_of(setting, context) for r in registrations() if r.search_space is not None
-             for setting in r.search_space(context)]
+    registration order, after the `members` the caller brings (fine-tuned configs: screened first, so
+    a short budget still measures them); of each knob only the last (boldest) setting may go bolder."""
+    found = [candidate_of(setting, context) for setting in members] + [
+        candidate_of(setting, context) for r in registrations() if r.search_space is not None
+        for setting in r.search_space(context)]
     boldest = {c.knob: c for c in found if c.knob is not None}  # the last setting of each knob
     for candidate in found:
         candidate.members = (candidate,)

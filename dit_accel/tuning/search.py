@@ -54,9 +54,9 @@ from ..loading import call_arguments
 from ..machine import machine
 from ..metrics.judge import agreement, readings
 from ..metrics.quality import PerceptualDistance, channels_first, frames, psnr_frames, ssim_frames
-from ..plan_files import save_plan
+from ..plan_files import plan_summary, save_plan
 from ..runtime.registry import registration
-from ..runtime.search_space import SearchContext
+from ..runtime.search_space import SearchContext, Setting
 from .candidates import Candidate, CandidateStatus, singles
 from .predict import Predictor, stack_options
 from .target import Budget, Target, judge_suite, model_source
@@ -340,7 +340,7 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
          steps: int | None = None, budget: str | Budget | float | None = None, batch: int = DEFAULT_BATCH,
          seed: int = 0, held_out: list[str] | None = None, path: str | os.PathLike | None = None,
          progress: Callable[[str], None] | None = None, on_measured: Callable[[Candidate], None] | None = None,
-         **call: Any) -> TuneResult:
+         members: tuple | list = (), **call: Any) -> TuneResult:
     """The fastest plan whose quality vs dense on `prompts` meets every bound of `target` (default
     psnr=30), within `budget`; with `speedup`, the plan with the best quality by the target's first metric
     (default psnr) among those measured at >= `speedup` x dense, its other bounds kept as floors.
@@ -348,7 +348,8 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
     `call` is the rest of the pipeline call (size, guidance, ...). With `path` the plan is written there
     as a plan file (DyDiT calibrations beside it); `held_out` prompts re-measure the winner on prompts
     it was not tuned on; `on_measured` is handed every candidate measured on every batch, with its
-    status (a progress display's structured feed; `progress` gets the text). Everything is checked
+    status (a progress display's structured feed; `progress` gets the text). `members`: configs to try
+    besides every technique's search space, alone and stacked (fine-tuned ones, `dit_accel.finetune`). Everything is checked
     before anything runs: a target the model cannot be measured on (`judge` beyond the reference models
     and their captions) is refused by name. See the
     module's docstring for the search.
@@ -360,6 +361,8 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
         raise ConfigError(f"batch must be >= 1, got {batch}")
     if "generator" in call:
         raise ConfigError("tune seeds every run itself from seed=...; pass no generator")
+    for config in members:
+        registration(config)
     model, video = model_source(pipe)
     target.check_judge(model, list(prompts) + list(held_out or []), video)
     say = progress or (lambda message: None)
@@ -390,7 +393,8 @@ def tune(pipe: Any, prompts: list[str], *, target: str | Target | None = None, s
         first = {**batches[0], "generator": torch.Generator().manual_seed(seed)}
         return calibrate(pipe, config, path=path, **first)
 
-    pool = singles(SearchContext(steps, calibrate_on_first_batch, scratch))
+    pool = singles(SearchContext(steps, calibrate_on_first_batch, scratch),
+                   tuple(Setting(plan_summary([config]), (config,)) for config in members))
     confirmed: list[Candidate] = []
 
     predictor = search.predictor

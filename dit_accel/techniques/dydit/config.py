@@ -27,6 +27,9 @@ class DyDiTConfig(AccelerationConfig):
                                     "output from when they were last computed", low=0.0, high=1.0, low_open=True)
     calibration: str | None = param(None, "safetensors file of head and group scores from dit_accel.calibrate "
                                           "(`dit-accel calibrate`); None ranks them by weight norms")
+    routers: str | None = param(None, "safetensors file of timestep-wise width routers and MLP token routers "
+                                      "learned for this config on this model (dit_accel.finetune / `dit-accel "
+                                      "finetune`); None: the training-free choice (calibration or weight norms)")
     token_cache: StateStorage = param("device", "form of the MLP outputs token skipping keeps: 'device' (the model's "
                                                 "dtype on its device), 'fp8' (e4m3, a scale per token; half of "
                                                 "bf16's bytes) or 'host' (host memory, fetched back ahead of use)")
@@ -47,6 +50,13 @@ class DyDiTConfig(AccelerationConfig):
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise ConfigError(f"DyDiTConfig.calibration: no such file {self.calibration!r}; make one with "
                               "dit_accel.calibrate(pipe, DyDiTConfig(), path=...) or `dit-accel calibrate`")
+        if self.routers is not None:
+            if self.calibration is not None:
+                raise ConfigError("DyDiTConfig takes routers or calibration, not both: each chooses the heads and "
+                                  "channel groups")
+            if not Path(self.routers).is_file():
+                raise ConfigError(f"DyDiTConfig.routers: no such file {self.routers!r}; make one with "
+                                  "dit_accel.finetune(pipe, DyDiTConfig(...), ...) or `dit-accel finetune`")
 
     def stages(self) -> frozenset[Stage]:
         return frozenset({Stage.WIDTH})
@@ -56,6 +66,14 @@ class DyDiTConfig(AccelerationConfig):
         if self.buckets == 1:
             return self.width_ratio
         return self.width_ratio + (self.max_width_ratio - self.width_ratio) * bucket / (self.buckets - 1)
+
+    def trained_for(self) -> dict:
+        """The fields routers are trained for (their file keeps them; loading checks them)."""
+        return {"width_ratio": self.width_ratio, "max_width_ratio": self.max_width_ratio, "buckets": self.buckets,
+                "token_ratio": self.token_ratio}
+
+    def keeps_everything(self) -> bool:
+        return self.width_ratio == self.max_width_ratio == self.token_ratio == 1.0
 
     @classmethod
     def keep_all(cls) -> "DyDiTConfig":

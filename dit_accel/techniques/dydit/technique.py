@@ -1,25 +1,42 @@
-"""The DyDiT technique: per bucket of steps, the kept heads and channel groups of every block
-(`width.py`'s hooks run them), MLP token skipping (`tokens.py`), the scoring hook a calibration
-run uses (`calibration.py`), and what the ledger and `report()` get.
+"""The DyDiT technique: per call, the kept heads and channel groups of every block (a `Selection`:
+from the call's bucket of steps, or from learned routers at its timestep; `width.py`'s hooks run
+them), the MLP tokens (`tokens.py`'s cache, or `routers.py`'s token routers), the scoring hook a
+calibration run uses (`calibration.py`), training the routers (`routers.py`), and what the ledger
+and `report()` get.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...config import ConfigError
 from ...metrics.flops import UnitWidth
+from ...models.identity import model_identity
 from ...runtime.call_state import CallState
 from ...runtime.estimate import CallShapes
 from ...runtime.registry import register_technique
 from ...runtime.stats import Stat, StatKind
 from ...runtime.storage import stored_bytes
 from ...runtime.technique import Technique
+from ...runtime.training import Trainable, TrainingSettings
 from .calibration import DyDiTScores, add_contributions, calibrate, load_calibration, select_units
 from .config import DyDiTConfig, bucket_of, kept_count, search_space
-from .tokens import SKETCH_DIM, MLPTokens, SkipTokens, TokenMLP
+from .routers import GRID, RouterTraining, RoutedTokens, load_routers
+from .tokens import SKETCH_DIM, MLPTokens, SkipTokens, TokenMLP, TokenRunner
 from .width import HeadCount, Part, SlicedLinear, SlicedNorm, parts_of
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The heads and groups a call keeps: part key -> kept units (sorted), the parts that keep every unit
+    (their linears run on their own weights) and what the ledger records of each narrowed unit."""
+
+    kept: dict[str, torch.Tensor]
+    whole: frozenset[str]
+    widths: dict[tuple[int, str], UnitWidth]
 
 
 @register_technique(DyDiTConfig, "DyDiT: attention heads and MLP channel groups per step bucket, MLP tokens",
@@ -31,47 +48,73 @@ class DyDiT(Technique):
              Stat("dydit_mlp_tokens", StatKind.VALUE),
              Stat("dydit_mlp_tokens_by_block", StatKind.BLOCK_FRACTION, "DyDiT MLP tokens computed"))
 
+    trains = "timestep-wise routers over heads and MLP channel groups, and a token router per MLP (DyDiT's)"
+
     def __init__(self, config: DyDiTConfig, session):
         super().__init__(config, session)
-        self._parts: list[Part] = []
-        #: block -> its token-wise MLP
+        self.parts: list[Part] = []
+        #: block -> its token-wise MLP, and the width of that MLP's input
         self._mlps: dict[int, TokenMLP] = {}
+        self._mlp_inputs: dict[int, int] = {}
         for index, block in enumerate(self.adapter.blocks()):
             layout = self.adapter.width_layout(block)
-            self._parts.extend(parts_of(index, layout.attentions, layout.mlp))
+            self.parts.extend(parts_of(index, layout.attentions, layout.mlp))
             if layout.mlp is not None and layout.mlp.module is not None:
                 self._mlps[index] = TokenMLP.of(self.adapter, block, layout.mlp)
+                self._mlp_inputs[index] = layout.mlp.rows[0].in_features
         self._check_linears()
-        grams = self._grams()
-        #: per bucket, per part key: the kept units, sorted
-        self._kept = [{part.key: select_units(grams[part.key][bucket], kept_count(config.width_at(bucket),
-                                                                                 len(part.units)))
-                       for part in self._parts} for bucket in range(config.buckets)]
-        #: per bucket, the parts that keep every unit: their linears run on the model's own weights
-        self._whole = [{part.key for part in self._parts if len(kept[part.key]) == len(part.units)}
-                       for kept in self._kept]
         self._linear_parts = self._index_linears()
         blocks = self.adapter.blocks()
-        names = {module: (index, name) for index, block in enumerate(blocks) for name, module in block.named_modules()}
+        #: every module of the blocks -> (block index, qualified name in its block)
+        self._names = {module: (index, name) for index, block in enumerate(blocks)
+                       for name, module in block.named_modules()}
         #: (parent, attribute) of every sliced linear, to notice a layer swapped in after apply (LoRA)
         self._places = []
         for linear in self._linear_parts:
-            index, name = names[linear]
+            index, name = self._names[linear]
             parent, _, attribute = name.rpartition(".")
             self._places.append((blocks[index].get_submodule(parent), attribute, linear))
-        self._widths = [self._ledger_widths(bucket, names) for bucket in range(config.buckets)]
+        #: every distinct selection made so far, by its kept units (a handful per run)
+        self._selections: dict[tuple, Selection] = {}
+        self._full = self._selection_of({part.key: torch.arange(len(part.units)) for part in self.parts})
+        #: learned routers (`config.routers`), and their selection at each timestep seen this run
+        self._routers = None
+        self._by_timestep: dict[float, Selection] = {}
+        #: per bucket of steps, without routers
+        self._buckets: list[Selection] = []
+        #: every selection a run may make: the buckets', or the routers' over a grid of timesteps spanning
+        #: those they were trained on (for the memory estimate and the processor check)
+        self._candidates: list[Selection] = []
+        if config.routers is not None:
+            self._routers, timesteps = load_routers(config.routers, session.transformer, config,
+                                                    [(part.key, len(part.units)) for part in self.parts])
+            self._candidates = [self._selection_of(self._routers.kept(float(t)))
+                                for t in torch.linspace(*timesteps, GRID)]
+        else:
+            grams = self._grams()
+            self._buckets = [self._selection_of({
+                part.key: select_units(grams[part.key][bucket], kept_count(config.width_at(bucket), len(part.units)))
+                for part in self.parts}) for bucket in range(config.buckets)]
+            self._candidates = self._buckets
         self._bucket = 0
-        #: the running bucket's sliced (weight, bias) per linear, and feature indices per (part, device)
+        #: the running call's selection, its sliced (weight, bias) per linear, and feature indices per
+        #: (part, device)
+        self._selection = self._buckets[0] if self._buckets else self._full
         self._sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
-        #: MLP token skipping: the cached input sketches and MLP outputs, and this call's fractions
-        self.mlp_tokens = MLPTokens(config.token_ratio, config.token_cache, sorted(self._mlps))
+        #: how the token-wise MLPs run: the token cache, or the learned token routers
+        self.mlp_tokens: TokenRunner = (
+            MLPTokens(config.token_ratio, config.token_cache, sorted(self._mlps)) if self._routers is None
+            else RoutedTokens(self._routers, config.token_ratio))
+        #: while a fine-tune trains routers (`start_training`), and the token runner it stands in for
+        self._training: RouterTraining | None = None
+        self._untrained_tokens: TokenRunner | None = None
         #: while a calibration run scores heads and groups (`start_scoring`)
         self.scores: DyDiTScores | None = None
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_linears(self) -> None:
-        for part in self._parts:
+        for part in self.parts:
             for linear in part.rows + [linear for linear, _ in part.columns]:
                 if type(linear) is not nn.Linear:
                     raise ConfigError(f"DyDiTConfig slices nn.Linear weights; {part.key} has a "
@@ -82,11 +125,11 @@ class DyDiT(Technique):
         onto the config's by their middle step), else from the weights."""
         buckets = self.config.buckets
         if self.config.calibration is None:
-            return {part.key: part.weight_gram().expand(buckets, -1, -1) for part in self._parts}
+            return {part.key: part.weight_gram().expand(buckets, -1, -1) for part in self.parts}
         grams = load_calibration(self.config.calibration, self.session.transformer)
         centres = (torch.arange(buckets) + 0.5) / buckets
         mapped = {}
-        for part in self._parts:
+        for part in self.parts:
             units = len(part.units)
             table = grams.get(part.key)
             if table is None or tuple(table.shape[1:]) != (units, units):
@@ -98,7 +141,7 @@ class DyDiT(Technique):
     def _index_linears(self) -> dict[nn.Linear, tuple[str, list[tuple[Part, int]]]]:
         """Each sliced linear: "rows" or "columns", and the parts (with input offsets) it is sliced by."""
         linears: dict[nn.Linear, tuple[str, list[tuple[Part, int]]]] = {}
-        for part in self._parts:
+        for part in self.parts:
             for linear in part.rows:
                 linears[linear] = ("rows", [(part, 0)])
             for linear, offset in part.columns:
@@ -109,28 +152,34 @@ class DyDiT(Technique):
                                   f"inputs of {parts[0][0].key}'s output projection")
         return linears
 
-    def _kept_features(self, bucket: int, part: Part) -> int:
-        return sum(len(part.units[int(u)]) for u in self._kept[bucket][part.key])
+    @staticmethod
+    def _kept_features(kept: dict[str, torch.Tensor], part: Part) -> int:
+        return sum(len(part.units[int(u)]) for u in kept[part.key])
 
-    def _ledger_widths(self, bucket: int, names: dict[nn.Module, tuple[int, str]]
-                       ) -> dict[tuple[int, str], UnitWidth]:
-        """What the ledger records for each narrowed unit in `bucket`: sliced features and kept heads
-        (`names`: every module of the blocks -> (block index, qualified name in its block))."""
-        kept = self._kept[bucket]
+    def _selection_of(self, kept: dict[str, torch.Tensor]) -> Selection:
+        """The selection keeping `kept` (part key -> sorted units), made once per distinct choice."""
+        key = tuple(tuple(kept[part.key].tolist()) for part in self.parts)
+        if key not in self._selections:
+            whole = frozenset(part.key for part in self.parts if len(kept[part.key]) == len(part.units))
+            self._selections[key] = Selection(kept, whole, self._ledger_widths(kept))
+        return self._selections[key]
+
+    def _ledger_widths(self, kept: dict[str, torch.Tensor]) -> dict[tuple[int, str], UnitWidth]:
+        """What the ledger records for each narrowed unit when `kept` run: sliced features and kept heads."""
         features: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
         for linear, (kind, parts) in self._linear_parts.items():
-            index, name = names[linear]
+            index, name = self._names[linear]
             if kind == "rows":
                 part = parts[0][0]
-                rows = self._kept_features(bucket, part) * (2 if part.gated_hidden else 1)
+                rows = self._kept_features(kept, part) * (2 if part.gated_hidden else 1)
                 feature = (name, linear.in_features, rows)
             else:
-                feature = (name, sum(self._kept_features(bucket, part) for part, _ in parts), linear.out_features)
+                feature = (name, sum(self._kept_features(kept, part) for part, _ in parts), linear.out_features)
             features.setdefault((index, name.split(".")[0]), []).append(feature)
         heads = {}
-        for part in self._parts:
+        for part in self.parts:
             if part.attention is not None:
-                index, name = names[part.attention]
+                index, name = self._names[part.attention]
                 heads[(index, name.split(".")[0])] = len(kept[part.key])
         return {unit: UnitWidth(tuple(features.get(unit, ())), heads.get(unit)) for unit in set(features) | set(heads)}
 
@@ -138,7 +187,7 @@ class DyDiT(Technique):
         hooks = self.session.hooks
         for linear in self._linear_parts:
             hooks.add(linear, SlicedLinear(self, linear), "dydit.slice")
-        for part in self._parts:
+        for part in self.parts:
             for norm in part.norms:
                 hooks.add(norm, SlicedNorm(self, part), "dydit.norm")
             if part.attention is not None:
@@ -154,23 +203,35 @@ class DyDiT(Technique):
                 raise ConfigError(f"DyDiTConfig: {type(getattr(parent, name)).__name__} replaced a linear layer it "
                                   "slices after dit_accel.apply() (a LoRA adapter?): fuse it (pipe.fuse_lora()) "
                                   "or remove the handle and apply again")
-        bucket = bucket_of(call_state, self.config.buckets)
-        if bucket != self._bucket:
-            self._bucket = bucket
+        self._bucket = bucket_of(call_state, self.config.buckets)
+        if self._training is not None:  # full width: the routers' gates drop the units
+            selection, widths = self._full, self._ledger_widths(self._training.begin_call(call_state))
+        else:
+            selection = self._routed(call_state.ctx.timestep) if self._routers is not None \
+                else self._buckets[self._bucket]
+            widths = selection.widths
+        if selection is not self._selection:
+            self._selection = selection
             self._sliced.clear()
             self._features.clear()
         self._prepare()
         self._check_processors()
-        call_state.widths.update(self._widths[bucket])
+        call_state.widths.update(widths)
         self.mlp_tokens.begin_call(call_state)
+
+    def _routed(self, timestep: float) -> Selection:
+        """The routers' selection at `timestep` (evaluated on the CPU, once per timestep and run)."""
+        if timestep not in self._by_timestep:
+            self._by_timestep[timestep] = self._selection_of(self._routers.kept(timestep))
+        return self._by_timestep[timestep]
 
     def _check_processors(self) -> None:
         """A processor with weights of its own over every head (IP-Adapter's `to_k_ip`, whose output it adds
         in head space) cannot run on fewer heads: refused before any block runs."""
-        for part in self._parts:
+        for part in self.parts:
             processor = getattr(part.attention, "processor", None)
             if isinstance(processor, nn.Module) and any(True for _ in processor.parameters()) \
-                    and any(len(kept[part.key]) < len(part.units) for kept in self._kept):
+                    and any(part.key not in selection.whole for selection in self._candidates):
                 raise ConfigError(f"DyDiTConfig narrows the heads of {part.key}, whose processor "
                                   f"{type(processor).__name__} has weights of its own over every head (an "
                                   "IP-Adapter?): keep every head (width_ratio=1; token skipping still works) or "
@@ -179,47 +240,49 @@ class DyDiT(Technique):
     def end_run(self) -> None:
         self._sliced.clear()
         self._features.clear()
+        self._by_timestep.clear()
         self.mlp_tokens.end_run()
 
     def selection(self, bucket: int) -> dict[str, torch.Tensor]:
-        """The units kept in `bucket`: "block{i}.attention{a}" -> heads, "block{i}.mlp" -> channel groups."""
-        return dict(self._kept[bucket])
+        """The units kept in `bucket` (without routers): "block{i}.attention{a}" -> heads, "block{i}.mlp" ->
+        channel groups."""
+        return dict(self._buckets[bucket].kept)
 
     def kept(self, part: Part) -> torch.Tensor:
-        return self._kept[self._bucket][part.key]
+        return self._selection.kept[part.key]
 
     def whole(self, part: Part) -> bool:
-        """Whether the running bucket keeps every unit of `part` (nothing to slice)."""
-        return part.key in self._whole[self._bucket]
+        """Whether the running call keeps every unit of `part` (nothing to slice)."""
+        return part.key in self._selection.whole
 
-    def _uncut(self, bucket: int, linear: nn.Linear) -> bool:
-        """Whether `bucket` keeps every unit of every part `linear` is sliced by: it runs on its own weight."""
-        return all(part.key in self._whole[bucket] for part, _ in self._linear_parts[linear][1])
+    def _uncut(self, selection: Selection, linear: nn.Linear) -> bool:
+        """Whether `selection` keeps every unit of every part `linear` is sliced by: it runs on its own weight."""
+        return all(part.key in selection.whole for part, _ in self._linear_parts[linear][1])
 
     def breaks_block_graph(self) -> bool:
         """MLP token skipping runs eagerly inside the block (the width hooks trace)."""
         return self.config.token_ratio < 1.0
 
     def _prepare(self) -> None:
-        """The running bucket's slices and feature indices, made before the blocks run: the width hooks then
+        """The running call's slices and feature indices, made before the blocks run: the width hooks then
         only look them up, so a compiled block body traces them as inputs rather than building them."""
         for linear in self._linear_parts:
             self.sliced(linear)
-        for part in self._parts:
+        for part in self.parts:
             if part.norms:
                 self.features(part, (part.rows or [linear for linear, _ in part.columns])[0].weight.device)
 
     def features(self, part: Part, device: torch.device) -> torch.Tensor:
-        """The running bucket's features of `part`."""
+        """The running call's features of `part`."""
         key = (part.key, device)
         if key not in self._features:
             self._features[key] = part.features(self.kept(part)).to(device)
         return self._features[key]
 
     def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The running bucket's (weight, bias) of `linear`, index-selected once per bucket; the linear's
-        own where the bucket cuts none of its units (no copy, no index work)."""
-        if self._uncut(self._bucket, linear):
+        """The running call's (weight, bias) of `linear`, index-selected once per change of selection; the
+        linear's own where the selection cuts none of its units (no copy, no index work)."""
+        if self._uncut(self._selection, linear):
             return linear.weight, linear.bias
         held = self._sliced.get(linear)
         weight = linear.weight
@@ -237,6 +300,42 @@ class DyDiT(Technique):
                 held = (weight.index_select(1, columns), linear.bias)
             self._sliced[linear] = held
         return held
+
+    # -- training ----------------------------------------------------------------------------------
+    def start_training(self, settings: TrainingSettings) -> Trainable:
+        """Routers that start keeping nearly everything, trained by the fine-tune (`routers.RouterTraining`):
+        meanwhile every head and group runs at full width, gated where the output linears read them, and
+        with token_ratio < 1 every token runs the MLP, its output gated."""
+        if self.config.keeps_everything():
+            raise ConfigError("DyDiTConfig keeps every head, channel group and token (width_ratio = max_width_ratio "
+                              "= token_ratio = 1): its routers have nothing to learn; lower width_ratio or token_ratio")
+        if self._routers is not None:
+            raise ConfigError("DyDiTConfig.routers are loaded already: fine-tune a config without them")
+        identity = model_identity(self.session.transformer)
+        token_inputs = self._mlp_inputs if self.config.token_ratio < 1.0 else {}
+        self._training = RouterTraining(self, settings, identity, token_inputs)
+        self._untrained_tokens, self.mlp_tokens = self.mlp_tokens, self._training.tokens
+        return self._training
+
+    def stop_training(self) -> None:
+        """Back to the training-free choice (the trained routers are in their file)."""
+        self.mlp_tokens, self._training, self._untrained_tokens = self._untrained_tokens, None, None
+
+    def unit_of_input(self) -> dict[nn.Linear, torch.Tensor]:
+        """Each part's output linear: the unit (numbered over every part's units in a row) each of its input
+        features belongs to, for the training gates."""
+        starts, start = {}, 0
+        for part in self.parts:
+            starts[part.key], start = start, start + len(part.units)
+        result = {}
+        for linear, (kind, parts) in self._linear_parts.items():
+            if kind == "columns":
+                units = torch.empty(linear.in_features, dtype=torch.long)
+                for part, offset in parts:
+                    for number, features in enumerate(part.units):
+                        units[offset + features] = starts[part.key] + number
+                result[linear] = units
+        return result
 
     # -- calibration -------------------------------------------------------------------------------
     def start_scoring(self) -> DyDiTScores:
@@ -258,12 +357,13 @@ class DyDiT(Technique):
         return self.mlp_tokens.nbytes() + sum(t.numel() * t.element_size() for t in copies)
 
     def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
-        """The slice copies of the bucket that copies most, and the token cache (every branch and block
-        with a token-wise MLP, where token_ratio < 1): input sketches in fp32 and MLP outputs in
-        `token_cache`'s form."""
-        estimate = {"slice_copies": max(self._slice_bytes(bucket, shapes.itemsize)
-                                        for bucket in range(self.config.buckets))}
-        if self.config.token_ratio < 1.0:
+        """The slice copies of the selection that copies most (of the buckets', or of the routers' over the
+        timesteps they were trained on), and without routers the token cache (every branch and block with
+        a token-wise MLP, where token_ratio < 1): input sketches in fp32 and MLP outputs in `token_cache`'s
+        form."""
+        estimate = {"slice_copies": max(self._slice_bytes(selection, shapes.itemsize)
+                                        for selection in self._candidates)}
+        if self.config.token_ratio < 1.0 and self._routers is None:
             for mlp in self._mlps.values():
                 tokens = shapes.samples * (shapes.tokens + (shapes.text_tokens if mlp.joint else 0))
                 estimate["token_cache"] = estimate.get("token_cache", 0) + tokens * SKETCH_DIM * 4
@@ -272,13 +372,13 @@ class DyDiT(Technique):
                 estimate[kind] = estimate.get(kind, 0) + held
         return {kind: held for kind, held in estimate.items() if held}
 
-    def _slice_bytes(self, bucket: int, itemsize: int) -> int:
-        """Bytes of the weight and bias copies `sliced` makes in `bucket`."""
+    def _slice_bytes(self, selection: Selection, itemsize: int) -> int:
+        """Bytes of the weight and bias copies `sliced` makes for `selection`."""
         elements = 0
         for linear, (kind, parts) in self._linear_parts.items():
-            if self._uncut(bucket, linear):
+            if self._uncut(selection, linear):
                 continue
-            features = sum(self._kept_features(bucket, part) for part, _ in parts)
+            features = sum(self._kept_features(selection.kept, part) for part, _ in parts)
             if kind == "columns":
                 elements += linear.out_features * features
             else:
@@ -287,17 +387,17 @@ class DyDiT(Technique):
         return elements * itemsize
 
     def call_stats(self, call_state: CallState) -> dict:
-        """The bucket, the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:
+        """The bucket (without routers), the fraction of heads and of MLP channel groups kept, and of MLP tokens computed:
         on average, and per block for the UI's pictures."""
-        kept = self._kept[self._bucket]
+        kept = self._selection.kept
         widths: dict[int, list[float]] = {}
-        for part in self._parts:
+        for part in self.parts:
             widths.setdefault(part.block, []).append(len(kept[part.key]) / len(part.units))
-        heads = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is not None]
-        groups = [len(kept[p.key]) / len(p.units) for p in self._parts if p.attention is None]
-        stats = {"dydit_bucket": self._bucket, "dydit_heads": sum(heads) / max(1, len(heads)),
-                 "dydit_groups": sum(groups) / max(1, len(groups)),
-                 "dydit_width_by_block": {b: sum(w) / len(w) for b, w in sorted(widths.items())}}
+        heads = [len(kept[p.key]) / len(p.units) for p in self.parts if p.attention is not None]
+        groups = [len(kept[p.key]) / len(p.units) for p in self.parts if p.attention is None]
+        stats = {} if self._routers is not None else {"dydit_bucket": self._bucket}
+        stats.update({"dydit_heads": sum(heads) / max(1, len(heads)), "dydit_groups": sum(groups) / max(1, len(groups)),
+                      "dydit_width_by_block": {b: sum(w) / len(w) for b, w in sorted(widths.items())}})
         if self.mlp_tokens.fractions:
             fractions = self.mlp_tokens.fractions
             stats["dydit_mlp_tokens"] = sum(fractions.values()) / len(fractions)

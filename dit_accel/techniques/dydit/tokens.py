@@ -58,11 +58,27 @@ class TokenMLP:
         return cls(mlp.module, names[mlp.module].split(".")[0], read.out_features, joint)
 
 
+class TokenRunner(Protocol):
+    """How a technique runs a token-wise MLP: `MLPTokens` (the cache), or with routers `RoutedTokens`
+    (inference) and `TrainedTokens` (fine-tuning), both in routers.py."""
+
+    fractions: dict[int, float]
+
+    def begin_call(self, call_state: CallState) -> None: ...
+
+    def end_run(self) -> None: ...
+
+    def nbytes(self) -> int: ...
+
+    def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
+            hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 class TokenSkipping(Protocol):
-    """What the MLP token hook asks of its technique (DyDiT): the session and the token cache."""
+    """What the MLP token hook asks of its technique (DyDiT): the session and how to run the MLP."""
 
     session: SessionView
-    mlp_tokens: "MLPTokens"
+    mlp_tokens: TokenRunner
 
 
 @dataclasses.dataclass
@@ -125,26 +141,29 @@ class MLPTokens:
         if cached is None:
             output = forward(hidden)
             self.cache[(slot, block)] = CachedTokens(sketch, StoredTensor(output, self.storage))
-            self._record(call_state, block, unit, 1.0)
+            record_fraction(call_state, block, unit, 1.0, self.fractions)
             return output
         change = (sketch - cached.sketch).pow(2).sum(-1)
         call_state.record_overhead("dydit token change", 3.0 * batch * tokens * SKETCH_DIM, tokens)
         index = change.topk(math.ceil(self.token_ratio * tokens), dim=1).indices.sort(dim=1).values
-        self._record(call_state, block, unit, index.shape[-1] / tokens)
+        record_fraction(call_state, block, unit, index.shape[-1] / tokens, self.fractions)
         computed = forward(gather_tokens(hidden, index))
         output = scatter_tokens(cached.output.load(), index, computed)
         cached.output.save(output)
         cached.sketch = scatter_tokens(cached.sketch, index, gather_tokens(sketch, index))
         return output
 
-    def _record(self, call_state: CallState, block: int, unit: str, fraction: float) -> None:
-        width = call_state.widths.get((block, unit), UnitWidth())
-        call_state.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
-        self.fractions[block] = fraction
+
+
+def record_fraction(call_state: CallState, block: int, unit: str, fraction: float, fractions: dict[int, float]) -> None:
+    """The ledger records the block's MLP `unit` at `fraction` of its tokens (`fractions`: the call's, by block)."""
+    width = call_state.widths.get((block, unit), UnitWidth())
+    call_state.widths[(block, unit)] = dataclasses.replace(width, token_fraction=fraction)
+    fractions[block] = fraction
 
 
 class SkipTokens(ModelHook):
-    """The MLP runs on the tokens that changed most; the others keep their cached output."""
+    """The MLP runs on some of its tokens (the technique's `mlp_tokens` choose which and fill in the others)."""
 
     def __init__(self, technique: TokenSkipping, block: int, unit: str):
         super().__init__()

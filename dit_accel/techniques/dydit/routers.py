@@ -1,0 +1,332 @@
+"""DyDiT's learned routers (arXiv 2410.03456): which heads and MLP channel groups a step runs (TDW) and
+which tokens run each MLP (SDT), trained by `dit_accel.finetune` and kept in a file.
+
+Width (TDW): the call's scalar timestep, embedded by a fixed sinusoid, goes through a small MLP
+shared by every block (as DiT's own timestep MLP) to one logit per attention head and MLP channel
+group of every block. Its input is only the timestep, so at inference it runs on the CPU from the
+host float: no device sync, no per-sample cost, one selection per step (a unit runs where its logit
+is > 0, at least one per part), which the technique's slicing hooks run as they run a bucket's.
+
+Tokens (SDT): per block with a token-wise MLP, a linear layer scores every MLP input token; at
+inference the top `token_ratio` of them per sample run the MLP (gathered, run, scattered into zeros:
+static shapes, no host sync), the others pass through the residual alone.
+
+Training (`RouterTraining`, the fine-tune's `Trainable`): every head and group runs at full width;
+each unit's features are multiplied by its mask where the part's output linears read them (dropping
+a head zeroes its contribution to the output projection, which equals slicing it out), and each
+token's MLP output by its token mask. A mask is a straight-through Gumbel-sigmoid: hard 0/1 forward
+(logit + logistic noise > 0), the sigmoid's gradient backward. The penalty is DyDiT's FLOPs
+constraint, `flops_weight * (ratio - target)**2`: `ratio` is the fraction of the narrowable linears'
+multiply-adds per token the call's hard masks keep (each part's kept width, times the kept token
+fraction for an MLP with a token router), `target` the same for the config (the mean width over its
+buckets, `token_ratio` for the token-routed MLPs). The routers start keeping nearly everything (the
+loss starts at dense quality) and the constraint pulls the ratio down.
+
+The file (safetensors, fp32) holds the routers with the transformer's identity (`models/identity.py`:
+refused for another checkpoint), the config fields they were trained for, the parts' unit counts and
+the range of timesteps they saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+from ...config import ConfigError
+from ...models.identity import identity_mismatch
+from ...runtime.call_state import CallState
+from ...runtime.training import Trainable, TrainingSettings
+from ...tokens import gather_tokens, scatter_tokens
+from .config import DyDiTConfig
+from .tokens import record_fraction
+
+if TYPE_CHECKING:
+    from .technique import DyDiT
+    from .width import Part
+
+#: safetensors metadata "format" of a routers file
+ROUTERS_FORMAT = "dit-accel dydit routers 1"
+#: the file a fine-tune writes into its folder
+ROUTERS_FILE = "dydit_routers.safetensors"
+#: width of the timestep's sinusoidal embedding, and of the shared timestep MLP
+_EMBEDDING, _HIDDEN = 128, 64
+#: the routers' logits are this times their layers' outputs: Adam moves a parameter about the learning
+#: rate a step (1e-3 by default, sized for LoRA), so a logit moves ~0.01 a step: a few hundred steps from
+#: keeping nearly everything to the target, rather than thousands
+_LOGIT_SCALE = 10.0
+#: the logit every unit and token starts at: kept with probability sigmoid(3) = 0.95 under the noise
+_START_LOGIT = 3.0
+#: timesteps the worst case of slice copies is taken over (`DyDiT.estimate_bytes`)
+GRID = 101
+
+
+def _fp32(device: torch.device | str):
+    """Router math in fp32 also under a fine-tune's mixed-precision autocast."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+class Routers(nn.Module):
+    """The width router (timestep -> a logit per unit of every part, in `parts` order) and a token router
+    per block with a token-wise MLP (`token_inputs`: block -> the MLP's input width)."""
+
+    def __init__(self, parts: list[tuple[str, int]], token_inputs: dict[int, int]):
+        super().__init__()
+        self.parts = parts
+        self.width = nn.Sequential(nn.Linear(_EMBEDDING, _HIDDEN), nn.SiLU(),
+                                   nn.Linear(_HIDDEN, sum(units for _, units in parts)))
+        self.tokens = nn.ModuleDict({str(block): nn.Linear(channels, 1) for block, channels in token_inputs.items()})
+
+    @classmethod
+    def initial(cls, parts: list[tuple[str, int]], token_inputs: dict[int, int]) -> Routers:
+        """Routers that keep nearly every unit and token at any timestep (a seeded draw: reproducible)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            routers = cls(parts, token_inputs)
+        with torch.no_grad():
+            for layer in [routers.width[-1], *routers.tokens.values()]:
+                layer.weight.zero_()
+                layer.bias.fill_(_START_LOGIT / _LOGIT_SCALE)
+        return routers
+
+    def token_inputs(self) -> dict[int, int]:
+        return {int(block): layer.in_features for block, layer in self.tokens.items()}
+
+    def unit_logits(self, timestep: float) -> torch.Tensor:
+        """(units,) fp32 logits on the CPU, every part's units in a row."""
+        embedding = get_timestep_embedding(torch.tensor([float(timestep)]), _EMBEDDING, flip_sin_to_cos=True,
+                                           downscale_freq_shift=0)
+        with _fp32("cpu"):
+            return self.width(embedding)[0] * _LOGIT_SCALE
+
+    def token_logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T) fp32 logits of the MLP input tokens `hidden` of `block`: of each token's direction (unit
+        length), so a step moves a logit as much at any hidden width or activation scale."""
+        layer = self.tokens[str(block)]
+        with _fp32(hidden.device):
+            direction = torch.nn.functional.normalize(hidden.float(), dim=-1)
+            return torch.nn.functional.linear(direction, layer.weight, layer.bias)[..., 0] * _LOGIT_SCALE
+
+    def kept(self, timestep: float) -> dict[str, torch.Tensor]:
+        """Part key -> the units (sorted) whose logit at `timestep` is > 0; the likeliest where none is."""
+        with torch.no_grad():
+            logits = self.unit_logits(timestep)
+        kept = {}
+        for (key, _), part in zip(self.parts, logits.split([units for _, units in self.parts])):
+            units = (part > 0).nonzero().flatten()
+            kept[key] = units if units.numel() else part.argmax().reshape(1)
+        return kept
+
+
+def save_routers(path: Path, routers: Routers, identity: dict[str, str], trained_for: dict[str, Any],
+                 timesteps: tuple[float, float], details: dict[str, Any]) -> None:
+    """Write `routers` with the transformer's `identity`, the config fields they were `trained_for` and the
+    range of `timesteps` they saw."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": ROUTERS_FORMAT, **identity, "parts": json.dumps(routers.parts),
+                "token_inputs": json.dumps(routers.token_inputs()), "timesteps": json.dumps(list(timesteps)),
+                "trained_for": json.dumps(trained_for, sort_keys=True), "details": json.dumps(details)}
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in routers.state_dict().items()}, str(path),
+              metadata=metadata)
+
+
+def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: list[tuple[str, int]]
+                 ) -> tuple[Routers, tuple[float, float]]:
+    """(the routers, the range of timesteps they were trained on), refused with a `ConfigError` when made
+    for another model, another config or other parts."""
+    from safetensors import safe_open
+
+    what = f"DyDiTConfig.routers {path!r}"
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            state = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not one
+        raise ConfigError(f"{what} is not a safetensors file: {error}") from error
+    if metadata.get("format") != ROUTERS_FORMAT:
+        raise ConfigError(f"{what} is not a dit-accel DyDiT routers file")
+    mismatch = identity_mismatch(metadata, transformer)
+    if mismatch is not None:
+        raise ConfigError(f"{what} does not fit this transformer: {mismatch}")
+    trained_for, now = json.loads(metadata["trained_for"]), config.trained_for()
+    if trained_for != now:
+        changed = ", ".join(f"{k}={trained_for.get(k)!r} (now {now[k]!r})" for k in sorted(now)
+                            if trained_for.get(k) != now[k])
+        raise ConfigError(f"{what} were trained for another config: {changed}")
+    if [tuple(p) for p in json.loads(metadata["parts"])] != parts:
+        raise ConfigError(f"{what} route other heads and channel groups than this transformer's")
+    routers = Routers(parts, {int(b): c for b, c in json.loads(metadata["token_inputs"]).items()})
+    routers.load_state_dict(state)
+    routers.requires_grad_(False)
+    low, high = json.loads(metadata["timesteps"])
+    return routers, (low, high)
+
+
+def gumbel_gate(logits: torch.Tensor) -> torch.Tensor:
+    """Straight-through Gumbel-sigmoid: 1 where logit + logistic noise > 0, else 0; the sigmoid's gradient."""
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid(logits + uniform.log() - (-uniform).log1p())
+    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+
+
+class RoutedTokens:
+    """Inference: per sample the top `token_ratio` of the MLP input tokens by router score run the MLP;
+    the others get no MLP output (the residual alone). The technique's `mlp_tokens` with routers."""
+
+    def __init__(self, routers: Routers, token_ratio: float):
+        self.routers, self.token_ratio = routers, token_ratio
+        #: block -> fraction of its MLP tokens computed this call
+        self.fractions: dict[int, float] = {}
+
+    def begin_call(self, call_state: CallState) -> None:
+        self.fractions = {}
+
+    def end_run(self) -> None:
+        """Nothing is kept between calls."""
+
+    def nbytes(self) -> int:
+        return 0
+
+    def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
+            hidden: torch.Tensor) -> torch.Tensor:
+        batch, tokens, channels = hidden.shape
+        scores = self.routers.token_logits(block, hidden)
+        call_state.record_overhead("dydit token router", 2.0 * batch * tokens * channels, tokens)
+        index = scores.topk(math.ceil(self.token_ratio * tokens), dim=1).indices.sort(dim=1).values
+        record_fraction(call_state, block, unit, index.shape[-1] / tokens, self.fractions)
+        computed = forward(gather_tokens(hidden, index))
+        return scatter_tokens(computed.new_zeros(batch, tokens, computed.shape[-1]), index, computed)
+
+
+class TrainedTokens:
+    """Fine-tuning: every token runs the MLP and its output is multiplied by the token's gate."""
+
+    def __init__(self, routers: Routers):
+        self.routers = routers
+        self.fractions: dict[int, float] = {}
+        #: block -> this call's (B, T) token gates
+        self.gates: dict[int, torch.Tensor] = {}
+
+    def begin_call(self, call_state: CallState) -> None:
+        self.fractions, self.gates = {}, {}
+
+    def end_run(self) -> None:
+        self.gates = {}
+
+    def nbytes(self) -> int:
+        return 0
+
+    def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
+            hidden: torch.Tensor) -> torch.Tensor:
+        gates = gumbel_gate(self.routers.token_logits(block, hidden))
+        self.gates[block] = gates
+        record_fraction(call_state, block, unit, float(gates.detach().mean()), self.fractions)  # one sync: training
+        output = forward(hidden)
+        return output * gates.unsqueeze(-1).to(output.dtype)
+
+
+class RouterTraining(Trainable):
+    """DyDiT's routers while `dit_accel.finetune` trains them (see the module doc); `technique` runs every
+    head and group at full width meanwhile and asks `begin_call` for each call's kept units."""
+
+    def __init__(self, technique: DyDiT, settings: TrainingSettings, identity: dict[str, str],
+                 token_inputs: dict[int, int]):
+        self.technique, self.identity, self.flops_weight = technique, identity, settings.flops_weight
+        config = technique.config
+        parts: list[Part] = technique.parts
+        self.routers = Routers.initial([(part.key, len(part.units)) for part in parts], token_inputs)
+        self.tokens = TrainedTokens(self.routers)
+        device = next(technique.session.transformer.parameters()).device
+        self.routers.tokens.to(device)
+        self._counts = [len(part.units) for part in parts]
+        #: per part: multiply-adds per token of its linears at full width (its share of a linear it shares)
+        macs = []
+        for part in parts:
+            rows = sum(linear.in_features for linear in part.rows) * part.width * (2 if part.gated_hidden else 1)
+            macs.append(rows + sum(linear.out_features for linear, _ in part.columns) * part.width)
+        self._macs = torch.tensor(macs, dtype=torch.float32)
+        #: per part: the block whose token router gates it (an MLP part), else None
+        self._token_blocks = [part.block if part.attention is None and part.block in token_inputs else None
+                              for part in parts]
+        width = sum(config.width_at(bucket) for bucket in range(config.buckets)) / config.buckets
+        tokens = torch.tensor([1.0 if block is None else config.token_ratio for block in self._token_blocks])
+        self.target = float((self._macs * width * tokens).sum() / self._macs.sum())
+        #: every unit's share of its part's width, in the routers' order
+        self._shares = torch.cat([torch.tensor([len(u) / part.width for u in part.units]) for part in parts])
+        self._part_of_unit = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(self._counts))
+        self._hooks = [linear.register_forward_pre_hook(self._mask_hook(units.to(device)))
+                       for linear, units in technique.unit_of_input().items()]
+        #: this call's unit gates (on the CPU, and on the model's device for the hooks)
+        self._gates: torch.Tensor | None = None
+        self._device_gates: torch.Tensor | None = None
+        self._timesteps = (math.inf, -math.inf)
+        #: the last call's kept fraction of the narrowable multiply-adds, and of the widths alone
+        self._ratio = self._width = 1.0
+
+    def _mask_hook(self, units: torch.Tensor):
+        """An output linear's pre-hook: each input feature times its unit's gate (`units`: the unit of each)."""
+        def hook(module, args):
+            if self._device_gates is None or self.technique.session.call_state is None:
+                return None
+            x = args[0]
+            return (x * self._device_gates.index_select(0, units).to(x.dtype), *args[1:])
+        return hook
+
+    def begin_call(self, call_state: CallState) -> dict[str, torch.Tensor]:
+        """This call's unit gates (drawn at its timestep); the kept units they amount to, for the ledger."""
+        timestep = call_state.ctx.timestep
+        self._timesteps = (min(self._timesteps[0], timestep), max(self._timesteps[1], timestep))
+        self._gates = gumbel_gate(self.routers.unit_logits(timestep))
+        self._device_gates = self._gates.to(self._device())
+        kept = {}
+        for part, gates in zip(self.technique.parts, self._gates.detach().split(self._counts)):
+            units = (gates > 0).nonzero().flatten()
+            kept[part.key] = units if units.numel() else torch.tensor([0])  # the ledger's least: one unit
+        return kept
+
+    def _device(self) -> torch.device:
+        return next(self.technique.session.transformer.parameters()).device
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.routers.parameters())
+
+    def penalty(self) -> torch.Tensor | None:
+        if self._gates is None:
+            return None
+        widths = torch.zeros(len(self._counts)).index_add(0, self._part_of_unit, self._gates * self._shares)
+        gates = self.tokens.gates
+        tokens = torch.stack([torch.ones(()) if block is None or block not in gates else gates[block].mean().cpu()
+                              for block in self._token_blocks])
+        ratio = (self._macs * widths * tokens).sum() / self._macs.sum()
+        self._ratio = float(ratio.detach())
+        self._width = float((self._macs * widths.detach()).sum() / self._macs.sum())
+        self._gates = None
+        return self.flops_weight * (ratio - self.target) ** 2
+
+    def progress(self) -> dict[str, float]:
+        fractions = self.tokens.fractions
+        shown = {"width": self._width, "ratio": self._ratio, "target": self.target}
+        if fractions:
+            shown["tokens"] = sum(fractions.values()) / len(fractions)
+        return shown
+
+    def save(self, directory: Path, details: dict[str, Any]) -> DyDiTConfig:
+        path = (directory / ROUTERS_FILE).resolve()
+        config = self.technique.config
+        seen = self._timesteps if self._timesteps[0] <= self._timesteps[1] else (0.0, 1000.0)
+        save_routers(path, self.routers, self.identity, config.trained_for(), seen, details)
+        return dataclasses.replace(config, routers=str(path), calibration=None)
+
+    def stop(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._gates = self._device_gates = None
+        self.technique.stop_training()
