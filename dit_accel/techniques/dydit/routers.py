@@ -15,7 +15,8 @@ Training (`RouterTraining`, the fine-tune's `Trainable`): every head and group r
 each unit's features are multiplied by its mask where the part's output linears read them (dropping
 a head zeroes its contribution to the output projection, which equals slicing it out), and each
 token's MLP output by its token mask. A mask is a straight-through Gumbel-sigmoid: hard 0/1 forward
-(logit + logistic noise > 0), the sigmoid's gradient backward. The penalty is DyDiT's FLOPs
+(logit + logistic noise > 0; for units, also the largest of its part, as at inference), the sigmoid's
+gradient backward. The penalty is DyDiT's FLOPs
 constraint, `flops_weight * (ratio - target)**2`: `ratio` is the fraction of the narrowable linears'
 multiply-adds per token the call's hard masks keep (each part's kept width, times the kept token
 fraction for an MLP with a token router), `target` the same for the config (the mean width over its
@@ -57,10 +58,6 @@ ROUTERS_FORMAT = "dit-accel dydit routers 1"
 ROUTERS_FILE = "dydit_routers.safetensors"
 #: width of the timestep's sinusoidal embedding, and of the shared timestep MLP
 _EMBEDDING, _HIDDEN = 128, 64
-#: the routers' logits are this times their layers' outputs: Adam moves a parameter about the learning
-#: rate a step (1e-3 by default, sized for LoRA), so a logit moves ~0.01 a step: a few hundred steps from
-#: keeping nearly everything to the target, rather than thousands
-_LOGIT_SCALE = 10.0
 #: the logit every unit and token starts at: kept with probability sigmoid(3) = 0.95 under the noise
 _START_LOGIT = 3.0
 #: timesteps the worst case of slice copies is taken over (`DyDiT.estimate_bytes`)
@@ -92,7 +89,7 @@ class Routers(nn.Module):
         with torch.no_grad():
             for layer in [routers.width[-1], *routers.tokens.values()]:
                 layer.weight.zero_()
-                layer.bias.fill_(_START_LOGIT / _LOGIT_SCALE)
+                layer.bias.fill_(_START_LOGIT)
         return routers
 
     def token_inputs(self) -> dict[int, int]:
@@ -103,7 +100,7 @@ class Routers(nn.Module):
         embedding = get_timestep_embedding(torch.tensor([float(timestep)]), _EMBEDDING, flip_sin_to_cos=True,
                                            downscale_freq_shift=0)
         with _fp32("cpu"):
-            return self.width(embedding)[0] * _LOGIT_SCALE
+            return self.width(embedding)[0]
 
     def token_logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) fp32 logits of the MLP input tokens `hidden` of `block`: of each token's direction (unit
@@ -111,17 +108,14 @@ class Routers(nn.Module):
         layer = self.tokens[str(block)]
         with _fp32(hidden.device):
             direction = torch.nn.functional.normalize(hidden.float(), dim=-1)
-            return torch.nn.functional.linear(direction, layer.weight, layer.bias)[..., 0] * _LOGIT_SCALE
+            return torch.nn.functional.linear(direction, layer.weight, layer.bias)[..., 0]
 
     def kept(self, timestep: float) -> dict[str, torch.Tensor]:
-        """Part key -> the units (sorted) whose logit at `timestep` is > 0; the likeliest where none is."""
+        """Part key -> the units (sorted) whose logit at `timestep` is > 0 or the largest of their part."""
         with torch.no_grad():
             logits = self.unit_logits(timestep)
-        kept = {}
-        for (key, _), part in zip(self.parts, logits.split([units for _, units in self.parts])):
-            units = (part > 0).nonzero().flatten()
-            kept[key] = units if units.numel() else part.argmax().reshape(1)
-        return kept
+        return {key: ((part > 0) | (part == part.max())).nonzero().flatten()
+                for (key, _), part in zip(self.parts, logits.split([units for _, units in self.parts]))}
 
 
 def save_routers(path: Path, routers: Routers, identity: dict[str, str], trained_for: dict[str, Any],
@@ -169,11 +163,16 @@ def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: 
     return routers, (low, high)
 
 
-def gumbel_gate(logits: torch.Tensor) -> torch.Tensor:
-    """Straight-through Gumbel-sigmoid: 1 where logit + logistic noise > 0, else 0; the sigmoid's gradient."""
+def logistic_noise(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` plus logistic noise: thresholded at 0, a Gumbel-sigmoid draw (keep with p = sigmoid(logit))."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid(logits + uniform.log() - (-uniform).log1p())
-    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+    return logits + uniform.log() - (-uniform).log1p()
+
+
+def straight_through(noisy: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The gates `hard` (0/1) forward, the sigmoid of the `noisy` logits' gradient backward."""
+    soft = torch.sigmoid(noisy)
+    return hard.to(soft.dtype) + soft - soft.detach()
 
 
 class RoutedTokens:
@@ -225,7 +224,8 @@ class TrainedTokens:
 
     def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
             hidden: torch.Tensor) -> torch.Tensor:
-        gates = gumbel_gate(self.routers.token_logits(block, hidden))
+        noisy = logistic_noise(self.routers.token_logits(block, hidden))
+        gates = straight_through(noisy, noisy > 0)
         self.gates[block] = gates
         record_fraction(call_state, block, unit, float(gates.detach().mean()), self.fractions)  # one sync: training
         output = forward(hidden)
@@ -283,13 +283,14 @@ class RouterTraining(Trainable):
         """This call's unit gates (drawn at its timestep); the kept units they amount to, for the ledger."""
         timestep = call_state.ctx.timestep
         self._timesteps = (min(self._timesteps[0], timestep), max(self._timesteps[1], timestep))
-        self._gates = gumbel_gate(self.routers.unit_logits(timestep))
+        noisy = logistic_noise(self.routers.unit_logits(timestep))
+        largest = torch.zeros(len(self._counts)).scatter_reduce(0, self._part_of_unit, noisy.detach(), "amax",
+                                                                include_self=False)
+        hard = (noisy > 0) | (noisy == largest[self._part_of_unit])  # as at inference: one unit a part at least
+        self._gates = straight_through(noisy, hard)
         self._device_gates = self._gates.to(self._device())
-        kept = {}
-        for part, gates in zip(self.technique.parts, self._gates.detach().split(self._counts)):
-            units = (gates > 0).nonzero().flatten()
-            kept[part.key] = units if units.numel() else torch.tensor([0])  # the ledger's least: one unit
-        return kept
+        return {part.key: units.nonzero().flatten()
+                for part, units in zip(self.technique.parts, hard.split(self._counts))}
 
     def _device(self) -> torch.device:
         return next(self.technique.session.transformer.parameters()).device
