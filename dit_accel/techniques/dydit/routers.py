@@ -106,6 +106,8 @@ class Routers(nn.Module):
         """(B, T) fp32 logits of the MLP input tokens `hidden` of `block`: of each token's direction (unit
         length), so a step moves a logit as much at any hidden width or activation scale."""
         layer = self.tokens[str(block)]
+        if layer.weight.device != hidden.device:  # once: the file loads on the CPU, the model may move
+            layer.to(hidden.device)
         with _fp32(hidden.device):
             direction = torch.nn.functional.normalize(hidden.float(), dim=-1)
             return torch.nn.functional.linear(direction, layer.weight, layer.bias)[..., 0]

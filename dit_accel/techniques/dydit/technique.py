@@ -317,6 +317,11 @@ class DyDiT(Technique):
         self._untrained_tokens, self.mlp_tokens = self.mlp_tokens, self._training.tokens
         return self._training
 
+    def detach(self) -> None:
+        """A fine-tune that ended without `stop` (an error): its gate hooks come off with the handle."""
+        if self._training is not None:
+            self._training.stop()
+
     def stop_training(self) -> None:
         """Back to the training-free choice (the trained routers are in their file)."""
         self.mlp_tokens, self._training, self._untrained_tokens = self._untrained_tokens, None, None
