@@ -93,7 +93,7 @@ def test_the_routers_file_is_refused_for_another_model_or_config(tmp_path):
         _technique(handle).start_training(TrainingSettings())
 
 
-@pytest.mark.parametrize("family", ["sd3", "wan"])  # Wan: q/k norms over all heads
+@pytest.mark.parametrize("family", ["sd3", "wan", "flux"])  # Wan: q/k norms over all heads; Flux: fused blocks
 def test_routed_slices_equal_the_gated_full_width_training_execution(family, tmp_path, monkeypatch):
     """What the routers keep at each step, run sliced, equals training's full-width execution with its
     gates at their noiseless values (1 where the logit is > 0 or the largest of its part): zeroing a head's input to the output
@@ -133,3 +133,16 @@ def test_routers_that_keep_everything_are_dense(tmp_path):
         report = handle.report()
         assert _technique(handle).estimate_bytes(SHAPES) == {}
     assert report["flops_ratio"] == pytest.approx(1.0)
+
+
+def test_a_handle_removed_during_training_takes_the_gates_off():
+    """A fine-tune that fails ends with `handle.remove()` alone: the gate hooks go with it."""
+    pipe = tiny_pipeline("sd3")
+    dense, before = run(pipe, "sd3"), model_state(pipe.transformer)
+    handle = dit_accel.apply(pipe, dit_accel.DyDiTConfig(width_ratio=0.5, token_ratio=0.5))
+    _technique(handle).start_training(TrainingSettings())
+    assert any(module._forward_pre_hooks for module in pipe.transformer.modules())
+    handle.remove()
+    assert not any(module._forward_pre_hooks for module in pipe.transformer.modules())
+    assert model_state(pipe.transformer) == before
+    torch.testing.assert_close(run(pipe, "sd3"), dense, rtol=0, atol=0)
