@@ -55,6 +55,8 @@ class Param:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    #: the field names a file (a plan file keeps it relative to its own folder where it lies within)
+    file: bool = False
 
     def range_text(self) -> str:
         """"in [0, 1]", ">= 0", "> 0", or "" when any number is fine."""
@@ -77,9 +79,10 @@ class Param:
 
 
 def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False) -> Any:
-    """A config field: its default, a one-line doc, and the range numbers (or tuple items) must lie in."""
-    return dataclasses.field(default=default, metadata={"param": Param(doc, low, high, low_open, high_open)})
+          low_open: bool = False, high_open: bool = False, file: bool = False) -> Any:
+    """A config field: its default, a one-line doc, and the range numbers (or tuple items) must lie in;
+    `file`: its value is a file's path."""
+    return dataclasses.field(default=default, metadata={"param": Param(doc, low, high, low_open, high_open, file)})
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,15 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__}")
 
 
-def _decode(value: Any) -> Any:
+def _decode(value: Any, folder: Path | None = None) -> Any:
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, folder) for v in value]
     if not isinstance(value, dict):
         return value
+    if "file" in value:
+        return str((folder or Path()) / value["file"])
     if "tuple" in value:
-        return tuple(_decode(v) for v in value["tuple"])
+        return tuple(_decode(v, folder) for v in value["tuple"])
     if "tensor" in value:
         return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
     if "dtype" in value:
@@ -73,14 +75,30 @@ def _default(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def config_record(config: Any) -> dict[str, Any]:
+def _within(value: Any, field: dataclasses.Field, folder: Path | None) -> str | None:
+    """A file field's path relative to `folder` when the file lies within it, else None."""
+    spec = field.metadata.get("param")
+    if folder is None or spec is None or not spec.file or not isinstance(value, str):
+        return None
+    try:
+        return Path(value).resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def config_record(config: Any, folder: Path | None = None) -> dict[str, Any]:
     """{"technique": plan name, "fields": values}; a field JSON cannot hold (a callback) must be at its
-    default, which the loader then gives it again."""
+    default, which the loader then gives it again; a file within `folder` (the plan file's) is kept
+    relative to it, so the folder can move."""
     fields = {}
     for field in dataclasses.fields(config):
         if not field.init:
             continue
         value = getattr(config, field.name)
+        relative = _within(value, field, folder)
+        if relative is not None:
+            fields[field.name] = {"file": relative}
+            continue
         try:
             fields[field.name] = _encode(value)
         except TypeError:
@@ -90,13 +108,14 @@ def config_record(config: Any) -> dict[str, Any]:
     return {"technique": registration(config).name, "fields": fields}
 
 
-def config_from_record(record: dict[str, Any]) -> Any:
+def config_from_record(record: dict[str, Any], folder: Path | None = None) -> Any:
+    """The config of a record; its relative files under `folder` (the plan file's)."""
     known = {r.name: r.config_class for r in registrations()}
     name = record.get("technique")
     if name not in known:
         raise ConfigError(f"plan file: unknown technique {name!r}; valid: {', '.join(known)}")
     try:
-        return known[name](**{k: _decode(v) for k, v in record.get("fields", {}).items()})
+        return known[name](**{k: _decode(v, folder) for k, v in record.get("fields", {}).items()})
     except TypeError as error:
         raise ConfigError(f"plan file: {name}: {error}") from None
 
@@ -131,7 +150,7 @@ def save_plan(path: str | Path, configs: list[Any], pipe: Any, *, num_inference_
     content = {"format": FORMAT, "version": VERSION,
                "models": [ModelCheckConfig.joined(model_identity(t)) for t in pipeline_transformers(pipe)[0]],
                "num_inference_steps": num_inference_steps, "summary": plan_summary(plain),
-               "configs": [config_record(c) for c in plain], **details}
+               "configs": [config_record(c, path.parent) for c in plain], **details}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -174,4 +193,4 @@ def load_plan(path: str | Path, num_steps: int | None = None) -> list[Any]:
         raise ConfigError(f"plan {str(path)!r} was tuned for {tuned} steps, not {num_steps}: tune it again for "
                           f"{num_steps} steps")
     check = ModelCheckConfig(models=tuple(content.get("models", ())), num_inference_steps=tuned, source=str(path))
-    return [check, *(config_from_record(record) for record in content.get("configs", []))]
+    return [check, *(config_from_record(record, Path(path).parent) for record in content.get("configs", []))]

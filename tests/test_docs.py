@@ -69,7 +69,7 @@ def test_every_option_is_in_the_cli_doc():
     sections = {title: body for title, body in re.findall(r"^## ([\w-]+)\n(.*?)(?=^## |\Z)",
                                                            (ROOT / "docs" / "CLI.md").read_text(), re.S | re.M)}
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    parsers = {name: commands[name] for name in ("generate", "calibrate", "tune", "gpu-check")}
+    parsers = {name: commands[name] for name in ("generate", "calibrate", "finetune", "tune", "gpu-check")}
     parsers |= {"bench": bench_parser(), "ui": ui_parser()}
     for name, parser in parsers.items():
         rows = [line.split(" | ")[0] for line in sections[name].splitlines() if line.startswith("| `--")]

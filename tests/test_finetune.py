@@ -62,8 +62,24 @@ def test_training_lowers_the_distillation_error_and_writes_a_plan(trained):
     before, after = _distillation_error(pipe, POOLED, out), _distillation_error(pipe, config, out)
     assert after < 0.8 * before, (before, after)
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["configs"][0]["fields"]["adapters"] == config.adapters
+    assert plan["configs"][0]["fields"]["adapters"] == {"file": "flexdit_adapters.safetensors"}
     assert plan["finetune"]["training_steps"] == 40 and plan["finetune"]["prompts"] == 4
+
+
+def test_the_plan_file_and_its_adapters_move_together(trained, tmp_path):
+    import shutil
+
+    from dit_accel import load_plan
+
+    pipe, config, out = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("*.pt"))
+    check, loaded = load_plan(moved / "plan.json")
+    assert loaded.adapters == str(moved / "flexdit_adapters.safetensors")
+    with apply(pipe, check, loaded):
+        moved_output = _latents(pipe)
+    with apply(pipe, config):
+        assert torch.equal(moved_output, _latents(pipe))
 
 
 def test_adapters_round_trip_and_remove_leaves_the_model_bit_identical(trained):

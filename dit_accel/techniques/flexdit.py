@@ -93,7 +93,7 @@ class FlexDiTConfig(AccelerationConfig):
     dense_fraction: float = param(0.25, "last fraction of the steps that runs dense under a (start, end) schedule",
                                   low=0.0, high=1.0)
     adapters: str | None = param(None, "safetensors file of LoRA adapters fine-tuned for this config on this model "
-                                       "(dit_accel.finetune / `dit-accel finetune`); None: training-free")
+                                       "(dit_accel.finetune / `dit-accel finetune`); None: training-free", file=True)
 
     name = "flexdit"
     #: measured on the reference image model (64 captions, CFG 4, 20 steps; see the class doc)
@@ -231,8 +231,8 @@ class FlexDiT(Technique):
         self._warned = False
         #: the LoRA adapters on the model while applied (from `config.adapters`, or being trained)
         self._adapters: LoraAdapters | None = None
-        #: adapted block -> the adapters' FLOPs per token through it
-        self._adapter_flops: dict[int, float] = {}
+        #: adapted block -> token stream -> the adapters' FLOPs per token of that stream
+        self._adapter_flops: dict[int, dict[str, float]] = {}
 
     def check_plan(self) -> None:
         width = self.session.by_stage.get(Stage.WIDTH)
@@ -286,14 +286,17 @@ class FlexDiT(Technique):
         return _AdapterTraining(self, identity)
 
     def _put_adapters(self, adapters: LoraAdapters) -> None:
-        adapters.inject()
-        self._adapters = adapters
+        """Inject `adapters`, and note per block the FLOPs per token they add to each token stream."""
         names = {module: name for name, module in self.session.transformer.named_modules()}
         self._adapter_flops = {}
         for index, block in enumerate(self.adapter.blocks()):
-            flops = adapters.flops_per_token(names[block] + ".")
-            if flops:
-                self._adapter_flops[index] = flops
+            prefix = names[block] + "."
+            for name, stream in self.adapter.linear_streams(block).items():
+                if prefix + name in adapters.targets:
+                    flops = self._adapter_flops.setdefault(index, {})
+                    flops[stream] = flops.get(stream, 0.0) + adapters.flops_per_token(prefix + name)
+        adapters.inject()
+        self._adapters = adapters
 
     def transformed_blocks(self) -> frozenset[int]:
         first, last = self.config.sparse_blocks
@@ -311,11 +314,12 @@ class FlexDiT(Technique):
 
     def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
         """The adapters' work: each adapted block's tokens (the groups where it ran pooled) through its LoRA layers."""
-        if self._adapters is not None:
-            call = call_state.ctx.call
-            for block, flops_per_token in self._adapter_flops.items():
-                tokens = self._pooled.get(block, (call.grid.num_tokens, 0))[0] + call.text_tokens
-                call_state.record_overhead("flexdit LoRA adapters", flops_per_token * call.batch_size * tokens, tokens)
+        call = call_state.ctx.call
+        for block, by_stream in self._adapter_flops.items():
+            image = self._pooled.get(block, (call.grid.num_tokens, 0))[0]
+            tokens = {"image": image, "text": call.text_tokens, "joint": image + call.text_tokens, "pooled": 1}
+            flops = sum(per_token * tokens[stream] for stream, per_token in by_stream.items())
+            call_state.record_overhead("flexdit LoRA adapters", flops * call.batch_size, image)
         return output
 
     def end_run(self) -> None:

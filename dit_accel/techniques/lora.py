@@ -92,16 +92,11 @@ class LoraAdapters:
                 parameter.requires_grad_(self._requires_grad[name])
         self.parameters = []
 
-    def flops_per_token(self, prefix: str = "") -> float:
-        """FLOPs the adapters under `prefix` add per token (A: in -> r, B: r -> out; 2 per multiply-add)."""
-        total = 0
-        for name in self.targets:
-            if not name.startswith(prefix):
-                continue
-            base = self.transformer.get_submodule(name)
-            base = getattr(base, "base_layer", base)
-            total += self.rank * (base.in_features + base.out_features)
-        return 2.0 * total
+    def flops_per_token(self, name: str) -> float:
+        """FLOPs the adapter on target `name` adds per token (A: in -> r, B: r -> out; 2 per multiply-add)."""
+        layer = self.transformer.get_submodule(name)
+        base = getattr(layer, "base_layer", layer)
+        return 2.0 * self.rank * (base.in_features + base.out_features)
 
 
 def save_adapters(path: str | Path, adapters: LoraAdapters, identity: dict[str, str], trained_for: dict[str, Any],
