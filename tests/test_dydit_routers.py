@@ -49,10 +49,10 @@ def test_finetune_pulls_the_flops_ratio_to_the_target_and_the_file_round_trips(t
     assert model_state(pipe.transformer) == before
     assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
     torch.testing.assert_close(run(pipe, "sd3"), dense, rtol=0, atol=0)
-    # the routers start keeping nearly everything (ratio ~0.95 against a target of ~0.56: the penalty
-    # dominates the loss) and the constraint pulls them down within a few steps
+    # the routers start keeping nearly every unit (ratio ~0.7 against a target of ~0.45 with half the MLP
+    # tokens: the penalty dominates the loss) and the constraint pulls them down within a few steps
     losses = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["losses"]
-    assert losses[0] > 0.5 and min(losses[1:]) < losses[0] / 4
+    assert losses[0] > 0.1 and min(losses[1:]) < losses[0] / 4
     assert config.routers == str((tmp_path / routers_module.ROUTERS_FILE).resolve()) and config.calibration is None
     with safe_open(config.routers, framework="pt") as file:
         metadata = file.metadata()

@@ -92,6 +92,46 @@ def _targets(pipe: Any, prompts: list[str], call_kwargs: dict, batch_size: int, 
     return [TargetCall.from_record(r) for r in records]
 
 
+def _train(transformer: torch.nn.Module, configs: list, members: list, targets: list[TargetCall],
+           loop_settings: LoopSettings, settings: TrainingSettings, accelerator: Any, out: Path
+           ) -> tuple[dict[int, Any], dict[str, Any]]:
+    """Train `members` of the plan `configs` on `transformer`: ({index in configs: the trained config}
+    (the main process's; the others' is empty), how the training went)."""
+    plan_text = plan_summary(configs) + f" rank={settings.lora_rank} flops_weight={settings.flops_weight}"
+    trained: dict[int, Any] = {}
+    flags = {}
+    # every process starts the trainables (LoRA's A, the routers) from the same draw, and each step
+    # seeds its own noise (`Distillation.train_step`); the caller's random state is left as it was
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), apply(transformer, *configs) as handle:
+        torch.manual_seed(loop_settings.seed)
+        try:
+            techniques = [t for t in handle.techniques if any(t.config is m for m in members)]
+            trainables = [t.start_training(settings) for t in techniques]
+            flags = {p: p.requires_grad for p in transformer.parameters()}
+            learnt = {id(p) for t in trainables for p in t.parameters()}
+            for parameter in transformer.parameters():
+                parameter.requires_grad_(id(parameter) in learnt)
+            loop = Distillation(transformer, trainables, targets, loop_settings, accelerator, out, plan_text,
+                                flops_ratio=lambda: handle.report()["flops_ratio"])
+            loop.resume()
+            loop.run()
+            details = {"training_steps": loop.step, "seconds": round(loop.seconds, 1),
+                       "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])),
+                       "batch_size": loop_settings.batch_size, "learning_rate": loop_settings.learning_rate,
+                       "processes": accelerator.num_processes}
+            if accelerator.is_main_process:
+                for technique, trainable in zip(techniques, trainables):
+                    index = next(i for i, c in enumerate(configs) if c is technique.config)
+                    trained[index] = trainable.save(out, details)
+            for trainable in trainables:
+                trainable.stop()
+        finally:
+            for parameter, flag in flags.items():
+                parameter.requires_grad_(flag)
+    return trained, details
+
+
 def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, minutes: float | None = None,
              steps: int | None = None, batch_size: int = 8, learning_rate: float = 1e-3, lora_rank: int = 8,
              flops_weight: float = 1.0, checkpoint_every: int = 50, seed: int = 0, progress: bool = True,
@@ -120,43 +160,10 @@ def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, m
     if next(transformer.parameters()).device != accelerator.device:
         pipe.to(accelerator.device)
     targets = _targets(pipe, prompts, call_kwargs, batch_size, seed, accelerator, out, progress)
-    settings = TrainingSettings(lora_rank=lora_rank, flops_weight=flops_weight)
-    trained: dict[int, Any] = {}
-    flags = {}
-    handle = apply(transformer, *configs)
-    # every process starts the trainables (LoRA's A, the routers) from the same draw, and each step
-    # seeds its own noise (`Distillation.train_step`); the caller's random state is left as it was
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    rng = torch.random.fork_rng(devices=devices)
-    rng.__enter__()
-    torch.manual_seed(seed)
-    try:
-        techniques = [t for t in handle.techniques if any(t.config is m for m in members)]
-        trainables = [t.start_training(settings) for t in techniques]
-        flags = {p: p.requires_grad for p in transformer.parameters()}
-        learnt = {id(p) for t in trainables for p in t.parameters()}
-        for parameter in transformer.parameters():
-            parameter.requires_grad_(id(parameter) in learnt)
-        loop_settings = LoopSettings(steps, minutes, batch_size, learning_rate, checkpoint_every, seed, progress)
-        loop = Distillation(transformer, trainables, targets, loop_settings, accelerator, out,
-                            plan_summary(configs) + f" rank={lora_rank} flops_weight={flops_weight}",
-                            flops_ratio=lambda: handle.report()["flops_ratio"])
-        loop.resume()
-        loop.run()
-        details = {"prompts": len(prompts), "training_steps": loop.step, "seconds": round(loop.seconds, 1),
-                   "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])), "batch_size": batch_size,
-                   "learning_rate": learning_rate, "processes": accelerator.num_processes,
-                   "call": {k: repr(v) for k, v in call_kwargs.items()}}
-        if accelerator.is_main_process:
-            for technique, trainable in zip(techniques, trainables):
-                trained[next(i for i, c in enumerate(configs) if c is technique.config)] = trainable.save(out, details)
-        for trainable in trainables:
-            trainable.stop()
-    finally:
-        rng.__exit__(None, None, None)
-        for parameter, flag in flags.items():
-            parameter.requires_grad_(flag)
-        handle.remove()
+    loop_settings = LoopSettings(steps, minutes, batch_size, learning_rate, checkpoint_every, seed, progress)
+    trained, details = _train(transformer, configs, members, targets, loop_settings,
+                              TrainingSettings(lora_rank=lora_rank, flops_weight=flops_weight), accelerator, out)
+    details = {"prompts": len(prompts), **details, "call": {k: repr(v) for k, v in call_kwargs.items()}}
     result = [trained.get(i, config) for i, config in enumerate(configs)]
     if accelerator.is_main_process:
         save_plan(out / PLAN, result, pipe, num_inference_steps=call_kwargs.get("num_inference_steps"),

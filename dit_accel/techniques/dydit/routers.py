@@ -14,13 +14,14 @@ static shapes, no host sync), the others pass through the residual alone.
 Training (`RouterTraining`, the fine-tune's `Trainable`): every head and group runs at full width;
 each unit's features are multiplied by its mask where the part's output linears read them (dropping
 a head zeroes its contribution to the output projection, which equals slicing it out), and each
-token's MLP output by its token mask. A mask is a straight-through Gumbel-sigmoid: hard 0/1 forward
-(logit + logistic noise > 0; for units, also the largest of its part, as at inference), the sigmoid's
-gradient backward. The penalty is DyDiT's FLOPs
-constraint, `flops_weight * (ratio - target)**2`: `ratio` is the fraction of the narrowable linears'
-multiply-adds per token the call's hard masks keep (each part's kept width, times the kept token
-fraction for an MLP with a token router), `target` the same for the config (the mean width over its
-buckets, `token_ratio` for the token-routed MLPs). The routers start keeping nearly everything (the
+token's MLP output by its token mask. A mask is a straight-through Gumbel-sigmoid: hard 0/1 forward,
+the sigmoid's gradient backward; a unit is kept where its logit plus logistic noise is > 0 (and the
+largest of its part, as at inference), a token where its noisy score is among the top `token_ratio`
+of its sample (the count inference runs: a static shape, where the paper's threshold is not). The
+penalty is DyDiT's FLOPs constraint on the widths, `flops_weight * (ratio - target)**2`: `ratio` is
+the fraction of the narrowable linears' multiply-adds per token the call's hard masks keep (each
+part's kept width, times `token_ratio` for an MLP with a token router), `target` the same at the
+config's mean width over its buckets. The routers start keeping nearly everything (the
 loss starts at dense quality) and the constraint pulls the ratio down.
 
 The file (safetensors, fp32) holds the routers with the transformer's identity (`models/identity.py`:
@@ -207,19 +208,18 @@ class RoutedTokens:
 
 
 class TrainedTokens:
-    """Fine-tuning: every token runs the MLP and its output is multiplied by the token's gate."""
+    """Fine-tuning: every token runs the MLP and its output is multiplied by the token's gate: 1 for the
+    top `token_ratio` of the noisy scores per sample (the count inference runs), 0 for the others."""
 
-    def __init__(self, routers: Routers):
-        self.routers = routers
+    def __init__(self, routers: Routers, token_ratio: float):
+        self.routers, self.token_ratio = routers, token_ratio
         self.fractions: dict[int, float] = {}
-        #: block -> this call's (B, T) token gates
-        self.gates: dict[int, torch.Tensor] = {}
 
     def begin_call(self, call_state: CallState) -> None:
-        self.fractions, self.gates = {}, {}
+        self.fractions = {}
 
     def end_run(self) -> None:
-        self.gates = {}
+        """Nothing is kept between calls."""
 
     def nbytes(self) -> int:
         return 0
@@ -227,9 +227,10 @@ class TrainedTokens:
     def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
             hidden: torch.Tensor) -> torch.Tensor:
         noisy = logistic_noise(self.routers.token_logits(block, hidden))
-        gates = straight_through(noisy, noisy > 0)
-        self.gates[block] = gates
-        record_fraction(call_state, block, unit, float(gates.detach().mean()), self.fractions)  # one sync: training
+        kept = math.ceil(self.token_ratio * hidden.shape[1])
+        hard = torch.zeros_like(noisy).scatter_(1, noisy.detach().topk(kept, dim=1).indices, 1.0)
+        gates = straight_through(noisy, hard)
+        record_fraction(call_state, block, unit, kept / hidden.shape[1], self.fractions)
         output = forward(hidden)
         return output * gates.unsqueeze(-1).to(output.dtype)
 
@@ -244,7 +245,7 @@ class RouterTraining(Trainable):
         config = technique.config
         parts: list[Part] = technique.parts
         self.routers = Routers.initial([(part.key, len(part.units)) for part in parts], token_inputs)
-        self.tokens = TrainedTokens(self.routers)
+        self.tokens = TrainedTokens(self.routers, config.token_ratio)
         device = next(technique.session.transformer.parameters()).device
         self.routers.tokens.to(device)
         self._counts = [len(part.units) for part in parts]
@@ -258,8 +259,9 @@ class RouterTraining(Trainable):
         self._token_blocks = [part.block if part.attention is None and part.block in token_inputs else None
                               for part in parts]
         width = sum(config.width_at(bucket) for bucket in range(config.buckets)) / config.buckets
-        tokens = torch.tensor([1.0 if block is None else config.token_ratio for block in self._token_blocks])
-        self.target = float((self._macs * width * tokens).sum() / self._macs.sum())
+        #: per part: the fraction of tokens it runs on (an MLP with a token router: the config's, fixed)
+        self._tokens = torch.tensor([1.0 if block is None else config.token_ratio for block in self._token_blocks])
+        self.target = float((self._macs * width * self._tokens).sum() / self._macs.sum())
         #: every unit's share of its part's width, in the routers' order
         self._shares = torch.cat([torch.tensor([len(u) / part.width for u in part.units]) for part in parts])
         self._part_of_unit = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(self._counts))
@@ -304,10 +306,7 @@ class RouterTraining(Trainable):
         if self._gates is None:
             return None
         widths = torch.zeros(len(self._counts)).index_add(0, self._part_of_unit, self._gates * self._shares)
-        gates = self.tokens.gates
-        tokens = torch.stack([torch.ones(()) if block is None or block not in gates else gates[block].mean().cpu()
-                              for block in self._token_blocks])
-        ratio = (self._macs * widths * tokens).sum() / self._macs.sum()
+        ratio = (self._macs * widths * self._tokens).sum() / self._macs.sum()
         self._ratio = float(ratio.detach())
         self._width = float((self._macs * widths.detach()).sum() / self._macs.sum())
         self._gates = None
