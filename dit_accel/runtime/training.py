@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 
+def changed_fields(trained_for: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """How the config fields a file was `trained_for` differ from the config's `now` ("field=old (now
+    new), ..."), or None when they do not."""
+    changed = [f"{k}={trained_for.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(trained_for) | set(now))
+               if trained_for.get(k) != now.get(k)]
+    return ", ".join(changed) or None
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """What a fine-tune asks of every technique it trains."""

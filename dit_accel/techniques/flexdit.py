@@ -52,7 +52,7 @@ from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
-from ..runtime.training import Trainable, TrainingSettings
+from ..runtime.training import Trainable, TrainingSettings, changed_fields
 from .lora import LoraAdapters, adapter_targets, load_adapters, save_adapters
 
 
@@ -255,10 +255,8 @@ class FlexDiT(Technique):
 
     def _load_adapters(self, path: str) -> None:
         state, metadata = load_adapters(path, self.session.transformer, "FlexDiTConfig.adapters")
-        trained_for, now = metadata["trained_for"], self.config.pooling()
-        if trained_for != now:
-            changed = ", ".join(f"{k}={trained_for.get(k)!r} (now {now.get(k)!r})" for k in sorted(now)
-                                if trained_for.get(k) != now.get(k))
+        changed = changed_fields(metadata["trained_for"], self.config.pooling())
+        if changed is not None:
             raise ConfigError(f"FlexDiTConfig.adapters {path!r} were trained for another pooling: {changed}")
         self._put_adapters(LoraAdapters(self.session.transformer, adapter_targets(state), metadata["rank"]))
         self._adapters.load(state)

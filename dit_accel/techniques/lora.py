@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..models.identity import identity_mismatch
+from ..models.identity import load_for_model, save_for_model
 
 #: safetensors metadata "format" of an adapters file
 ADAPTERS_FORMAT = "dit-accel lora adapters 1"
@@ -103,32 +103,15 @@ def save_adapters(path: str | Path, adapters: LoraAdapters, identity: dict[str, 
                   details: dict[str, Any]) -> None:
     """Write `adapters` with the transformer's `identity` (taken before the LoRA layers went on) and the
     config fields they were `trained_for`."""
-    from safetensors.torch import save_file
-
-    metadata = {"format": ADAPTERS_FORMAT, **identity, "rank": str(adapters.rank),
-                "trained_for": json.dumps(trained_for, sort_keys=True), "details": json.dumps(details)}
-    save_file({k: v.float().contiguous().cpu() for k, v in adapters.state().items()}, str(path), metadata=metadata)
+    save_for_model(path, adapters.state(), identity, ADAPTERS_FORMAT, rank=str(adapters.rank),
+                   trained_for=json.dumps(trained_for, sort_keys=True), details=json.dumps(details))
 
 
 def load_adapters(path: str | Path, transformer: nn.Module, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, metadata) of an adapters file, refused with a `ConfigError` for another model (`what`
     names the config field, for the messages)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            state = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises its own error types for a file that is not one
-        raise ConfigError(f"{what} {str(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != ADAPTERS_FORMAT:
-        raise ConfigError(f"{what} {str(path)!r} is not a dit-accel adapters file")
-    mismatch = identity_mismatch(metadata, transformer)
-    if mismatch is not None:
-        raise ConfigError(f"{what} {str(path)!r} does not fit this transformer: {mismatch}")
-    metadata["trained_for"] = json.loads(metadata["trained_for"])
-    metadata["rank"] = int(metadata["rank"])
-    return state, metadata
+    state, metadata = load_for_model(path, transformer, ADAPTERS_FORMAT, f"{what} {str(path)!r}")
+    return state, {**metadata, "trained_for": json.loads(metadata["trained_for"]), "rank": int(metadata["rank"])}
 
 
 def adapter_targets(state: dict[str, torch.Tensor]) -> list[str]:

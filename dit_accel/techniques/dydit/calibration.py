@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...config import ConfigError
-from ...models.identity import identity_mismatch, model_identity
+from ...models.identity import load_for_model, model_identity, save_for_model
 from .config import DyDiTConfig
 
 #: safetensors metadata "format" of a calibration file
@@ -34,28 +34,12 @@ _EXHAUSTIVE = 4096
 
 def save_calibration(path: str | Path, scores: dict[str, torch.Tensor], transformer: nn.Module,
                      details: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    metadata = {"format": CALIBRATION_FORMAT, **model_identity(transformer), "details": json.dumps(details)}
-    save_file({k: v.float().contiguous() for k, v in scores.items()}, str(path), metadata=metadata)
+    save_for_model(str(path), scores, model_identity(transformer), CALIBRATION_FORMAT, details=json.dumps(details))
 
 
 def load_calibration(path: str | Path, transformer: nn.Module) -> dict[str, torch.Tensor]:
     """Per part (buckets, units) scores, refused with a `ConfigError` when made for another model."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            scores = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises its own error types for a file that is not one
-        raise ConfigError(f"DyDiT calibration {str(path)!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != CALIBRATION_FORMAT:
-        raise ConfigError(f"DyDiT calibration {str(path)!r} is not a dit-accel DyDiT calibration file")
-    mismatch = identity_mismatch(metadata, transformer)
-    if mismatch is not None:
-        raise ConfigError(f"DyDiT calibration {str(path)!r} does not fit this transformer: {mismatch}")
-    return scores
+    return load_for_model(path, transformer, CALIBRATION_FORMAT, f"DyDiT calibration {str(path)!r}")[0]
 
 
 class DyDiTScores:

@@ -42,9 +42,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from ...config import ConfigError
-from ...models.identity import identity_mismatch
+from ...models.identity import load_for_model, save_for_model
 from ...runtime.call_state import CallState
-from ...runtime.training import Trainable, TrainingSettings
+from ...runtime.training import Trainable, TrainingSettings, changed_fields
 from ...tokens import gather_tokens, scatter_tokens
 from .config import DyDiTConfig
 from .tokens import record_fraction
@@ -125,37 +125,19 @@ def save_routers(path: Path, routers: Routers, identity: dict[str, str], trained
                  timesteps: tuple[float, float], details: dict[str, Any]) -> None:
     """Write `routers` with the transformer's `identity`, the config fields they were `trained_for` and the
     range of `timesteps` they saw."""
-    from safetensors.torch import save_file
-
-    metadata = {"format": ROUTERS_FORMAT, **identity, "parts": json.dumps(routers.parts),
-                "token_inputs": json.dumps(routers.token_inputs()), "timesteps": json.dumps(list(timesteps)),
-                "trained_for": json.dumps(trained_for, sort_keys=True), "details": json.dumps(details)}
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in routers.state_dict().items()}, str(path),
-              metadata=metadata)
+    save_for_model(str(path), routers.state_dict(), identity, ROUTERS_FORMAT, parts=json.dumps(routers.parts),
+                   token_inputs=json.dumps(routers.token_inputs()), timesteps=json.dumps(list(timesteps)),
+                   trained_for=json.dumps(trained_for, sort_keys=True), details=json.dumps(details))
 
 
 def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: list[tuple[str, int]]
                  ) -> tuple[Routers, tuple[float, float]]:
     """(the routers, the range of timesteps they were trained on), refused with a `ConfigError` when made
     for another model, another config or other parts."""
-    from safetensors import safe_open
-
     what = f"DyDiTConfig.routers {path!r}"
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-            state = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises its own error types for a file that is not one
-        raise ConfigError(f"{what} is not a safetensors file: {error}") from error
-    if metadata.get("format") != ROUTERS_FORMAT:
-        raise ConfigError(f"{what} is not a dit-accel DyDiT routers file")
-    mismatch = identity_mismatch(metadata, transformer)
-    if mismatch is not None:
-        raise ConfigError(f"{what} does not fit this transformer: {mismatch}")
-    trained_for, now = json.loads(metadata["trained_for"]), config.trained_for()
-    if trained_for != now:
-        changed = ", ".join(f"{k}={trained_for.get(k)!r} (now {now[k]!r})" for k in sorted(now)
-                            if trained_for.get(k) != now[k])
+    state, metadata = load_for_model(path, transformer, ROUTERS_FORMAT, what)
+    changed = changed_fields(json.loads(metadata["trained_for"]), config.trained_for())
+    if changed is not None:
         raise ConfigError(f"{what} were trained for another config: {changed}")
     if [tuple(p) for p in json.loads(metadata["parts"])] != parts:
         raise ConfigError(f"{what} route other heads and channel groups than this transformer's")
@@ -178,9 +160,8 @@ def straight_through(noisy: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     return hard.to(soft.dtype) + soft - soft.detach()
 
 
-class RoutedTokens:
-    """Inference: per sample the top `token_ratio` of the MLP input tokens by router score run the MLP;
-    the others get no MLP output (the residual alone). The technique's `mlp_tokens` with routers."""
+class _RoutedTokenRunner:
+    """What both token runners keep: nothing between calls, this call's computed fraction per block."""
 
     def __init__(self, routers: Routers, token_ratio: float):
         self.routers, self.token_ratio = routers, token_ratio
@@ -196,6 +177,11 @@ class RoutedTokens:
     def nbytes(self) -> int:
         return 0
 
+
+class RoutedTokens(_RoutedTokenRunner):
+    """Inference: per sample the top `token_ratio` of the MLP input tokens by router score run the MLP;
+    the others get no MLP output (the residual alone). The technique's `mlp_tokens` with routers."""
+
     def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
             hidden: torch.Tensor) -> torch.Tensor:
         batch, tokens, channels = hidden.shape
@@ -207,22 +193,9 @@ class RoutedTokens:
         return scatter_tokens(computed.new_zeros(batch, tokens, computed.shape[-1]), index, computed)
 
 
-class TrainedTokens:
+class TrainedTokens(_RoutedTokenRunner):
     """Fine-tuning: every token runs the MLP and its output is multiplied by the token's gate: 1 for the
     top `token_ratio` of the noisy scores per sample (the count inference runs), 0 for the others."""
-
-    def __init__(self, routers: Routers, token_ratio: float):
-        self.routers, self.token_ratio = routers, token_ratio
-        self.fractions: dict[int, float] = {}
-
-    def begin_call(self, call_state: CallState) -> None:
-        self.fractions = {}
-
-    def end_run(self) -> None:
-        """Nothing is kept between calls."""
-
-    def nbytes(self) -> int:
-        return 0
 
     def run(self, call_state: CallState, block: int, unit: str, forward: Callable[[torch.Tensor], torch.Tensor],
             hidden: torch.Tensor) -> torch.Tensor:
