@@ -15,7 +15,7 @@ LAYERS = [
     ("pipelines",),
     ("cli",),
     ("ui", "bench", "gpu_check"),
-    ("tuning",),
+    ("tuning", "finetune"),
     ("outputs", "cli_options"),
     ("comparison",),
     ("calibration",),

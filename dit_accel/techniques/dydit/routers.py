@@ -35,7 +35,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
@@ -44,14 +44,13 @@ from torch import nn
 from ...config import ConfigError
 from ...models.identity import load_for_model, save_for_model
 from ...runtime.call_state import CallState
+from ...runtime.session_view import SessionView
 from ...runtime.training import Trainable, TrainingSettings, changed_fields
 from ...tokens import gather_tokens, scatter_tokens
 from .config import DyDiTConfig
 from .tokens import record_fraction
 
-if TYPE_CHECKING:
-    from .technique import DyDiT
-    from .width import Part
+from .width import Part
 
 #: safetensors metadata "format" of a routers file
 ROUTERS_FORMAT = "dit-accel dydit routers 1"
@@ -208,11 +207,23 @@ class TrainedTokens(_RoutedTokenRunner):
         return output * gates.unsqueeze(-1).to(output.dtype)
 
 
+class Routed(Protocol):
+    """What the routers' training asks of its technique (DyDiT)."""
+
+    config: DyDiTConfig
+    parts: list[Part]
+    session: SessionView
+
+    def unit_of_input(self) -> dict[nn.Linear, torch.Tensor]: ...
+
+    def stop_training(self) -> None: ...
+
+
 class RouterTraining(Trainable):
     """DyDiT's routers while `dit_accel.finetune` trains them (see the module doc); `technique` runs every
     head and group at full width meanwhile and asks `begin_call` for each call's kept units."""
 
-    def __init__(self, technique: DyDiT, settings: TrainingSettings, identity: dict[str, str],
+    def __init__(self, technique: Routed, settings: TrainingSettings, identity: dict[str, str],
                  token_inputs: dict[int, int]):
         self.technique, self.identity, self.flops_weight = technique, identity, settings.flops_weight
         config = technique.config
