@@ -134,6 +134,9 @@ def test_a_plan_with_nothing_to_train_is_refused_before_any_work(tmp_path):
         finetune(pipe, RASConfig(), prompts=PROMPTS, out=tmp_path, steps=1, **CALL)
     with pytest.raises(ConfigError, match="minutes=... or steps="):
         finetune(pipe, POOLED, prompts=PROMPTS, out=tmp_path, **CALL)
+    pipe.transformer.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        finetune(pipe, POOLED, prompts=PROMPTS, out=tmp_path, steps=1, **CALL)
     assert not (tmp_path / "targets.pt").exists()
 
 

@@ -49,6 +49,9 @@ def _check(pipe: Any, prompts: Any, minutes: float | None, steps: int | None, ca
         raise ConfigError(f"finetune takes a diffusers pipeline with a transformer, got {type(pipe).__name__}")
     if getattr(pipe, "transformer_2", None) is not None:
         raise ConfigError("finetune trains one transformer; this pipeline has two (Wan 2.2): not supported yet")
+    if getattr(pipe.transformer, "is_gradient_checkpointing", False):
+        raise ConfigError("finetune cannot train under gradient checkpointing: its recomputation runs after the "
+                          "plan's call has ended, without the plan; call pipe.transformer.disable_gradient_checkpointing()")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError("finetune(prompts=...) needs a non-empty list of prompts")
