@@ -109,6 +109,8 @@ def test_routed_slices_equal_the_gated_full_width_training_execution(family, tmp
     heads = [call["dydit_heads"] for step in report["steps"] for call in step["calls"]]
     assert min(heads) < 1.0 and report["flops_ratio"] < 1.0
     assert not torch.allclose(routed, dense)
+    trained = load_file(config.routers)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if k.startswith("corrections") and k.endswith("up.weight"))
     monkeypatch.setattr(routers_module, "logistic_noise", lambda logits: logits)
     with dit_accel.apply(pipe, WIDTH_ONLY) as handle:
         trainable = _technique(handle).start_training(TrainingSettings())
@@ -125,15 +127,18 @@ def test_routers_that_keep_everything_are_dense(tmp_path):
     pipe = tiny_pipeline("wan")
     dense = run(pipe, "wan")
     config = dit_accel.DyDiTConfig(width_ratio=0.5)
-    with dit_accel.apply(pipe, config) as handle:
-        trainable = _technique(handle).start_training(TrainingSettings())
-        trained = trainable.save(tmp_path, {})
-        trainable.stop()
-    with dit_accel.apply(pipe, trained) as handle:
-        torch.testing.assert_close(run(pipe, "wan"), dense, rtol=1e-5, atol=1e-5)
-        report = handle.report()
-        assert _technique(handle).estimate_bytes(SHAPES) == {}
-    assert report["flops_ratio"] == pytest.approx(1.0)
+    ratios = {}
+    for rank in (0, 8):  # without corrections, and with corrections that add nothing yet
+        with dit_accel.apply(pipe, config) as handle:
+            trainable = _technique(handle).start_training(TrainingSettings(lora_rank=rank))
+            trained = trainable.save(tmp_path, {})
+            trainable.stop()
+        with dit_accel.apply(pipe, trained) as handle:
+            torch.testing.assert_close(run(pipe, "wan"), dense, rtol=1e-5, atol=1e-5)
+            ratios[rank] = handle.report()
+            assert _technique(handle).estimate_bytes(SHAPES) == {}
+    assert ratios[0]["flops_ratio"] == pytest.approx(1.0)
+    assert ratios[8]["flops_ratio"] > 1.0 and "overhead" in ratios[8]["work"]  # the corrections' work is counted
 
 
 def test_a_handle_removed_during_training_takes_the_gates_off():

@@ -11,6 +11,12 @@ Tokens (SDT): per block with a token-wise MLP, a linear layer scores every MLP i
 inference the top `token_ratio` of them per sample run the MLP (gathered, run, scattered into zeros:
 static shapes, no host sync), the others pass through the residual alone.
 
+Corrections: DyDiT fine-tunes the model to its narrowing; here each output linear the parts feed (an
+attention's output projection, an MLP's down projection) gets a low-rank term of the kept units'
+features (`Correction`, rank `TrainingSettings.lora_rank`, starting at zero) trained with the routers:
+it adds back what the dropped units gave. At inference its down projection is sliced like the
+linear's input (`DyDiT.corrected`); the model's own weights are never written.
+
 Training (`RouterTraining`, the fine-tune's `Trainable`): every head and group runs at full width;
 each unit's features are multiplied by its mask where the part's output linears read them (dropping
 a head zeroes its contribution to the output projection, which equals slicing it out), and each
@@ -69,27 +75,47 @@ def _fp32(device: torch.device | str):
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
-class Routers(nn.Module):
-    """The width router (timestep -> a logit per unit of every part, in `parts` order) and a token router
-    per block with a token-wise MLP (`token_inputs`: block -> the MLP's input width)."""
+class Correction(nn.Module):
+    """A low-rank term added to an output linear, `up(down(x))`, over the features of the units kept: what
+    the narrowed block learns to add back for the units it drops (DyDiT fine-tunes the model itself)."""
 
-    def __init__(self, parts: list[tuple[str, int]], token_inputs: dict[int, int]):
+    def __init__(self, features: int, outputs: int, rank: int):
         super().__init__()
-        self.parts = parts
+        self.down = nn.Linear(features, rank, bias=False)
+        self.up = nn.Linear(rank, outputs, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class Routers(nn.Module):
+    """The width router (timestep -> a logit per unit of every part, in `parts` order), a token router per
+    block with a token-wise MLP (`token_inputs`: block -> the MLP's input width) and a `Correction` of
+    `rank` per output linear the parts feed (`outputs`: their (in, out) features, in the technique's order)."""
+
+    def __init__(self, parts: list[tuple[str, int]], token_inputs: dict[int, int],
+                 outputs: list[tuple[int, int]], rank: int):
+        super().__init__()
+        self.parts, self.outputs, self.rank = parts, outputs, rank
         self.width = nn.Sequential(nn.Linear(_EMBEDDING, _HIDDEN), nn.SiLU(),
                                    nn.Linear(_HIDDEN, sum(units for _, units in parts)))
         self.tokens = nn.ModuleDict({str(block): nn.Linear(channels, 1) for block, channels in token_inputs.items()})
+        self.corrections = nn.ModuleList([Correction(i, o, rank) for i, o in outputs] if rank else [])
 
     @classmethod
-    def initial(cls, parts: list[tuple[str, int]], token_inputs: dict[int, int]) -> Routers:
-        """Routers that keep nearly every unit and token at any timestep (a seeded draw: reproducible)."""
+    def initial(cls, parts: list[tuple[str, int]], token_inputs: dict[int, int], outputs: list[tuple[int, int]],
+                rank: int) -> Routers:
+        """Routers that keep nearly every unit and token at any timestep, and corrections that add nothing
+        yet (a seeded draw: reproducible)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            routers = cls(parts, token_inputs)
+            routers = cls(parts, token_inputs, outputs, rank)
         with torch.no_grad():
             for layer in [routers.width[-1], *routers.tokens.values()]:
                 layer.weight.zero_()
                 layer.bias.fill_(_START_LOGIT)
+            for correction in routers.corrections:
+                correction.up.weight.zero_()
         return routers
 
     def token_inputs(self) -> dict[int, int]:
@@ -126,21 +152,24 @@ def save_routers(path: Path, routers: Routers, identity: dict[str, str], trained
     range of `timesteps` they saw."""
     save_for_model(str(path), routers.state_dict(), identity, ROUTERS_FORMAT, parts=json.dumps(routers.parts),
                    token_inputs=json.dumps(routers.token_inputs()), timesteps=json.dumps(list(timesteps)),
+                   outputs=json.dumps(routers.outputs), rank=str(routers.rank),
                    trained_for=json.dumps(trained_for, sort_keys=True), details=json.dumps(details))
 
 
-def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: list[tuple[str, int]]
-                 ) -> tuple[Routers, tuple[float, float]]:
+def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: list[tuple[str, int]],
+                 outputs: list[tuple[int, int]]) -> tuple[Routers, tuple[float, float]]:
     """(the routers, the range of timesteps they were trained on), refused with a `ConfigError` when made
-    for another model, another config or other parts."""
+    for another model, another config or other parts or output linears."""
     what = f"DyDiTConfig.routers {path!r}"
     state, metadata = load_for_model(path, transformer, ROUTERS_FORMAT, what)
     changed = changed_fields(json.loads(metadata["trained_for"]), config.trained_for())
     if changed is not None:
         raise ConfigError(f"{what} were trained for another config: {changed}")
-    if [tuple(p) for p in json.loads(metadata["parts"])] != parts:
+    if [tuple(p) for p in json.loads(metadata["parts"])] != parts or \
+            [tuple(o) for o in json.loads(metadata["outputs"])] != outputs:
         raise ConfigError(f"{what} route other heads and channel groups than this transformer's")
-    routers = Routers(parts, {int(b): c for b, c in json.loads(metadata["token_inputs"]).items()})
+    routers = Routers(parts, {int(b): c for b, c in json.loads(metadata["token_inputs"]).items()}, outputs,
+                      int(metadata["rank"]))
     routers.load_state_dict(state)
     routers.requires_grad_(False)
     low, high = json.loads(metadata["timesteps"])
@@ -228,10 +257,14 @@ class RouterTraining(Trainable):
         self.technique, self.identity, self.flops_weight = technique, identity, settings.flops_weight
         config = technique.config
         parts: list[Part] = technique.parts
-        self.routers = Routers.initial([(part.key, len(part.units)) for part in parts], token_inputs)
+        outputs = technique.unit_of_input()
+        self.routers = Routers.initial([(part.key, len(part.units)) for part in parts], token_inputs,
+                                       [(linear.in_features, linear.out_features) for linear in outputs],
+                                       settings.lora_rank)
         self.tokens = TrainedTokens(self.routers, config.token_ratio)
         device = next(technique.session.transformer.parameters()).device
         self.routers.tokens.to(device)
+        self.routers.corrections.to(device)
         self._counts = [len(part.units) for part in parts]
         #: per part: multiply-adds per token of its linears at full width (its share of a linear it shares)
         macs = []
@@ -250,7 +283,9 @@ class RouterTraining(Trainable):
         self._shares = torch.cat([torch.tensor([len(u) / part.width for u in part.units]) for part in parts])
         self._part_of_unit = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(self._counts))
         self._hooks = [linear.register_forward_pre_hook(self._mask_hook(units.to(device)))
-                       for linear, units in technique.unit_of_input().items()]
+                       for linear, units in outputs.items()]
+        self._hooks += [linear.register_forward_hook(self._correction_hook(correction))
+                        for linear, correction in zip(outputs, self.routers.corrections)]
         #: this call's unit gates (on the CPU, and on the model's device for the hooks)
         self._gates: torch.Tensor | None = None
         self._device_gates: torch.Tensor | None = None
@@ -265,6 +300,14 @@ class RouterTraining(Trainable):
                 return None
             x = args[0]
             return (x * self._device_gates.index_select(0, units).to(x.dtype), *args[1:])
+        return hook
+
+    def _correction_hook(self, correction: Correction):
+        """An output linear's hook: its correction of the gated input (the mask hook ran before) added."""
+        def hook(module, args, output):
+            if self._device_gates is None or self.technique.session.call_state is None:
+                return None
+            return output + correction(args[0].to(correction.down.weight.dtype)).to(output.dtype)
         return hook
 
     def begin_call(self, call_state: CallState) -> dict[str, torch.Tensor]:

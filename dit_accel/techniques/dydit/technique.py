@@ -77,8 +77,10 @@ class DyDiT(Technique):
         #: every distinct selection made so far, by its kept units (a handful per run)
         self._selections: dict[tuple, Selection] = {}
         self._full = self._selection_of({part.key: torch.arange(len(part.units)) for part in self.parts})
-        #: learned routers (`config.routers`), and their selection at each timestep seen this run
+        #: learned routers (`config.routers`), their corrections by output linear, and their selection at
+        #: each timestep seen this run
         self._routers = None
+        self._corrections: dict[nn.Linear, nn.Module] = {}
         self._by_timestep: dict[float, Selection] = {}
         #: per bucket of steps, without routers
         self._buckets: list[Selection] = []
@@ -86,8 +88,11 @@ class DyDiT(Technique):
         #: those they were trained on (for the memory estimate and the processor check)
         self._candidates: list[Selection] = []
         if config.routers is not None:
+            outputs = list(self.unit_of_input())
             self._routers, timesteps = load_routers(config.routers, session.transformer, config,
-                                                    [(part.key, len(part.units)) for part in self.parts])
+                                                    [(part.key, len(part.units)) for part in self.parts],
+                                                    [(linear.in_features, linear.out_features) for linear in outputs])
+            self._corrections = dict(zip(outputs, self._routers.corrections))
             self._candidates = [self._selection_of(self._routers.kept(float(t)))
                                 for t in torch.linspace(*timesteps, GRID)]
         else:
@@ -101,6 +106,8 @@ class DyDiT(Technique):
         #: (part, device)
         self._selection = self._buckets[0] if self._buckets else self._full
         self._sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: the running call's (down, up) weights of each output linear's correction, down sliced as its input
+        self._corrections_sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
         self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
         #: how the token-wise MLPs run: the token cache, or the learned token routers
         self.mlp_tokens: TokenRunner = (
@@ -213,6 +220,7 @@ class DyDiT(Technique):
         if selection is not self._selection:
             self._selection = selection
             self._sliced.clear()
+            self._corrections_sliced.clear()
             self._features.clear()
         self._prepare()
         self._check_processors()
@@ -239,6 +247,7 @@ class DyDiT(Technique):
 
     def end_run(self) -> None:
         self._sliced.clear()
+        self._corrections_sliced.clear()
         self._features.clear()
         self._by_timestep.clear()
         self.mlp_tokens.end_run()
@@ -296,10 +305,33 @@ class DyDiT(Technique):
                 bias = None if linear.bias is None else linear.bias.index_select(0, rows)
                 held = (weight.index_select(0, rows), bias)
             else:
-                columns = torch.cat([offset + self.features(part, weight.device) for part, offset in parts])
-                held = (weight.index_select(1, columns), linear.bias)
+                held = (weight.index_select(1, self._columns(linear)), linear.bias)
             self._sliced[linear] = held
         return held
+
+    def _columns(self, linear: nn.Linear) -> torch.Tensor:
+        """The running call's input features of the output linear `linear`."""
+        device = linear.weight.device
+        return torch.cat([offset + self.features(part, device) for part, offset in self._linear_parts[linear][1]])
+
+    def corrected(self, linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` of the output linear `linear` on the kept features `x`, plus the routers' correction of
+        it where they carry one (its down projection sliced as `x` is)."""
+        correction = self._corrections.get(linear)
+        if correction is None:
+            return output
+        held = self._corrections_sliced.get(linear)
+        if held is None or held[0].device != x.device or held[0].dtype != x.dtype:
+            down = correction.down.weight.to(x.device, x.dtype)
+            if not self._uncut(self._selection, linear):
+                down = down.index_select(1, self._columns(linear))
+            held = self._corrections_sliced[linear] = (down, correction.up.weight.to(x.device, x.dtype))
+        down, up = held
+        call_state = self.session.call_state
+        tokens = x.numel() // x.shape[-1]
+        call_state.record_overhead("dydit width correction", 2.0 * tokens * down.shape[0] * (down.shape[1] + up.shape[0]),
+                                   x.shape[-2])
+        return output + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
 
     # -- training ----------------------------------------------------------------------------------
     def start_training(self, settings: TrainingSettings) -> Trainable:

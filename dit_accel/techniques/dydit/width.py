@@ -2,8 +2,9 @@
 
 A `Part` is the heads of one attention or the channel groups of one MLP, with the linears whose
 rows or columns they own and the norms spanning all heads (`parts_of`, from the adapter's
-`width_layout`). The hooks ask the technique for the running bucket's slices: `SlicedLinear` runs
-`F.linear` on the kept rows or columns, `SlicedNorm` keeps the running heads' features after a norm
+`width_layout`). The hooks ask the technique for the running call's slices: `SlicedLinear` runs
+`F.linear` on the kept rows or columns (an output linear plus the learned routers' correction, where
+they carry one), `SlicedNorm` keeps the running heads' features after a norm
 over all heads, `HeadCount` sets the attention's `heads` while its processor runs.
 """
 
@@ -36,6 +37,8 @@ class Narrowing(Protocol):
     def sliced(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def score(self, linear: nn.Linear, x: torch.Tensor) -> None: ...
+
+    def corrected(self, linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor: ...
 
 
 def group_channels(hidden: int, groups: int) -> list[torch.Tensor]:
@@ -104,7 +107,7 @@ class SlicedLinear(ModelHook):
         weight, bias = self.technique.sliced(module)
         if self.technique.scores is not None:
             self.technique.score(module, x)
-        return F.linear(x, weight, bias)
+        return self.technique.corrected(module, x, F.linear(x, weight, bias))
 
 
 class SlicedNorm(ModelHook):
