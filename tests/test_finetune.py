@@ -206,3 +206,20 @@ def test_tune_tries_a_fine_tuned_member_alone_and_stacked(trained):
     mine = [c for c in result.candidates if any(m is config for m in c.configs)]
     assert mine and mine[0].batches, "the fine-tuned member is measured"
     assert "adapters=" in mine[0].label
+
+
+def test_adapters_run_only_at_the_steps_that_pool(tmp_path):
+    """A schedule with dense steps: the adapters learn from the pooled steps only, and at a dense step the
+    plan runs the model as it is (no adapter work in the ledger, the dense step's own FLOPs)."""
+    pipe = tiny_pipeline("sd3")
+    half = FlexDiTConfig(sparse_blocks=(0, 1), schedule=(0.25, 0.25), dense_fraction=0.5)
+    config = finetune(pipe, half, prompts=PROMPTS[:2], out=tmp_path, steps=5, batch_size=2, learning_rate=3e-3,
+                      progress=False, **CALL)
+    runs = {}
+    for name, plan in (("adapted", config), ("training-free", half)):
+        with apply(pipe, plan) as handle:
+            runs[name] = (_latents(pipe), handle.report()["steps"])
+    (adapted, steps), (plain, free) = runs["adapted"], runs["training-free"]
+    assert [s["flops"] > f["flops"] for s, f in zip(steps, free)] == [True, True, False, False]
+    assert all(s["flops"] == pytest.approx(s["dense_flops"]) for s in steps[2:])
+    assert not torch.equal(adapted, plain)

@@ -115,6 +115,9 @@ def _train(transformer: torch.nn.Module, configs: list, members: list, targets: 
             learnt = {id(p) for t in trainables for p in t.parameters()}
             for parameter in transformer.parameters():
                 parameter.requires_grad_(id(parameter) in learnt)
+            targets = [t for t in targets if any(tr.learns_at(t.step_index, t.num_steps) for tr in trainables)]
+            if not targets:
+                raise ConfigError(f"{plan_text}: no step of these runs trains anything (every step runs dense)")
             loop = Distillation(transformer, trainables, targets, loop_settings, accelerator, out, plan_text,
                                 flops_ratio=lambda: handle.report()["flops_ratio"])
             loop.resume()

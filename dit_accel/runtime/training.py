@@ -41,6 +41,10 @@ class Trainable:
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    def learns_at(self, step_index: int, num_steps: int | None) -> bool:
+        """Whether a call at this step trains anything (a step the plan runs dense may not)."""
+        return True
+
     def penalty(self) -> torch.Tensor | None:
         """A loss term from the call that just ran (added to the distillation loss), or None."""
         return None

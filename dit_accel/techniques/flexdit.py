@@ -21,6 +21,10 @@ tokens of the grid, in two places, as densely as the temporal schedule says:
   where the last `dense_fraction` of the steps begins, and those run dense (nothing pooled); a longer
   tuple: each step's density, 1.0 = dense. A schedule runs dense when the run's step count is unknown.
 
+Fine-tuned (`adapters`, from `dit_accel.finetune`): peft LoRA layers on the pooled blocks and the blocks
+next to them, trained by self-distillation for this config on this model. They run only at the steps
+that pool (a dense step runs the model as it is) and come off at `remove()`.
+
 Groups: on the full grid at the least density, the windows themselves (partial at the grid's edges).
 Otherwise (a higher density, or stage 2's token subset) the present tokens, window by window and by
 position within a window, are cut into M runs of equal size (within one token), so every sample has
@@ -233,6 +237,8 @@ class FlexDiT(Technique):
         self._adapters: LoraAdapters | None = None
         #: adapted block -> token stream -> the adapters' FLOPs per token of that stream
         self._adapter_flops: dict[int, dict[str, float]] = {}
+        #: whether a fine-tune trains the adapters
+        self._training = False
 
     def check_plan(self) -> None:
         width = self.session.by_stage.get(Stage.WIDTH)
@@ -266,7 +272,7 @@ class FlexDiT(Technique):
     def detach(self) -> None:
         if self._adapters is not None:
             self._adapters.unload()
-            self._adapters, self._adapter_flops = None, {}
+            self._adapters, self._adapter_flops, self._training = None, {}, False
 
     def start_training(self, settings: TrainingSettings) -> Trainable:
         """LoRA adapters of `settings.lora_rank` on every linear of the pooled blocks (those with pooled
@@ -281,6 +287,7 @@ class FlexDiT(Technique):
         targets = [names[module] for b in chosen for module in blocks[b].modules() if type(module) is nn.Linear]
         identity = model_identity(self.session.transformer)
         self._put_adapters(LoraAdapters(self.session.transformer, targets, settings.lora_rank))
+        self._training = True
         return _AdapterTraining(self, identity)
 
     def _put_adapters(self, adapters: LoraAdapters) -> None:
@@ -303,6 +310,8 @@ class FlexDiT(Technique):
     def begin_call(self, call_state: CallState) -> None:
         self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
         self._density = self.config.density_at(call_state.ctx.step_index, call_state.ctx.num_steps)
+        if self._adapters is not None:  # they correct pooling: a dense step runs the model as it is
+            self._adapters.enable(self._density is not None, trainable=self._training)
         self._pooled = {}
         if self.config.schedule is not None and call_state.ctx.num_steps is None and not self._warned:
             self._warned = True
@@ -313,6 +322,8 @@ class FlexDiT(Technique):
     def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
         """The adapters' work: each adapted block's tokens (the groups where it ran pooled) through its LoRA layers."""
         call = call_state.ctx.call
+        if self._adapters is None or not self._adapters.enabled:
+            return output
         for block, by_stream in self._adapter_flops.items():
             image = self._pooled.get(block, (call.grid.num_tokens, 0))[0]
             tokens = {"image": image, "text": call.text_tokens, "joint": image + call.text_tokens, "pooled": 1}
@@ -417,6 +428,10 @@ class _AdapterTraining(Trainable):
 
     def parameters(self) -> list[nn.Parameter]:
         return self.adapters.parameters
+
+    def learns_at(self, step_index: int, num_steps: int | None) -> bool:
+        """The adapters run only where the step pools."""
+        return self.technique.config.density_at(step_index, num_steps) is not None
 
     def save(self, directory: Path, details: dict[str, Any]) -> FlexDiTConfig:
         path = (directory / "flexdit_adapters.safetensors").resolve()

@@ -42,6 +42,8 @@ class LoraAdapters:
         self._had_config = False
         #: the adapters' parameters, once injected
         self.parameters: list[nn.Parameter] = []
+        #: whether the adapters run (`enable`)
+        self.enabled = True
 
     def inject(self) -> None:
         """Wrap every target in a LoRA layer (B = 0: the model's output is unchanged)."""
@@ -56,6 +58,17 @@ class LoraAdapters:
         config = peft.LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets)
         peft.inject_adapter_in_model(config, self.transformer, adapter_name=ADAPTER_NAME)
         self.parameters = [p for name, p in self.transformer.named_parameters() if f".{ADAPTER_NAME}." in name]
+
+    def enable(self, enabled: bool, trainable: bool) -> None:
+        """Run the adapters (`enabled`) or the plain linears; `trainable`: the adapters learn meanwhile."""
+        if enabled == self.enabled:
+            return
+        for name in self.targets:
+            layer = self.transformer.get_submodule(name)
+            layer.enable_adapters(enabled)
+            if enabled and not trainable:
+                layer.set_adapter(ADAPTER_NAME, inference_mode=True)
+        self.enabled = enabled
 
     def state(self) -> dict[str, torch.Tensor]:
         """The adapters' weights: "<target>.lora_A" / "<target>.lora_B"."""
