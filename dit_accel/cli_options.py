@@ -111,3 +111,13 @@ def load_pipeline(args: argparse.Namespace, status: Callable[[str], None]) -> tu
     pipe, defaults = load_model(model, args.device, dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe, defaults, model, dtype
+
+
+def end_processes() -> None:
+    """Under `accelerate launch`: every process leaves the process group together before it exits (a process
+    that exits with gloo's threads still running aborts: "terminate called without an active exception")."""
+    import torch.distributed as distributed
+
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()

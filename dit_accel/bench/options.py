@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_options import DEFAULT_PLANS, add_call_options, add_model_options, at_least, plan_spec_arg
+from ..cli_options import DEFAULT_PLANS, add_call_options, add_model_options, at_least, end_processes, plan_spec_arg
 from ..config import ConfigError
 from ..loading import UsageError
 from ..models import UnsupportedModelError
@@ -108,4 +108,5 @@ def main(argv: list[str] | None = None) -> int:
         bench(args)
     except (ConfigError, NotImplementedError, UnsupportedModelError, UsageError) as error:
         parser.exit(2, f"dit-accel bench: error: {error}\n")
+    end_processes()
     return 0

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli_options import (TUNING_SEED, add_call_options, add_model_options, at_least, call_kwargs, load_pipeline,
-                           plan_spec_arg, status_printer)
+from ..cli_options import (TUNING_SEED, add_call_options, add_model_options, at_least, call_kwargs, end_processes,
+                           load_pipeline, plan_spec_arg, status_printer)
 from ..config import ConfigError
 from ..loading import UsageError, default_model, read_prompts
 from ..metrics.suites import SUITES
@@ -106,4 +106,5 @@ def main(argv: list[str] | None = None) -> int:
         finetune_command(args)
     except (ConfigError, UsageError) as error:
         parser.exit(2, f"dit-accel finetune: error: {error}\n")
+    end_processes()
     return 0
