@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -223,3 +224,19 @@ def test_adapters_run_only_at_the_steps_that_pool(tmp_path):
     assert [s["flops"] > f["flops"] for s, f in zip(steps, free)] == [True, True, False, False]
     assert all(s["flops"] == pytest.approx(s["dense_flops"]) for s in steps[2:])
     assert not torch.equal(adapted, plain)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "finetuned").glob("*/plan.json"))
+
+
+@pytest.mark.parametrize("plan", SHIPPED, ids=lambda p: p.parent.name)
+def test_the_shipped_fine_tuned_plans_fit_the_reference_image_model(plan):
+    """The plans docs/BENCHMARKS.md measures load on the model they were trained for, from any checkout."""
+    from dit_accel import load_plan
+    from dit_accel.testing.reference import reference_call_kwargs, reference_pipeline
+
+    pipe = reference_pipeline("image")
+    pipe.set_progress_bar_config(disable=True)
+    with apply(pipe, *load_plan(plan)) as handle:
+        pipe(**reference_call_kwargs("image", prompt=["a red circle"]))
+        assert handle.report()["flops_ratio"] < 1
