@@ -21,9 +21,11 @@ tokens of the grid, in two places, as densely as the temporal schedule says:
   where the last `dense_fraction` of the steps begins, and those run dense (nothing pooled); a longer
   tuple: each step's density, 1.0 = dense. A schedule runs dense when the run's step count is unknown.
 
-Fine-tuned (`adapters`, from `dit_accel.finetune`): peft LoRA layers on the pooled blocks and the blocks
-next to them, trained by self-distillation for this config on this model. They run only at the steps
-that pool (a dense step runs the model as it is) and come off at `remove()`.
+Fine-tuned (`adapters`, from `dit_accel.finetune`): LoRA adapters on the pooled blocks and the blocks next
+to them, trained (as peft LoRA layers) by self-distillation for this config on this model. They run
+merged, each adapted linear on a copy of its weight plus B A, held while applied (`adapter_weights`):
+a plain linear's cost, the model's own weights untouched; only at the steps that pool (a dense step
+runs the model as it is).
 
 Groups: on the full grid at the least density, the windows themselves (partial at the grid's edges).
 Otherwise (a higher density, or stage 2's token subset) the present tokens, window by window and by
@@ -52,12 +54,13 @@ from ..config import AccelerationConfig, ConfigError, Stage, param
 from ..models.base import TokenGrid
 from ..models.identity import model_identity
 from ..runtime.call_state import CallState, TokenSelection
+from ..runtime.estimate import CallShapes
 from ..runtime.registry import register_technique
 from ..runtime.search_space import every_preset
 from ..runtime.stats import Stat, StatKind
 from ..runtime.technique import Technique
 from ..runtime.training import Trainable, TrainingSettings, changed_fields
-from .lora import LoraAdapters, adapter_targets, load_adapters, save_adapters
+from .lora import LoraAdapters, MergedAdapters, MergedLinear, load_adapters, save_adapters
 
 
 #: a `sparse_blocks` range over every block of any model (the last is clamped to the model's last block)
@@ -233,12 +236,9 @@ class FlexDiT(Technique):
         #: block -> (groups, tokens present) of the blocks that ran pooled this call
         self._pooled: dict[int, tuple[int, int]] = {}
         self._warned = False
-        #: the LoRA adapters on the model while applied (from `config.adapters`, or being trained)
+        #: the trained adapters (`config.adapters`), merged; or peft's LoRA layers while a fine-tune trains them
+        self._merged: MergedAdapters | None = None
         self._adapters: LoraAdapters | None = None
-        #: adapted block -> token stream -> the adapters' FLOPs per token of that stream
-        self._adapter_flops: dict[int, dict[str, float]] = {}
-        #: whether a fine-tune trains the adapters
-        self._training = False
 
     def check_plan(self) -> None:
         width = self.session.by_stage.get(Stage.WIDTH)
@@ -264,20 +264,20 @@ class FlexDiT(Technique):
         changed = changed_fields(metadata["trained_for"], self.config.pooling())
         if changed is not None:
             raise ConfigError(f"FlexDiTConfig.adapters {path!r} were trained for another pooling: {changed}")
-        self._put_adapters(LoraAdapters(self.session.transformer, adapter_targets(state), metadata["rank"]))
-        self._adapters.load(state)
-        for parameter in self._adapters.parameters:
-            parameter.requires_grad_(False)
+        self._merged = MergedAdapters(self.session.transformer, state)
+        for name, linear in self._merged.linears.items():
+            self.session.hooks.add(linear, MergedLinear(self._merged, name), f"flexdit.adapters.{name}")
 
     def detach(self) -> None:
         if self._adapters is not None:
             self._adapters.unload()
-            self._adapters, self._adapter_flops, self._training = None, {}, False
+            self._adapters = None
+        self._merged = None
 
     def start_training(self, settings: TrainingSettings) -> Trainable:
         """LoRA adapters of `settings.lora_rank` on every linear of the pooled blocks (those with pooled
         K/V too) and of the blocks next to them, trained from zero (B = 0: the plan as it was)."""
-        if self._adapters is not None:
+        if self._merged is not None:
             raise ConfigError("FlexDiTConfig.adapters are loaded already: fine-tune a config without them")
         blocks = self.adapter.blocks()
         pooled = set(self.transformed_blocks()) if self.config.sparse_blocks is not None else set()
@@ -286,22 +286,9 @@ class FlexDiT(Technique):
         names = {module: name for name, module in self.session.transformer.named_modules()}
         targets = [names[module] for b in chosen for module in blocks[b].modules() if type(module) is nn.Linear]
         identity = model_identity(self.session.transformer)
-        self._put_adapters(LoraAdapters(self.session.transformer, targets, settings.lora_rank))
-        self._training = True
+        self._adapters = LoraAdapters(self.session.transformer, targets, settings.lora_rank)
+        self._adapters.inject()
         return _AdapterTraining(self, identity)
-
-    def _put_adapters(self, adapters: LoraAdapters) -> None:
-        """Inject `adapters`, and note per block the FLOPs per token they add to each token stream."""
-        names = {module: name for name, module in self.session.transformer.named_modules()}
-        self._adapter_flops = {}
-        for index, block in enumerate(self.adapter.blocks()):
-            prefix = names[block] + "."
-            for name, stream in self.adapter.linear_streams(block).items():
-                if prefix + name in adapters.targets:
-                    flops = self._adapter_flops.setdefault(index, {})
-                    flops[stream] = flops.get(stream, 0.0) + adapters.flops_per_token(prefix + name)
-        adapters.inject()
-        self._adapters = adapters
 
     def transformed_blocks(self) -> frozenset[int]:
         first, last = self.config.sparse_blocks
@@ -310,8 +297,11 @@ class FlexDiT(Technique):
     def begin_call(self, call_state: CallState) -> None:
         self._groups = {k: v for k, v in self._groups.items() if k[0][0] == "grid"}
         self._density = self.config.density_at(call_state.ctx.step_index, call_state.ctx.num_steps)
-        if self._adapters is not None:  # they correct pooling: a dense step runs the model as it is
-            self._adapters.enable(self._density is not None, trainable=self._training)
+        # the adapters correct pooling: a dense step runs the model as it is
+        if self._merged is not None:
+            self._merged.active = self._density is not None
+        if self._adapters is not None:
+            self._adapters.enable(self._density is not None)
         self._pooled = {}
         if self.config.schedule is not None and call_state.ctx.num_steps is None and not self._warned:
             self._warned = True
@@ -319,17 +309,14 @@ class FlexDiT(Technique):
                           "its pipeline's scheduler does not give: it runs dense. Pass schedule=None to pool at "
                           "every step.", stacklevel=2)
 
-    def end_call(self, call_state: CallState, output: torch.Tensor) -> torch.Tensor:
-        """The adapters' work: each adapted block's tokens (the groups where it ran pooled) through its LoRA layers."""
-        call = call_state.ctx.call
-        if self._adapters is None or not self._adapters.enabled:
-            return output
-        for block, by_stream in self._adapter_flops.items():
-            image = self._pooled.get(block, (call.grid.num_tokens, 0))[0]
-            tokens = {"image": image, "text": call.text_tokens, "joint": image + call.text_tokens, "pooled": 1}
-            flops = sum(per_token * tokens[stream] for stream, per_token in by_stream.items())
-            call_state.record_overhead("flexdit LoRA adapters", flops * call.batch_size, image)
-        return output
+    def state_bytes(self) -> int:
+        return 0 if self._merged is None else self._merged.nbytes()
+
+    def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
+        """The adapters' merged weights: a copy of every adapted linear's weight."""
+        if self._merged is None:
+            return {}
+        return {"adapter_weights": self._merged.weight_elements() * shapes.itemsize}
 
     def end_run(self) -> None:
         self._groups = {}
@@ -424,7 +411,7 @@ class _AdapterTraining(Trainable):
 
     def __init__(self, technique: FlexDiT, identity: dict[str, str]):
         self.technique, self.identity = technique, identity
-        self.adapters = technique._adapters
+        self.adapters: LoraAdapters = technique._adapters
 
     def parameters(self) -> list[nn.Parameter]:
         return self.adapters.parameters

@@ -1,8 +1,10 @@
 """LoRA adapters (peft) on chosen linears of a transformer, as a technique fine-tunes and loads them.
 
 `LoraAdapters.inject` puts peft's LoRA layers on the named `nn.Linear`s (under one adapter name of
-dit-accel's own); `unload` puts every original linear back and restores the `requires_grad` flags and
-attributes peft changed, so the model is as it was, bit for bit. The file (`save_adapters` /
+dit-accel's own) for training; `unload` puts every original linear back and restores the
+`requires_grad` flags and attributes peft changed, so the model is as it was, bit for bit. Trained
+adapters run merged (`MergedAdapters`, `MergedLinear`): a hook on each target linear uses a copy of its
+weight plus B A, so inference costs what the plain linear does and the model is never changed. The file (`save_adapters` /
 `load_adapters`) is safetensors: the adapters' weights, with the transformer's identity
 (`models/identity.py`: refused for another checkpoint), the rank, and the config they were trained for.
 """
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..config import ConfigError
@@ -59,16 +63,12 @@ class LoraAdapters:
         peft.inject_adapter_in_model(config, self.transformer, adapter_name=ADAPTER_NAME)
         self.parameters = [p for name, p in self.transformer.named_parameters() if f".{ADAPTER_NAME}." in name]
 
-    def enable(self, enabled: bool, trainable: bool) -> None:
-        """Run the adapters (`enabled`) or the plain linears; `trainable`: the adapters learn meanwhile."""
-        if enabled == self.enabled:
-            return
-        for name in self.targets:
-            layer = self.transformer.get_submodule(name)
-            layer.enable_adapters(enabled)
-            if enabled and not trainable:
-                layer.set_adapter(ADAPTER_NAME, inference_mode=True)
-        self.enabled = enabled
+    def enable(self, enabled: bool) -> None:
+        """Run the adapters (`enabled`: trainable) or the plain linears."""
+        if enabled != self.enabled:
+            for name in self.targets:
+                self.transformer.get_submodule(name).enable_adapters(enabled)
+            self.enabled = enabled
 
     def state(self) -> dict[str, torch.Tensor]:
         """The adapters' weights: "<target>.lora_A" / "<target>.lora_B"."""
@@ -105,11 +105,51 @@ class LoraAdapters:
                 parameter.requires_grad_(self._requires_grad[name])
         self.parameters = []
 
-    def flops_per_token(self, name: str) -> float:
-        """FLOPs the adapter on target `name` adds per token (A: in -> r, B: r -> out; 2 per multiply-add)."""
-        layer = self.transformer.get_submodule(name)
-        base = getattr(layer, "base_layer", layer)
-        return 2.0 * self.rank * (base.in_features + base.out_features)
+
+
+class MergedAdapters:
+    """Trained adapters as inference runs them: per target linear a copy of its weight plus B A (the model's
+    own weight is never written), which `MergedLinear` uses while `active`: a linear's cost, no LoRA layers."""
+
+    def __init__(self, transformer: nn.Module, state: dict[str, torch.Tensor]):
+        self.linears = {name: transformer.get_submodule(name) for name in adapter_targets(state)}
+        for name, linear in self.linears.items():
+            if type(linear) is not nn.Linear:
+                raise ConfigError(f"LoRA adapters go on nn.Linear layers; {name} is a {type(linear).__name__} (a LoRA "
+                                  "loaded already? fuse it first: pipe.fuse_lora())")
+        #: per target, B A in fp32 on the CPU
+        self.deltas = {name: state[f"{name}.lora_B"].float() @ state[f"{name}.lora_A"].float() for name in self.linears}
+        self._merged: dict[str, torch.Tensor] = {}
+        #: whether this call runs the merged weights (the steps that pool)
+        self.active = False
+
+    def weight(self, name: str, linear: nn.Linear) -> torch.Tensor:
+        """The merged weight of target `name`, made once per device and dtype of the linear's weight."""
+        merged = self._merged.get(name)
+        weight = linear.weight
+        if merged is None or merged.device != weight.device or merged.dtype != weight.dtype:
+            delta = self.deltas[name].to(weight.device)
+            merged = self._merged[name] = (weight.detach().float() + delta).to(weight.dtype)
+        return merged
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._merged.values())
+
+    def weight_elements(self) -> int:
+        return sum(linear.weight.numel() for linear in self.linears.values())
+
+
+class MergedLinear(ModelHook):
+    """A target linear on its merged weight while the adapters are active, else as it is."""
+
+    def __init__(self, adapters: MergedAdapters, name: str):
+        super().__init__()
+        self.adapters, self.name = adapters, name
+
+    def new_forward(self, module, x):
+        if not self.adapters.active:
+            return self.fn_ref.original_forward(x)
+        return F.linear(x, self.adapters.weight(self.name, module), module.bias)
 
 
 def save_adapters(path: str | Path, adapters: LoraAdapters, identity: dict[str, str], trained_for: dict[str, Any],
