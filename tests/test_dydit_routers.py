@@ -4,6 +4,7 @@ execution training runs, routers that keep everything are dense, and nothing is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -152,3 +153,18 @@ def test_a_handle_removed_during_training_takes_the_gates_off():
     assert not any(module._forward_pre_hooks for module in pipe.transformer.modules())
     assert model_state(pipe.transformer) == before
     torch.testing.assert_close(run(pipe, "sd3"), dense, rtol=0, atol=0)
+
+
+def test_width_routers_run_beside_the_token_cache_at_any_token_ratio(tmp_path):
+    """Routers trained at token_ratio 1 route widths only: applied with token_ratio < 1, the MLP tokens are
+    skipped by the training-free cache heuristic (its cache counted), not refused."""
+    pipe = tiny_pipeline("sd3")
+    config = _train(pipe, "sd3", WIDTH_ONLY, tmp_path, steps=4)
+    assert WIDTH_ONLY.token_ratio == 1.0
+    with dit_accel.apply(pipe, dataclasses.replace(config, token_ratio=0.5)) as handle:
+        run(pipe, "sd3")
+        calls = [call for step in handle.report()["steps"] for call in step["calls"]]
+        assert "token_cache" in _technique(handle).estimate_bytes(SHAPES)
+    assert calls[0]["dydit_mlp_tokens"] == 1.0 and calls[-1]["dydit_mlp_tokens"] == 0.5  # the cache's first call
+    with pytest.raises(dit_accel.ConfigError, match=r"another config: width_ratio"):
+        dit_accel.apply(pipe, dataclasses.replace(config, width_ratio=0.4, max_width_ratio=0.5))

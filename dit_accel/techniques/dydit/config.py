@@ -67,10 +67,12 @@ class DyDiTConfig(AccelerationConfig):
             return self.width_ratio
         return self.width_ratio + (self.max_width_ratio - self.width_ratio) * bucket / (self.buckets - 1)
 
-    def trained_for(self) -> dict:
-        """The fields routers are trained for (their file keeps them; loading checks them)."""
-        return {"width_ratio": self.width_ratio, "max_width_ratio": self.max_width_ratio, "buckets": self.buckets,
-                "token_ratio": self.token_ratio}
+    def trained_for(self, tokens: bool = True) -> dict:
+        """The fields routers are trained for (their file keeps them; loading checks them); `tokens`: whether
+        they route tokens (routers trained at token_ratio 1 leave token skipping to the cache heuristic, at
+        any token_ratio)."""
+        fields = {"width_ratio": self.width_ratio, "max_width_ratio": self.max_width_ratio, "buckets": self.buckets}
+        return {**fields, "token_ratio": self.token_ratio} if tokens else fields
 
     def keeps_everything(self) -> bool:
         return self.width_ratio == self.max_width_ratio == self.token_ratio == 1.0

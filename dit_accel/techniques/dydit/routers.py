@@ -9,7 +9,9 @@ is > 0, at least one per part), which the technique's slicing hooks run as they 
 
 Tokens (SDT): per block with a token-wise MLP, a linear layer scores every MLP input token; at
 inference the top `token_ratio` of them per sample run the MLP (gathered, run, scattered into zeros:
-static shapes, no host sync), the others pass through the residual alone.
+static shapes, no host sync), the others pass through the residual alone. Routers trained at
+token_ratio 1 have no token router: they run at any `token_ratio`, skipping MLP tokens by the
+training-free cache heuristic (`tokens.py`), whose skipped tokens keep their last MLP output.
 
 Corrections: DyDiT fine-tunes the model to its narrowing; here each output linear the parts feed (an
 attention's output projection, an MLP's down projection) gets a low-rank term of the kept units'
@@ -162,14 +164,17 @@ def load_routers(path: str, transformer: nn.Module, config: DyDiTConfig, parts: 
     for another model, another config or other parts or output linears."""
     what = f"DyDiTConfig.routers {path!r}"
     state, metadata = load_for_model(path, transformer, ROUTERS_FORMAT, what)
-    changed = changed_fields(json.loads(metadata["trained_for"]), config.trained_for())
+    token_inputs = {int(b): c for b, c in json.loads(metadata["token_inputs"]).items()}
+    trained_for = json.loads(metadata["trained_for"])
+    if not token_inputs:
+        trained_for.pop("token_ratio", None)
+    changed = changed_fields(trained_for, config.trained_for(tokens=bool(token_inputs)))
     if changed is not None:
         raise ConfigError(f"{what} were trained for another config: {changed}")
     if [tuple(p) for p in json.loads(metadata["parts"])] != parts or \
             [tuple(o) for o in json.loads(metadata["outputs"])] != outputs:
         raise ConfigError(f"{what} route other heads and channel groups than this transformer's")
-    routers = Routers(parts, {int(b): c for b, c in json.loads(metadata["token_inputs"]).items()}, outputs,
-                      int(metadata["rank"]))
+    routers = Routers(parts, token_inputs, outputs, int(metadata["rank"]))
     routers.load_state_dict(state)
     routers.requires_grad_(False)
     low, high = json.loads(metadata["timesteps"])

@@ -109,10 +109,10 @@ class DyDiT(Technique):
         #: the running call's (down, up) weights of each output linear's correction, down sliced as its input
         self._corrections_sliced: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
         self._features: dict[tuple[str, torch.device], torch.Tensor] = {}
-        #: how the token-wise MLPs run: the token cache, or the learned token routers
+        #: how the token-wise MLPs run: the learned token routers, or the token cache
         self.mlp_tokens: TokenRunner = (
-            MLPTokens(config.token_ratio, config.token_cache, sorted(self._mlps)) if self._routers is None
-            else RoutedTokens(self._routers, config.token_ratio))
+            RoutedTokens(self._routers, config.token_ratio) if self._routers is not None and self._routers.tokens
+            else MLPTokens(config.token_ratio, config.token_cache, sorted(self._mlps)))
         #: while a fine-tune trains routers (`start_training`), and the token runner it stands in for
         self._training: RouterTraining | None = None
         self._untrained_tokens: TokenRunner | None = None
@@ -395,12 +395,12 @@ class DyDiT(Technique):
 
     def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
         """The slice copies of the selection that copies most (of the buckets', or of the routers' over the
-        timesteps they were trained on), and without routers the token cache (every branch and block with
-        a token-wise MLP, where token_ratio < 1): input sketches in fp32 and MLP outputs in `token_cache`'s
-        form."""
+        timesteps they were trained on), and the token cache where it skips tokens (every branch and block
+        with a token-wise MLP, token_ratio < 1, no token routers): input sketches in fp32 and MLP outputs in
+        `token_cache`'s form."""
         estimate = {"slice_copies": max(self._slice_bytes(selection, shapes.itemsize)
                                         for selection in self._candidates)}
-        if self.config.token_ratio < 1.0 and self._routers is None:
+        if self.config.token_ratio < 1.0 and isinstance(self.mlp_tokens, MLPTokens):
             for mlp in self._mlps.values():
                 tokens = shapes.samples * (shapes.tokens + (shapes.text_tokens if mlp.joint else 0))
                 estimate["token_cache"] = estimate.get("token_cache", 0) + tokens * SKETCH_DIM * 4
