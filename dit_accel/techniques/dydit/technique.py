@@ -48,7 +48,8 @@ class DyDiT(Technique):
              Stat("dydit_mlp_tokens", StatKind.VALUE),
              Stat("dydit_mlp_tokens_by_block", StatKind.BLOCK_FRACTION, "DyDiT MLP tokens computed"))
 
-    trains = "timestep-wise routers over heads and MLP channel groups, and a token router per MLP (DyDiT's)"
+    trains = ("timestep-wise routers over heads and MLP channel groups, a token router per MLP (DyDiT's), and a "
+              "low-rank correction per output linear")
 
     def __init__(self, config: DyDiTConfig, session):
         super().__init__(config, session)
