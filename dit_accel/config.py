@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -55,8 +56,9 @@ class Param:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    #: the field names a file (a plan file keeps it relative to its own folder where it lies within)
-    file: bool = False
+    #: the field names a file, and this says how to make one: the file must exist (a plan file keeps it
+    #: relative to its own folder where it lies within)
+    file: str | None = None
 
     def range_text(self) -> str:
         """"in [0, 1]", ">= 0", "> 0", or "" when any number is fine."""
@@ -79,9 +81,9 @@ class Param:
 
 
 def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False, file: bool = False) -> Any:
+          low_open: bool = False, high_open: bool = False, file: str | None = None) -> Any:
     """A config field: its default, a one-line doc, and the range numbers (or tuple items) must lie in;
-    `file`: its value is a file's path."""
+    `file`: its value is the path of a file that must exist, made as this says."""
     return dataclasses.field(default=default, metadata={"param": Param(doc, low, high, low_open, high_open, file)})
 
 
@@ -205,6 +207,9 @@ class AccelerationConfig:
             value = _coerce(getattr(self, spec.name), spec.annotation, f"{type(self).__name__}.{spec.name}",
                             spec.param)
             object.__setattr__(self, spec.name, value)
+            if spec.param.file and value is not None and not Path(value).is_file():
+                raise ConfigError(f"{type(self).__name__}.{spec.name}: no such file {value!r}; make one with "
+                                  f"{spec.param.file}")
         self.validate()
 
     def validate(self) -> None:

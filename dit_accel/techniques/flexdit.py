@@ -100,7 +100,8 @@ class FlexDiTConfig(AccelerationConfig):
     dense_fraction: float = param(0.25, "last fraction of the steps that runs dense under a (start, end) schedule",
                                   low=0.0, high=1.0)
     adapters: str | None = param(None, "safetensors file of LoRA adapters fine-tuned for this config on this model "
-                                       "(dit_accel.finetune / `dit-accel finetune`); None: training-free", file=True)
+                                       "(dit_accel.finetune / `dit-accel finetune`); None: training-free",
+                                 file="dit_accel.finetune(pipe, FlexDiTConfig(...), ...) or `dit-accel finetune`")
 
     name = "flexdit"
     #: measured on the reference image model (64 captions, CFG 4, 20 steps; see the class doc)
@@ -128,9 +129,6 @@ class FlexDiTConfig(AccelerationConfig):
                 raise ConfigError(f"FlexDiTConfig.schedule densities must lie in [1/{size}, 1] (one group per "
                                   f"{'x'.join(map(str, self.window))} pooling window at the least), got "
                                   f"{min(self.schedule)!r}")
-        if self.adapters is not None and not Path(self.adapters).is_file():
-            raise ConfigError(f"FlexDiTConfig.adapters: no such file {self.adapters!r}; make one with "
-                              "dit_accel.finetune(pipe, FlexDiTConfig(...), ...) or `dit-accel finetune`")
 
     def pooling(self) -> dict:
         """The fields adapters are trained for: every one but `adapters` (JSON's types)."""

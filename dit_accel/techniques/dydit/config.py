@@ -5,7 +5,6 @@ more with calibrated heads and groups)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ...config import AccelerationConfig, ConfigError, Stage, param
 from ...runtime.call_state import CallState
@@ -26,10 +25,12 @@ class DyDiTConfig(AccelerationConfig):
     token_ratio: float = param(1.0, "fraction of tokens per sample through each MLP; the others reuse their MLP "
                                     "output from when they were last computed", low=0.0, high=1.0, low_open=True)
     calibration: str | None = param(None, "safetensors file of head and group scores from dit_accel.calibrate "
-                                          "(`dit-accel calibrate`); None ranks them by weight norms")
+                                          "(`dit-accel calibrate`); None ranks them by weight norms",
+                                    file="dit_accel.calibrate(pipe, DyDiTConfig(), path=...) or `dit-accel calibrate`")
     routers: str | None = param(None, "safetensors file of timestep-wise width routers and MLP token routers "
                                       "learned for this config on this model (dit_accel.finetune / `dit-accel "
-                                      "finetune`); None: the training-free choice (calibration or weight norms)")
+                                      "finetune`); None: the training-free choice (calibration or weight norms)",
+                                file="dit_accel.finetune(pipe, DyDiTConfig(...), ...) or `dit-accel finetune`")
     token_cache: StateStorage = param("device", "form of the MLP outputs token skipping keeps: 'device' (the model's "
                                                 "dtype on its device), 'fp8' (e4m3, a scale per token; half of "
                                                 "bf16's bytes) or 'host' (host memory, fetched back ahead of use)")
@@ -47,16 +48,9 @@ class DyDiTConfig(AccelerationConfig):
         if self.max_width_ratio < self.width_ratio:
             raise ConfigError(f"DyDiTConfig.max_width_ratio ({self.max_width_ratio}) must be >= width_ratio "
                               f"({self.width_ratio})")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise ConfigError(f"DyDiTConfig.calibration: no such file {self.calibration!r}; make one with "
-                              "dit_accel.calibrate(pipe, DyDiTConfig(), path=...) or `dit-accel calibrate`")
-        if self.routers is not None:
-            if self.calibration is not None:
-                raise ConfigError("DyDiTConfig takes routers or calibration, not both: each chooses the heads and "
-                                  "channel groups")
-            if not Path(self.routers).is_file():
-                raise ConfigError(f"DyDiTConfig.routers: no such file {self.routers!r}; make one with "
-                                  "dit_accel.finetune(pipe, DyDiTConfig(...), ...) or `dit-accel finetune`")
+        if self.routers is not None and self.calibration is not None:
+            raise ConfigError("DyDiTConfig takes routers or calibration, not both: each chooses the heads and "
+                              "channel groups")
 
     def stages(self) -> frozenset[Stage]:
         return frozenset({Stage.WIDTH})
