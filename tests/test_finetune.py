@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 
 def _distillation_error(pipe, config, out) -> float:
     """The mean squared error of `config`'s transformer against the dense targets kept in `out`."""
-    from dit_accel.finetune.loop import _output
+    from dit_accel.finetune.targets import output_sample
     from dit_accel.finetune.targets import TargetCall
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
@@ -53,7 +53,7 @@ def _distillation_error(pipe, config, out) -> float:
             args, kwargs = call.inputs(torch.arange(call.rows), torch.device("cpu"), torch.float32)
             _set_cache_context(pipe.transformer, CacheContext(call.cache_name, call.step_index, call.num_steps))
             try:
-                errors.append((_output(pipe.transformer(*args, **kwargs)) - call.output).pow(2).mean())
+                errors.append((output_sample(pipe.transformer(*args, **kwargs)) - call.output).pow(2).mean())
             finally:
                 _set_cache_context(pipe.transformer, None)
     return float(torch.stack(errors).mean())

@@ -23,7 +23,7 @@ from ..api import apply
 from ..config import ConfigError
 from ..models.identity import model_identity
 from ..plan_files import plan_summary, save_plan
-from ..runtime.registry import check_composable, registration
+from ..runtime.registry import check_composable, registration, registrations
 from ..runtime.training import TrainingSettings
 from .loop import Distillation, LoopSettings
 from .targets import TargetCall, collect
@@ -36,8 +36,6 @@ def trainable_members(configs: Sequence[Any]) -> list[Any]:
     """The configs of a plan with something to train; a `ConfigError` naming what can be when none has."""
     members = [c for c in configs if getattr(registration(c).technique, "trains", None)]
     if not members:
-        from ..runtime.registry import registrations
-
         able = "; ".join(f"{r.config_class.__name__}: {r.technique.trains}" for r in registrations()
                          if getattr(r.technique, "trains", None))
         raise ConfigError(f"this plan ({plan_summary(list(configs))}) has nothing to fine-tune; what can be: {able}")
@@ -85,7 +83,7 @@ def _targets(pipe: Any, prompts: list[str], call_kwargs: dict, batch_size: int, 
     for number, start in enumerate(mine):
         if show:
             print(f"dense targets: batch {number + 1} of {len(mine)}", flush=True)
-        calls = collect(pipe, prompts[start:start + batch_size], call_kwargs, batch_size, seed + start)
+        calls = collect(pipe, prompts[start:start + batch_size], call_kwargs, seed + start)
         collected.append((start, [c.record() for c in calls]))
     if accelerator.num_processes > 1:
         collected = gather_object(collected)
@@ -151,9 +149,7 @@ def finetune(pipe: Any, plan: Any, *, prompts: Sequence[str], out: str | Path, m
     FlexDiT's adapters; `flops_weight`: DyDiT's FLOPs-ratio constraint in the loss. A plan with
     nothing to train is refused before any work."""
     configs = [plan] if not isinstance(plan, (list, tuple)) else list(plan)
-    for config in configs:
-        registration(config)
-    check_composable(configs)
+    check_composable(configs)  # a non-config is refused here, by name
     members = trainable_members(configs)
     prompts = _check(pipe, prompts, minutes, steps, call_kwargs)
     out = Path(out)

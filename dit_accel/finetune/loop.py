@@ -22,7 +22,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 from ..runtime.training import Trainable
-from .targets import TargetCall
+from .targets import TargetCall, output_sample
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -38,15 +38,12 @@ class LoopSettings:
     progress: bool
 
 
-def _draw(targets: list[TargetCall], step: int, batch_size: int, seed: int) -> tuple[TargetCall, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _draw(targets: list[TargetCall], batch_size: int, seed: int) -> tuple[TargetCall, torch.Tensor]:
+    """A target call and `batch_size` of its samples, drawn under `seed`."""
+    generator = torch.Generator().manual_seed(seed)
     target = targets[int(torch.randint(len(targets), (1,), generator=generator))]
     rows = torch.randperm(target.rows, generator=generator)[:batch_size]
     return target, rows
-
-
-def _output(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result.sample
 
 
 class Distillation:
@@ -103,8 +100,9 @@ class Distillation:
     def train_step(self) -> float:
         """One optimiser step; the loss over every process's samples."""
         accelerator, settings = self.accelerator, self.settings
-        target, rows = _draw(self.targets, self.step, settings.batch_size, settings.seed)
-        torch.manual_seed(settings.seed * 1_000_003 + self.step)  # the same noise in every process
+        step_seed = settings.seed * 1_000_003 + self.step
+        target, rows = _draw(self.targets, settings.batch_size, step_seed)
+        torch.manual_seed(step_seed)  # the same noise in every process
         mine = rows[accelerator.process_index::accelerator.num_processes]
         loss = torch.zeros((), device=accelerator.device)
         if len(mine):
@@ -112,7 +110,7 @@ class Distillation:
             _set_cache_context(self.transformer, CacheContext(target.cache_name, target.step_index, target.num_steps))
             try:
                 with accelerator.autocast():
-                    output = _output(self.transformer(*args, **kwargs))
+                    output = output_sample(self.transformer(*args, **kwargs))
             finally:
                 _set_cache_context(self.transformer, None)
             expected = target.output[mine].to(output.device, torch.float32)

@@ -9,7 +9,7 @@ collects its share of the prompts and all of them end with every call (`gather`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,10 +61,13 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
-def collect(pipe: Any, prompts: list[str], call_kwargs: dict[str, Any], batch_size: int, seed: int,
-            on_batch: Callable[[int], None] = lambda done: None) -> list[TargetCall]:
-    """Every dense transformer call of `pipe(prompt=batch, **call_kwargs)` over `prompts`, `batch_size`
-    prompts at a time, each batch under its own seed (`seed` + its first prompt's index)."""
+def output_sample(result: Any) -> torch.Tensor:
+    """The model output sample of a transformer call's result (a tuple or an output object)."""
+    return result[0] if isinstance(result, tuple) else result.sample
+
+
+def collect(pipe: Any, prompts: list[str], call_kwargs: dict[str, Any], seed: int) -> list[TargetCall]:
+    """Every dense transformer call of one `pipe(prompt=prompts, **call_kwargs)` run under `seed`."""
     transformer = pipe.transformer
     calls: list[tuple[tuple, dict, torch.Tensor]] = []
     inputs: list[tuple[tuple, dict]] = []
@@ -73,25 +76,18 @@ def collect(pipe: Any, prompts: list[str], call_kwargs: dict[str, Any], batch_si
         inputs.append((tuple(_to_cpu(a) for a in args), {k: _to_cpu(v) for k, v in kwargs.items()}))
 
     def after(module, args, kwargs, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        calls.append((*inputs.pop(), _to_cpu(sample)))
+        calls.append((*inputs.pop(), _to_cpu(output_sample(output))))
 
-    targets: list[TargetCall] = []
     hooks = [transformer.register_forward_pre_hook(before, with_kwargs=True),
              transformer.register_forward_hook(after, with_kwargs=True)]
     try:
-        for start in range(0, len(prompts), batch_size):
-            with apply(pipe) as handle:  # changes nothing: its step context places every call
-                generator = torch.Generator("cpu").manual_seed(seed + start)
-                pipe(prompt=prompts[start:start + batch_size], generator=generator, output_type="latent",
-                     **call_kwargs)
-                places = [(step["step"], call["num_steps"], call["branch"])
-                          for step in handle.report()["steps"] for call in step["calls"]]
-            for (args, kwargs, output), (step, steps, branch) in zip(calls, places, strict=True):
-                targets.append(TargetCall(args, kwargs, step, steps, _CACHE_NAMES.get(branch, branch), output))
-            calls.clear()
-            on_batch(min(start + batch_size, len(prompts)))
+        with apply(pipe) as handle:  # changes nothing: its step context places every call
+            pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                 **call_kwargs)
+            places = [(step["step"], call["num_steps"], call["branch"])
+                      for step in handle.report()["steps"] for call in step["calls"]]
     finally:
         for hook in hooks:
             hook.remove()
-    return targets
+    return [TargetCall(args, kwargs, step, steps, _CACHE_NAMES.get(branch, branch), output)
+            for (args, kwargs, output), (step, steps, branch) in zip(calls, places, strict=True)]

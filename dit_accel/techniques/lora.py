@@ -37,6 +37,16 @@ def _peft():
     return peft
 
 
+def _linears(transformer: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """The linears adapters go on, by name; a `ConfigError` for one that is not a plain `nn.Linear`."""
+    linears = {name: transformer.get_submodule(name) for name in targets}
+    for name, linear in linears.items():
+        if type(linear) is not nn.Linear:
+            raise ConfigError(f"LoRA adapters go on nn.Linear layers; {name} is a {type(linear).__name__} (a LoRA "
+                              "loaded already? fuse it first: pipe.fuse_lora())")
+    return linears
+
+
 class LoraAdapters:
     """LoRA layers on `targets` (qualified names of `nn.Linear`s in `transformer`)."""
 
@@ -52,11 +62,7 @@ class LoraAdapters:
     def inject(self) -> None:
         """Wrap every target in a LoRA layer (B = 0: the model's output is unchanged)."""
         peft = _peft()
-        for name in self.targets:
-            module = self.transformer.get_submodule(name)
-            if type(module) is not nn.Linear:
-                raise ConfigError(f"LoRA adapters go on nn.Linear layers; {name} is a {type(module).__name__} (a LoRA "
-                                  "loaded already? fuse it first: pipe.fuse_lora())")
+        _linears(self.transformer, self.targets)
         self._requires_grad = {name: p.requires_grad for name, p in self.transformer.named_parameters()}
         self._had_config = "peft_config" in vars(self.transformer)
         config = peft.LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets)
@@ -79,14 +85,6 @@ class LoraAdapters:
             state[f"{name}.lora_B"] = layer.lora_B[ADAPTER_NAME].weight.detach()
         return state
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name in self.targets:
-                layer = self.transformer.get_submodule(name)
-                for part in ("lora_A", "lora_B"):
-                    weight = getattr(layer, part)[ADAPTER_NAME].weight
-                    weight.copy_(state[f"{name}.{part}"].to(weight.device, weight.dtype))
-
     def unload(self) -> None:
         """Every target back to its own linear, flags and attributes as before `inject`."""
         for name in self.targets:
@@ -106,17 +104,12 @@ class LoraAdapters:
         self.parameters = []
 
 
-
 class MergedAdapters:
     """Trained adapters as inference runs them: per target linear a copy of its weight plus B A (the model's
     own weight is never written), which `MergedLinear` uses while `active`: a linear's cost, no LoRA layers."""
 
     def __init__(self, transformer: nn.Module, state: dict[str, torch.Tensor]):
-        self.linears = {name: transformer.get_submodule(name) for name in adapter_targets(state)}
-        for name, linear in self.linears.items():
-            if type(linear) is not nn.Linear:
-                raise ConfigError(f"LoRA adapters go on nn.Linear layers; {name} is a {type(linear).__name__} (a LoRA "
-                                  "loaded already? fuse it first: pipe.fuse_lora())")
+        self.linears = _linears(transformer, adapter_targets(state))
         #: per target, B A in fp32 on the CPU
         self.deltas = {name: state[f"{name}.lora_B"].float() @ state[f"{name}.lora_A"].float() for name in self.linears}
         self._merged: dict[str, torch.Tensor] = {}
@@ -164,7 +157,7 @@ def load_adapters(path: str | Path, transformer: nn.Module, what: str) -> tuple[
     """(weights, metadata) of an adapters file, refused with a `ConfigError` for another model (`what`
     names the config field, for the messages)."""
     state, metadata = load_for_model(path, transformer, ADAPTERS_FORMAT, f"{what} {str(path)!r}")
-    return state, {**metadata, "trained_for": json.loads(metadata["trained_for"]), "rank": int(metadata["rank"])}
+    return state, {**metadata, "trained_for": json.loads(metadata["trained_for"])}
 
 
 def adapter_targets(state: dict[str, torch.Tensor]) -> list[str]:

@@ -23,10 +23,12 @@ Learned routers (`DyDiTConfig(routers=FILE)`, made by `dit_accel.finetune(pipe, 
 sinusoidal embedding, a small MLP shared by the blocks, one logit per head and channel group) picks
 each step's units on the CPU, run sliced as above (a handful of distinct selections per run); a
 token router per token-wise MLP sends the top `token_ratio` of the tokens per sample by its score
-through the MLP, the others get no MLP update (the residual alone). The fine-tune trains them by
-self-distillation at full width with straight-through Gumbel-sigmoid masks on the heads' and groups'
-outputs and on the MLP outputs, plus DyDiT's FLOPs-ratio constraint toward the config's mean width
-and token ratio. A file is made for one checkpoint and one config, and refused for any other.
+through the MLP, the others get no MLP update (the residual alone); routers trained at token_ratio 1
+leave token skipping to the cache below, at any token_ratio. A low-rank correction per output linear
+adds back what the dropped units gave. The fine-tune trains them by self-distillation at full width
+with straight-through Gumbel-sigmoid masks on the heads' and groups' outputs and on the MLP outputs,
+plus DyDiT's FLOPs-ratio constraint toward the config's mean width. A file is made for one
+checkpoint and one config, and refused for any other.
 
 SDT without routers: in each block with a token-wise MLP, only the `token_ratio` of tokens per sample whose MLP input
 changed most since they were last computed run the MLP (gathered, run, scattered back: static

@@ -57,7 +57,6 @@ from ...runtime.training import Trainable, TrainingSettings, changed_fields
 from ...tokens import gather_tokens, scatter_tokens
 from .config import DyDiTConfig
 from .tokens import record_fraction
-
 from .width import Part
 
 #: safetensors metadata "format" of a routers file
