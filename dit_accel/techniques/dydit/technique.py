@@ -392,15 +392,18 @@ class DyDiT(Technique):
     # -- report ------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         copies = [t for linear, held in self._sliced.items() for t in held if t is not None and t is not linear.bias]
+        copies += [t for held in self._corrections_sliced.values() for t in held]
         return self.mlp_tokens.nbytes() + sum(t.numel() * t.element_size() for t in copies)
 
     def estimate_bytes(self, shapes: CallShapes) -> dict[str, int]:
         """The slice copies of the selection that copies most (of the buckets', or of the routers' over the
-        timesteps they were trained on), and the token cache where it skips tokens (every branch and block
-        with a token-wise MLP, token_ratio < 1, no token routers): input sketches in fp32 and MLP outputs in
-        `token_cache`'s form."""
+        timesteps they were trained on), the routers' corrections on the device, and the token cache where it
+        skips tokens (every branch and block with a token-wise MLP, token_ratio < 1, no token routers): input
+        sketches in fp32 and MLP outputs in `token_cache`'s form."""
         estimate = {"slice_copies": max(self._slice_bytes(selection, shapes.itemsize)
-                                        for selection in self._candidates)}
+                                        for selection in self._candidates),
+                    "correction_weights": sum(p.numel() for c in self._corrections.values()
+                                              for p in c.parameters()) * shapes.itemsize}
         if self.config.token_ratio < 1.0 and isinstance(self.mlp_tokens, MLPTokens):
             for mlp in self._mlps.values():
                 tokens = shapes.samples * (shapes.tokens + (shapes.text_tokens if mlp.joint else 0))
